@@ -1,0 +1,1 @@
+"""Entry points: the Hydra training app used by every launcher."""
