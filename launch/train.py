@@ -1,0 +1,57 @@
+"""``zo2-train``: the Hydra app that every launcher runs.
+
+Parse the config, build, train, clean up. Examples::
+
+    zo2-train                                   # embedded default: SmolLM2-135M on tweets
+    zo2-train optim.lr=5e-5 steps=200 task=drugs
+    zo2-train -m optim.lr=1e-5,3e-5,1e-4         # a Hydra multirun sweep
+
+User errors (a bad value, a missing model or data file) end with one line
+``error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from zo2.config import register  # noqa: E402
+from zo2.errors import ZO2Error  # noqa: E402
+
+register()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="train")
+def _app(cfg: DictConfig) -> None:
+    from zo2.train import run
+
+    try:
+        conf = OmegaConf.to_object(cfg)
+        output_dir = conf.output_dir or HydraConfig.get().runtime.output_dir
+        summary = run(conf, output_dir)
+    except ZO2Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"zero-shot test acc {summary['zero_shot_test']:.4f} | tuned test acc "
+        f"{summary['tuned_test']:.4f} (best dev {summary['best_dev']:.4f} at step "
+        f"{summary['best_step']}) | {summary['minutes']:.1f} min | "
+        f"peak RSS {summary['peak_rss_mb']:.0f} MiB | {output_dir}"
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _app()
+
+
+if __name__ == "__main__":
+    main()

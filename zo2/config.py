@@ -1,0 +1,138 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore, with validation.
+
+The YAML presets in ``configs/`` (groups ``model/``, ``task/``, ``optim/``) are merged
+into these schemas, so an unknown key or an ill-typed value is rejected by OmegaConf
+with the full key named; :func:`validate` then checks ranges and allowed values and
+raises :class:`~zo2.errors.ConfigError` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from zo2.errors import ConfigError
+from zo2.loss import OBJECTIVES
+from zo2.schedule import SCHEDULES
+
+DIRECTIONS = ("gaussian", "rademacher")
+ESTIMATORS = ("two-sided", "one-sided")
+METHODS = ("zo-sgd",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to fine-tune and which of its parameters."""
+
+    name: str = "smollm2-135m"  # embedded default, a local HF folder, or tiny-<family>
+    dtype: str = "float32"
+    trainable: list[str] = field(default_factory=lambda: ["*"])  # globs over param names
+
+
+@dataclass
+class TaskConfig:
+    """The dataset and MeZO's k-shot protocol."""
+
+    name: str = "tweets"  # tweets | drugs | jsonl | csv
+    path: str | None = None  # data file for jsonl / csv
+    text_field: str | None = None
+    label_field: str | None = None
+    n_train: int = 1000
+    n_dev: int = 500
+    n_test: int = 1000
+    max_length: int = 128
+    seed: int = 42  # sampling seed of the k-shot split
+    objective: str = "label_words"
+
+
+@dataclass
+class OptimConfig:
+    """The ZO estimator and update rule."""
+
+    method: str = "zo-sgd"
+    lr: float = 1e-5
+    eps: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0  # decoupled; skips biases and norm weights (ndim < 2)
+    direction: str = "gaussian"
+    estimator: str = "two-sided"
+    q: int = 1  # perturbations per step (n-SPSA)
+    batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 300
+    eval_every: int = 50  # dev evaluation period (0: only before and after)
+    eval_batch_size: int = 32
+    log_every: int = 10
+    seed: int = 0  # seeds the perturbation stream and the batch order
+    output_dir: str = ""  # empty: Hydra's run directory
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    progress: bool = True
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: Any, allowed: tuple, key: str) -> None:
+    _require(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check ranges and allowed values; raise ConfigError naming the field."""
+    m, t, o = cfg.model, cfg.task, cfg.optim
+    _require(bool(m.name), "model.name", "must not be empty")
+    _one_of(m.dtype, DTYPES, "model.dtype")
+    _require(len(m.trainable) > 0, "model.trainable", "needs at least one pattern")
+    _require(t.name in ("tweets", "drugs", "jsonl", "csv"), "task.name",
+             f"{t.name!r} is not one of ['tweets', 'drugs', 'jsonl', 'csv']")
+    if t.name in ("jsonl", "csv"):
+        _require(bool(t.path), "task.path", f"task {t.name!r} needs a data file path")
+    for key in ("n_train", "n_dev", "n_test"):
+        _require(getattr(t, key) > 0, f"task.{key}", "must be > 0")
+    _require(t.max_length >= 8, "task.max_length", "must be >= 8")
+    _one_of(t.objective, OBJECTIVES, "task.objective")
+    _one_of(o.method, METHODS, "optim.method")
+    _require(o.lr >= 0, "optim.lr", f"must be >= 0, got {o.lr}")
+    _require(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    _one_of(o.schedule, SCHEDULES, "optim.schedule")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _one_of(o.direction, DIRECTIONS, "optim.direction")
+    _one_of(o.estimator, ESTIMATORS, "optim.estimator")
+    _require(o.q >= 1, "optim.q", "must be >= 1")
+    _require(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
+    _require(cfg.steps >= 0, "steps", "must be >= 0")
+    _require(cfg.eval_every >= 0, "eval_every", "must be >= 0")
+    _require(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+    _require(cfg.log_every >= 1, "log_every", "must be >= 1")
+    _require(cfg.threads >= 0, "threads", "must be >= 0")
+    return cfg
+
+
+def register() -> None:
+    """Register the schema in Hydra's ConfigStore as ``zo2_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="zo2_schema", node=TrainConfig)
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain (JSON-serialisable) dict of a config dataclass."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj

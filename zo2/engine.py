@@ -1,0 +1,209 @@
+"""The ZO engine: MeZO-style SPSA on any Hugging Face causal LM, forward passes only.
+
+One training step, for q directions ``z_1..z_q`` drawn from the step's seeds:
+
+1. Stack the batch once per slice of the plan (two-sided: ``+eps, -eps`` for each
+   seed; one-sided: an unperturbed slice, then ``+eps`` for each seed), shape
+   (n*B, T).
+2. Run the model's own forward once under ``torch.no_grad``. Each unit (decoder
+   layer, embeddings, norm, head) runs every slice with its weights perturbed for
+   that slice (:mod:`zo2.perturb`); while a unit is resident the previous step's
+   update is applied to it first, so the update costs no extra pass of its own.
+3. Per slice, the loss over the labelled positions (:mod:`zo2.loss`); the projected
+   gradient of direction j is ``g_j = (L_j+ - L_j-) / (2 eps)`` (two-sided) or
+   ``(L_j+ - L_0) / eps`` (one-sided).
+4. The update ``w <- w*(1 - lr*wd) - (lr/q) * sum_j g_j z_j`` is recorded as pending
+   (seeds, coefficients) and applied lazily (step 2 of the next step, or
+   :meth:`ZOEngine.flush` before evaluation and export).
+
+``z`` is a pure function of (seed, parameter name, element index)
+(:mod:`zo2.noise`), so the update record ``(seeds, coefs, decay)`` of each step is a
+complete description of the fine-tune: :attr:`ZOEngine.log` is the seed log.
+No autograd graph and no gradient tensor exist at any point; the extra memory is one
+scratch buffer the size of the largest unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zo2.config import OptimConfig
+from zo2.errors import CheckpointError
+from zo2.loss import Objective, positions_to_keep
+from zo2.perturb import BatchShape, Plan, PerturbationContext, Update, Wrapped
+from zo2.schedule import learning_rate
+from zo2.units import find_units, unique_params
+
+STATE_FILE = "zo2_state.json"
+
+
+def step_seed(run_seed: int, step: int, direction: int) -> int:
+    """The 64-bit seed of direction ``direction`` at ``step``: a pure function."""
+    digest = hashlib.blake2b(struct.pack("<qqq", run_seed, step, direction), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")
+
+
+@dataclass
+class StepResult:
+    """What one step measured: loss (mean over slices), projected gradients, lr."""
+
+    step: int
+    loss: float
+    grads: list[float]
+    lr: float
+    losses: list[float]
+    skipped: bool = False  # a non-finite loss: no update was made
+
+
+class ZOEngine:
+    """Wraps a causal LM for zeroth-order fine-tuning.
+
+    Args:
+        model: a Hugging Face causal LM (any decoder-only architecture).
+        optim: estimator and update-rule settings (:class:`~zo2.config.OptimConfig`).
+        objective: the loss over labelled positions (:class:`~zo2.loss.Objective`).
+        seed: seeds the perturbation stream; same seed and data give the same weights.
+        total_steps: horizon of the lr schedule (linear / cosine decay).
+        trainable: glob patterns over parameter names; others stay frozen.
+    """
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, objective: Objective, *,
+                 seed: int = 0, total_steps: int = 0, trainable: Iterable[str] = ("*",)) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.optim = optim
+        self.objective = objective
+        self.seed = seed
+        self.total_steps = total_steps
+        self.units = find_units(model, tuple(trainable))
+        self.params = unique_params(self.units)
+        self.context = PerturbationContext(dist=optim.direction)
+        self._wrapped = Wrapped(self.units, self.context)
+        self._takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.step_index = 0
+        self.skipped_steps = 0
+        self.log: list[dict] = []  # seed log: one record per applied update
+
+    # ---- training ---------------------------------------------------------------------
+    def plan(self, step: int) -> Plan:
+        seeds = [step_seed(self.seed, step, j) for j in range(self.optim.q)]
+        if self.optim.estimator == "one-sided":
+            return Plan.one_sided(seeds, self.optim.eps)
+        return Plan.two_sided(seeds, self.optim.eps)
+
+    def lr(self, step: int) -> float:
+        o = self.optim
+        return learning_rate(step, lr=o.lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
+                             total_steps=self.total_steps, min_ratio=o.min_lr_ratio)
+
+    @torch.no_grad()
+    def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
+        """One ZO step on ``batch`` (``input_ids``, ``attention_mask``, ``labels``)."""
+        t = self.step_index
+        plan = self.plan(t)
+        logits = self._stacked_logits(batch, plan)  # (n*B, k, V)
+        labels = batch["labels"]
+        losses = [float(self.objective.loss(part, labels)) for part in logits.chunk(plan.n)]
+        grads = self._projected_grads(losses, plan)
+        lr = self.lr(t)
+        result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
+                            losses=losses)
+        if all(math.isfinite(g) for g in grads):
+            seeds = tuple(sl.seed for sl in plan.slices if sl.seed is not None and sl.sign == 1)
+            coefs = tuple(-lr * g / len(grads) for g in grads)
+            decay = 1.0 - lr * self.optim.weight_decay
+            self.context.set_pending(Update(seeds, coefs, decay))
+            self.log.append({"step": t, "seeds": list(seeds), "coefs": list(coefs),
+                             "decay": decay})
+        else:
+            result.skipped = True
+            self.skipped_steps += 1
+        self.step_index += 1
+        return result
+
+    def _stacked_logits(self, batch: Mapping[str, torch.Tensor], plan: Plan) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        stacked_ids, stacked_mask = ids.repeat(plan.n, 1), mask.repeat(plan.n, 1)
+        keep = positions_to_keep(batch["labels"])
+        self.context.plan = plan
+        self.context.shape = BatchShape(plan.n, stacked_ids.shape[0], ids.shape[1])
+        try:
+            logits = self._forward(stacked_ids, stacked_mask, keep)
+            self.context.apply_pending(self.params)  # any unit the forward did not reach
+        finally:
+            self.context.plan = None
+            self.context.shape = None
+        return logits
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        if self._takes_keep:
+            out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep,
+                             use_cache=False)
+            return out.logits
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -keep:]
+
+    def _projected_grads(self, losses: list[float], plan: Plan) -> list[float]:
+        eps = plan.eps
+        if plan.slices[0].sign == 0:  # one-sided
+            return [(loss - losses[0]) / eps for loss in losses[1:]]
+        return [(losses[i] - losses[i + 1]) / (2 * eps) for i in range(0, len(losses), 2)]
+
+    # ---- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """Mean loss and accuracy over ``batches`` with the current (updated) weights."""
+        self.flush()
+        total_loss, total_n, correct, count = 0.0, 0, 0, 0
+        for batch in batches:
+            labels = batch["labels"]
+            logits = self._forward(batch["input_ids"], batch["attention_mask"],
+                                   positions_to_keep(labels))
+            n = int((labels != -100).sum())
+            total_loss += float(self.objective.loss(logits, labels)) * n
+            total_n += n
+            right, seen = self.objective.correct(logits, labels)
+            correct, count = correct + right, count + seen
+        return {"loss": total_loss / max(total_n, 1), "accuracy": correct / max(count, 1)}
+
+    # ---- state ------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Apply the pending update to every parameter (before eval, export, checkpoint)."""
+        self.context.flush(self.params)
+
+    def state_dict(self) -> dict:
+        """Everything besides the weights that determines the future of the run."""
+        self.flush()
+        return {"step": self.step_index, "seed": self.seed, "skipped_steps": self.skipped_steps,
+                "optim": asdict(self.optim), "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state["seed"] != self.seed:
+            raise CheckpointError(f"checkpoint was made with seed {state['seed']}, "
+                                  f"this run uses seed {self.seed}")
+        self.context.set_pending(None)
+        self.step_index = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+    def save(self, path: str | Path, tokenizer=None) -> Path:
+        """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""
+        path = Path(path)
+        self.flush()
+        self.model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        (path / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
+        return path
+
+    def close(self) -> None:
+        """Flush and unwrap the model's units, leaving a plain HF model."""
+        self.flush()
+        self._wrapped.remove()

@@ -1,0 +1,275 @@
+"""Perturbation plans and the unit wrapper that executes them.
+
+The engine runs one forward per step over a *stacked* batch: the same examples
+repeated once per slice of the plan (MeZO: ``[(s, +1), (s, -1)]``, so 2B rows).
+Every unit of the model (see :mod:`zo2.units`) is wrapped: when the stacked batch
+reaches it, the wrapper splits the unit's inputs along the batch dimension and, for
+each slice, points the unit's parameters at ``w0 + sign*eps*z(seed)`` and runs the
+module's original forward; the outputs are concatenated again. Each unit is thus
+resident once per step whatever the number of slices, and its weights are never
+modified by a perturbation: the perturbed values live in a scratch buffer the size
+of the largest unit, and the parameters point back at ``w0`` afterwards. Restoring
+is exact in every dtype, so any number of steps at ``lr=0`` leave the weights
+bit-identical.
+
+Passes over a unit's weights per step (MeZO, q=1), against the naive loop's four
+regenerations of ``z`` and four read-modify-writes:
+
+1. the previous step's update ``w0 = w0*decay + sum_j c_j*z_j`` (one regeneration of
+   ``z_{t-1}``, fused here into the unit's first use in step t; see ``flush``),
+2. ``buf = w0 + eps*z_t`` (one regeneration of ``z_t``),
+3. ``buf = 2*w0 - buf`` for the ``-eps`` slice (a mirror: no regeneration).
+
+The ``-eps`` weights are defined as that mirror everywhere (also on a rank that only
+runs the minus slice), so every execution path computes bit-identical values.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zo2 import noise
+from zo2.units import TrainableParam, Unit
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One slice of the stacked batch: perturb by ``sign*eps*z(seed)``."""
+
+    seed: int | None
+    sign: int  # +1, -1, or 0 (unperturbed; seed is None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The slices of one step's stacked batch, in order."""
+
+    slices: tuple[Slice, ...]
+    eps: float
+
+    @property
+    def n(self) -> int:
+        return len(self.slices)
+
+    @staticmethod
+    def two_sided(seeds: Sequence[int], eps: float) -> Plan:
+        """MeZO / n-SPSA: ``+eps`` and ``-eps`` for each seed."""
+        return Plan(tuple(Slice(s, sign) for s in seeds for sign in (1, -1)), eps)
+
+    @staticmethod
+    def one_sided(seeds: Sequence[int], eps: float) -> Plan:
+        """An unperturbed baseline slice, then ``+eps`` for each seed."""
+        return Plan((Slice(None, 0),) + tuple(Slice(s, 1) for s in seeds), eps)
+
+
+@dataclass(frozen=True)
+class Update:
+    """A pending ZO update: ``w = w*decay + sum_j coefs[j]*z(seeds[j])``."""
+
+    seeds: tuple[int, ...]
+    coefs: tuple[float, ...]
+    decay: float  # applied to parameters with ``TrainableParam.decay``
+
+
+class Scratch:
+    """One flat buffer per dtype, reused by whichever unit is running."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get((dtype, device))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[(dtype, device)] = buf
+        return buf[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+class PerturbationContext:
+    """State shared by all wrapped units during a step: plan, pending update, scratch."""
+
+    def __init__(self, dist: str = "gaussian") -> None:
+        self.dist = dist
+        self.plan: Plan | None = None
+        self.shape: BatchShape | None = None
+        self.pending: Update | None = None
+        self._applied: set[int] = set()
+        self.scratch = Scratch()
+
+    # ---- pending update -------------------------------------------------------------
+    def set_pending(self, update: Update | None) -> None:
+        self.pending = update
+        self._applied = set()
+
+    def apply_pending(self, params: Sequence[TrainableParam]) -> None:
+        """Apply the pending update to each of ``params`` not yet updated."""
+        update = self.pending
+        if update is None:
+            return
+        for p in params:
+            if id(p) in self._applied:
+                continue
+            decay = update.decay if p.decay else 1.0
+            noise.add_(p.param.data.view(-1), update.seeds, update.coefs, p.key,
+                       dist=self.dist, decay=decay)
+            self._applied.add(id(p))
+
+    def flush(self, params: Sequence[TrainableParam]) -> None:
+        """Apply the pending update everywhere and drop it (before eval / export)."""
+        self.apply_pending(params)
+        self.set_pending(None)
+
+    # ---- perturbation of one unit ---------------------------------------------------
+    def run_unit(self, unit: Unit, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        plan, shape = self.plan, self.shape
+        if plan is None or shape is None:
+            return original(*args, **kwargs)
+        self.apply_pending(unit.params)
+        arg_parts = split_batch(args, shape)
+        kwarg_parts = split_batch(kwargs, shape)
+        masters = [p.param.data for p in unit.params]
+        views = self._scratch_views(unit)
+        outputs = []
+        try:
+            previous: Slice | None = None
+            for index, sl in enumerate(plan.slices):
+                self._perturb(unit, masters, views, sl, previous, plan.eps)
+                outputs.append(original(*arg_parts[index], **kwarg_parts[index]))
+                previous = sl
+        finally:
+            for p, master in zip(unit.params, masters):
+                p.param.data = master
+        return merge_batch(outputs)
+
+    def _scratch_views(self, unit: Unit) -> list[torch.Tensor]:
+        views, offset = [], 0
+        first = unit.params[0].param
+        flat = self.scratch.take(unit.numel, first.dtype, first.device)
+        for p in unit.params:
+            if p.param.dtype != first.dtype:  # mixed-dtype unit: a buffer of its own
+                views.append(torch.empty_like(p.param))
+                continue
+            views.append(flat[offset: offset + p.numel].view_as(p.param))
+            offset += p.numel
+        return views
+
+    def _perturb(self, unit: Unit, masters: list[torch.Tensor], views: list[torch.Tensor],
+                 sl: Slice, previous: Slice | None, eps: float) -> None:
+        if sl.seed is None or sl.sign == 0:
+            for p, master in zip(unit.params, masters):
+                p.param.data = master
+            return
+        mirror_of_previous = (previous is not None and previous.seed == sl.seed
+                              and previous.sign == 1 and sl.sign == -1)
+        for p, master, view in zip(unit.params, masters, views):
+            if not mirror_of_previous:
+                noise.combine(view.view(-1), master.view(-1), sl.seed, p.key, eps,
+                              dist=self.dist)
+            if sl.sign == -1:
+                mirror_(view, master)
+            p.param.data = view
+
+
+def mirror_(buf: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+    """``buf = 2*master - buf`` in place, rounded once: the ``-eps`` weights from ``+eps``."""
+    return buf.sub_(master, alpha=2).neg_()
+
+
+# ---- splitting and merging the stacked batch ---------------------------------------------
+@dataclass(frozen=True)
+class BatchShape:
+    """The stacked batch a step runs: ``n`` slices, ``total`` rows, ``seq_len`` tokens."""
+
+    n: int
+    total: int
+    seq_len: int
+
+
+def _split_tensor(x: torch.Tensor, shape: BatchShape) -> list[torch.Tensor] | None:
+    if x.dim() == 0 or x.shape[0] % shape.total != 0:
+        return None
+    if x.dim() == 1 and (x.shape[0] != shape.total or shape.total == shape.seq_len):
+        return None  # a 1-D tensor of length seq_len (cache positions) is shared
+    return list(x.chunk(shape.n, dim=0))
+
+
+def split_batch(obj: Any, shape: BatchShape) -> list[Any]:
+    """Split every tensor whose first dim is the stacked batch (or a multiple of it).
+
+    Rank >= 2 tensors whose first dim is a multiple of ``shape.total`` are split into
+    ``shape.n`` equal parts (a multiple: models that fold attention heads into the
+    batch dim, batch-major). Everything else is shared by all slices: rotary tables of
+    batch 1, cache positions, Python values.
+    """
+    if isinstance(obj, torch.Tensor):
+        parts = _split_tensor(obj, shape)
+        return parts if parts is not None else [obj] * shape.n
+    if isinstance(obj, (tuple, list)):
+        columns = [split_batch(item, shape) for item in obj]
+        return [type(obj)(col[i] for col in columns) for i in range(shape.n)]
+    if isinstance(obj, dict):
+        columns = {k: split_batch(v, shape) for k, v in obj.items()}
+        return [{k: col[i] for k, col in columns.items()} for i in range(shape.n)]
+    return [obj] * shape.n
+
+
+def merge_batch(outputs: list[Any]) -> Any:
+    """Concatenate per-slice outputs along the batch dimension."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs, dim=0)
+    if first is None:
+        return None
+    if isinstance(first, tuple) and hasattr(first, "_fields"):  # namedtuple
+        return type(first)(*(merge_batch(list(col)) for col in zip(*outputs)))
+    if isinstance(first, (tuple, list)):
+        return type(first)(merge_batch(list(col)) for col in zip(*outputs))
+    if isinstance(first, dict):
+        merged = {k: merge_batch([o[k] for o in outputs]) for k in first}
+        return type(first)(**merged) if type(first) is not dict else merged
+    if all(o is first for o in outputs):
+        return first
+    raise TypeError(f"cannot merge unit outputs of type {type(first).__name__}")
+
+
+# ---- installing the wrappers ---------------------------------------------------------
+class Wrapped:
+    """The units of a model with their forwards routed through a context.
+
+    The wrapper is installed per instance (``module.forward``), never on a class, and
+    :meth:`remove` restores the modules exactly.
+    """
+
+    def __init__(self, units: Sequence[Unit], context: PerturbationContext) -> None:
+        self.units = list(units)
+        self.context = context
+        self._saved: list[tuple[torch.nn.Module, Any]] = []
+        for unit in self.units:
+            module = unit.module
+            had_own = "forward" in module.__dict__
+            self._saved.append((module, module.__dict__.get("forward") if had_own else None))
+            original = module.forward
+            module.forward = functools.update_wrapper(
+                functools.partial(_unit_forward, context, unit, original), original
+            )
+
+    def remove(self) -> None:
+        for module, own in self._saved:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self._saved = []
+
+
+def _unit_forward(context: PerturbationContext, unit: Unit, original: Callable[..., Any],
+                  *args: Any, **kwargs: Any) -> Any:
+    return context.run_unit(unit, original, args, kwargs)
