@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmark scripts: the OPT-125m shape, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def opt125m_shape(seed: int = 0):
+    """Random-weight OPT at the OPT-125m shape (12 x 768, vocab 50272, tied head)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
+                       num_attention_heads=12, vocab_size=50272, max_position_embeddings=2048,
+                       word_embed_proj_dim=768)
+    config.use_cache = False
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = OPTForCausalLM(config)
+    return model.eval().requires_grad_(False)
+
+
+def classification_batch(batch: int, seq: int, vocab: int, labels=(5, 9), seed: int = 0) -> dict:
+    """Random prompts whose last token is a label word (MeZO's train-as-classification)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab, (batch, seq), generator=g)
+    ids[:, -1] = torch.tensor(labels)[torch.randint(0, len(labels), (batch,), generator=g)]
+    target = torch.full_like(ids, -100)
+    target[:, -1] = ids[:, -1]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": target}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(name: str, figures: dict) -> None:
+    """Write bench/results/<name>.json and print the figures as key=value (last line)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {"bench": name, "figures": figures, "machine": {
+        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "cuda": torch.cuda.is_available()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in figures.items()))
