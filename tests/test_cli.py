@@ -1,0 +1,56 @@
+"""The zo2-train Hydra app end to end on a tiny model, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMALL = ["task.n_train=24", "task.n_dev=12", "task.n_test=12", "task.max_length=48",
+         "optim.batch_size=4", "eval_batch_size=12", "progress=false"]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "zo2.launch.train", *args], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_train_end_to_end_on_a_tiny_model(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(["model=tiny-llama", "steps=4", "eval_every=2", "log_every=1",
+                    "optim.lr=1e-3", f"output_dir={out}", *SMALL], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4
+    assert 0.0 <= summary["zero_shot_test"] <= 1.0 and 0.0 <= summary["tuned_test"] <= 1.0
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("step") == 4 and events.count("eval") == 3 and events[-1] == "summary"
+    assert "tuned test acc" in proc.stdout
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "best")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.name=/nonexistent/model"], "/nonexistent/model"),
+    (["task=jsonl", "task.path=/nonexistent/data.jsonl", "model=tiny-llama"], "/nonexistent/data.jsonl"),
+    (["optim.schedule=bogus"], "optim.schedule"),
+])
+def test_bad_input_is_one_clear_message(tmp_path, args, needle):
+    proc = run_cli([*args, f"output_dir={tmp_path / 'out'}", *SMALL], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_override_names_the_key(tmp_path):
+    proc = run_cli(["optim.lrr=1"], tmp_path)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr and "Traceback" not in proc.stderr
