@@ -1,0 +1,298 @@
+"""Triton kernels of :mod:`zo2.noise` for CUDA tensors (see there for the specification).
+
+Imported lazily by :mod:`zo2.noise` the first time a CUDA tensor is passed, so that
+importing ``zo2.noise`` never imports Triton.  The kernels run the same float32
+operation sequence as the numba kernels in :mod:`zo2._noise_cpu` (explicit ``fma``,
+correctly rounded ``sqrt_rn``, exact integer-to-float conversions) and are launched
+with ``enable_fp_fusion=False`` so that the compiler adds no contractions of its own.
+
+Each program handles ``BLOCK`` quads (4*BLOCK consecutive elements); the unaligned
+head (``start % 4``) is a shift of the output positions, masked at both ends.  Keys and
+positions are passed as int32 bit patterns / int64 and not specialized, so one
+compiled kernel serves every seed.  Under ``TRITON_INTERPRET=1`` the same kernels run
+on CPU tensors (used by the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from zo2 import _noise_cpu as _cpu
+
+BLOCK = 256
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _c(x) -> tl.constexpr:
+    """A float32 constant, bit-identical to the numba kernels' one."""
+    return tl.constexpr(float(np.float32(x)))
+
+
+_TWO_M24 = _c(_cpu._TWO_M24)
+_L0, _L1, _L2 = _c(_cpu._L0), _c(_cpu._L1), _c(_cpu._L2)
+_L3, _L4, _L5 = _c(_cpu._L3), _c(_cpu._L4), _c(_cpu._L5)
+_L6, _L7, _L8 = _c(_cpu._L6), _c(_cpu._L7), _c(_cpu._L8)
+_LN2_LO, _LN2_HI = _c(_cpu._LN2_LO), _c(_cpu._LN2_HI)
+_ANGLE = _c(_cpu._ANGLE)
+_S0, _S1, _S2 = _c(_cpu._S0), _c(_cpu._S1), _c(_cpu._S2)
+_C0, _C1, _C2 = _c(_cpu._C0), _c(_cpu._C1), _c(_cpu._C2)
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _gauss_pair(xa, xb):
+    u = ((xa >> 8) + 1).to(tl.int32).to(tl.float32) * _TWO_M24
+    bits = u.to(tl.uint32, bitcast=True)
+    mb = (bits & 0x7FFFFF) | 0x3F800000
+    big = (mb > 0x3FB504F3).to(tl.uint32)
+    mb = mb - (big << 23)
+    ef = ((bits >> 23) + big).to(tl.int32).to(tl.float32) - 127.0
+    f = mb.to(tl.float32, bitcast=True) - 1.0
+    z = f * f
+    z4 = z * z
+    pab = tl.fma(tl.fma(f, _L5, _L6), z, tl.fma(f, _L7, _L8))
+    pcd = tl.fma(tl.fma(f, _L1, _L2), z, tl.fma(f, _L3, _L4))
+    p = tl.fma(z4 * z4, _L0, tl.fma(pcd, z4, pab))
+    y = (f * z) * p
+    y = tl.fma(ef, _LN2_LO, y)
+    y = tl.fma(z, -0.5, y)
+    ln_u = tl.fma(ef, _LN2_HI, f + y)
+    r = tl.sqrt_rn(ln_u * -2.0)
+    kb = xb >> 8
+    quad = (kb + (1 << 21)) >> 22
+    th = (kb - (quad << 22)).to(tl.int32, bitcast=True).to(tl.float32) * _ANGLE
+    tt = th * th
+    s = tl.fma(tl.fma(tl.fma(tt, _S0, _S1), tt, _S2) * tt, th, th)
+    c = tl.fma(tl.fma(tl.fma(tt, _C0, _C1), tt, _C2), tt * tt, tl.fma(tt, -0.5, 1.0))
+    sb = s.to(tl.uint32, bitcast=True)
+    cb = c.to(tl.uint32, bitcast=True)
+    swap = (sb ^ cb) & (0 - (quad & 1))
+    cos_b = cb ^ swap ^ (((quad + 1) & 2) << 30)
+    sin_b = sb ^ swap ^ ((quad & 2) << 30)
+    return r * cos_b.to(tl.float32, bitcast=True), r * sin_b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sign(x):
+    return ((~x & 0x80000000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _z(q0, k0, k1, p0, p1, GAUSS: tl.constexpr, BLOCK: tl.constexpr):
+    """z of quads q0 + [0, BLOCK), as 4*BLOCK consecutive float32 values."""
+    q = q0 + tl.arange(0, BLOCK).to(tl.int64)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (q >> 32).to(tl.uint32)
+    c2 = c0 * 0 + p0
+    c3 = c0 * 0 + p1
+    x0, x1, x2, x3 = _philox(c0, c1, c2, c3, k0, k1)
+    if GAUSS:
+        a, b = _gauss_pair(x0, x1)
+        c, d = _gauss_pair(x2, x3)
+    else:
+        a, b, c, d = _sign(x0), _sign(x1), _sign(x2), _sign(x3)
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [4 * BLOCK])
+
+
+@triton.jit
+def _positions(n, q_lo, shift, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pos = pid * 4 * BLOCK + tl.arange(0, 4 * BLOCK).to(tl.int64) - shift
+    return q_lo + pid * BLOCK, pos, (pos >= 0) & (pos < n)
+
+
+@triton.jit
+def _load(ptr, pos, mask, BF16: tl.constexpr):
+    """Load as float32; BF16: ptr holds bfloat16 bits as int16."""
+    x = tl.load(ptr + pos, mask=mask, other=0)
+    if BF16:
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, pos, v, mask, BF16: tl.constexpr):
+    """Store float32 v rounded to nearest even; BF16 explicitly (NaN -> 0x7FC0), as torch."""
+    if BF16:
+        b = v.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        tl.store(ptr + pos, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + pos, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n", "q_lo", "shift", "k0", "k1", "p0", "p1"])
+def _fill_kernel(
+    out,
+    n,
+    q_lo,
+    shift,
+    k0,
+    k1,
+    p0,
+    p1,
+    GAUSS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
+    z = _z(
+        q0,
+        k0.to(tl.uint32, bitcast=True),
+        k1.to(tl.uint32, bitcast=True),
+        p0.to(tl.uint32, bitcast=True),
+        p1.to(tl.uint32, bitcast=True),
+        GAUSS,
+        BLOCK,
+    )
+    _store(out, pos, z, mask, OUT_BF16)
+
+
+@triton.jit(do_not_specialize=["n", "q_lo", "shift", "k0", "k1", "p0", "p1"])
+def _combine_kernel(
+    out,
+    base,
+    coef,
+    n,
+    q_lo,
+    shift,
+    k0,
+    k1,
+    p0,
+    p1,
+    GAUSS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BASE_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
+    z = _z(
+        q0,
+        k0.to(tl.uint32, bitcast=True),
+        k1.to(tl.uint32, bitcast=True),
+        p0.to(tl.uint32, bitcast=True),
+        p1.to(tl.uint32, bitcast=True),
+        GAUSS,
+        BLOCK,
+    )
+    _store(out, pos, tl.fma(z, coef, _load(base, pos, mask, BASE_BF16)), mask, OUT_BF16)
+
+
+@triton.jit(do_not_specialize=["n", "q_lo", "shift", "p0", "p1", "n_seeds"])
+def _add_kernel(
+    w,
+    keys,
+    coefs,
+    n_seeds,
+    decay,
+    n,
+    q_lo,
+    shift,
+    p0,
+    p1,
+    GAUSS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
+    acc = _load(w, pos, mask, OUT_BF16) * decay
+    for s in range(n_seeds):
+        k0 = tl.load(keys + 2 * s).to(tl.uint32, bitcast=True)
+        k1 = tl.load(keys + 2 * s + 1).to(tl.uint32, bitcast=True)
+        c = tl.load(coefs + s)
+        z = _z(
+            q0, k0, k1, p0.to(tl.uint32, bitcast=True), p1.to(tl.uint32, bitcast=True), GAUSS, BLOCK
+        )
+        acc = tl.fma(z, c, acc)
+    _store(w, pos, acc, mask, OUT_BF16)
+
+
+def _i32(v: int) -> int:
+    """A uint32 value as the int32 with the same bits."""
+    return ((v & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
+
+
+def _launch(kernel, n: int, start: int, *args, **consts) -> None:
+    q_lo, shift = start // 4, start % 4
+    grid = (triton.cdiv(n + shift, 4 * BLOCK),)
+    opts = {} if _INTERPRET else {"enable_fp_fusion": False}
+    kernel[grid](*args, n, q_lo, shift, *consts.pop("tail"), BLOCK=BLOCK, **consts, **opts)
+
+
+def _keys(seed: int, pkey: int) -> tuple[int, int, int, int]:
+    return _i32(seed), _i32(seed >> 32), _i32(pkey), _i32(pkey >> 32)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """bf16 tensors are passed to the kernels as their int16 bits."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def fill(out: torch.Tensor, seed: int, pkey: int, start: int, gauss: bool) -> None:
+    """out = z[start:start+numel] (out contiguous, 1-D)."""
+    _launch(
+        _fill_kernel,
+        out.numel(),
+        start,
+        _bits(out),
+        tail=_keys(seed, pkey),
+        GAUSS=gauss,
+        OUT_BF16=out.dtype == torch.bfloat16,
+    )
+
+
+def combine(out, base, seed: int, pkey: int, coef: float, start: int, gauss: bool) -> None:
+    """out = fma(coef, z, base)."""
+    _launch(
+        _combine_kernel,
+        out.numel(),
+        start,
+        _bits(out),
+        _bits(base),
+        float(np.float32(coef)),
+        tail=_keys(seed, pkey),
+        GAUSS=gauss,
+        OUT_BF16=out.dtype == torch.bfloat16,
+        BASE_BF16=base.dtype == torch.bfloat16,
+    )
+
+
+def add_(w, seeds, coefs, decay: float, pkey: int, start: int, gauss: bool) -> None:
+    """w = w*decay, then w = fma(coefs[j], z_{seeds[j]}, w) for each j, in place."""
+    keys = torch.tensor(
+        [[_i32(s), _i32(s >> 32)] for s in seeds] or [[0, 0]], dtype=torch.int32, device=w.device
+    )
+    cf = torch.tensor(list(coefs) or [0.0], dtype=torch.float32, device=w.device)
+    _, _, p0, p1 = _keys(0, pkey)
+    _launch(
+        _add_kernel,
+        w.numel(),
+        start,
+        _bits(w),
+        keys,
+        cf,
+        len(seeds),
+        float(np.float32(decay)),
+        tail=(p0, p1),
+        GAUSS=gauss,
+        OUT_BF16=w.dtype == torch.bfloat16,
+    )
