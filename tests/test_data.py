@@ -188,3 +188,19 @@ def test_batch_iterator_deterministic_and_resumable(tokenizer) -> None:
     assert not torch.equal(epoch0, next(other)["input_ids"])
     with pytest.raises(ConfigError, match="saved batch_size 4 differs from 5"):
         BatchIterator(tokenizer, examples, SPEC, batch_size=5, seed=3).load_state_dict(state)
+
+
+def test_balanced_kshot_split_has_equal_labels_and_is_disjoint():
+    from zo2.data.sources import Example
+    from zo2.data.tasks import kshot_split
+
+    examples = [Example(f"text {i}", int(i % 10 < 3)) for i in range(1000)]  # 30% positive
+    train, dev, test = kshot_split(examples, 200, 50, 101, seed=3, balanced=True)
+    for split, size in ((train, 200), (dev, 50), (test, 101)):
+        assert len(split) == size
+        assert abs(sum(e.label for e in split) - size / 2) <= 0.5
+    texts = [e.text for e in train + dev + test]
+    assert len(set(texts)) == len(texts)
+    assert kshot_split(examples, 200, 50, 101, seed=3, balanced=True)[0] == train
+    with pytest.raises(DataError, match="too few examples of label 1"):
+        kshot_split(examples, 400, 100, 110, seed=3, balanced=True)

@@ -43,6 +43,7 @@ class TaskConfig:
     n_test: int = 1000
     max_length: int = 128
     seed: int = 42  # sampling seed of the k-shot split
+    balanced: bool = True  # equal label counts in every split (majority baseline = 50%)
     objective: str = "label_words"
 
 

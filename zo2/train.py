@@ -69,7 +69,8 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
     t = cfg.task
     task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
-                     path=t.path, text_field=t.text_field, label_field=t.label_field)
+                     path=t.path, text_field=t.text_field, label_field=t.label_field,
+                     balanced=t.balanced)
     objective = Objective(t.objective, candidates=label_word_ids(tokenizer, task.spec))
     engine = ZOEngine(model, cfg.optim, objective, seed=cfg.seed, total_steps=cfg.steps,
                       trainable=cfg.model.trainable)

@@ -83,8 +83,14 @@ def kshot_split(
     n_dev: int = 500,
     n_test: int = 1000,
     seed: int = 42,
+    balanced: bool = False,
 ) -> tuple[list[Example], list[Example], list[Example]]:
-    """Shuffle with ``random.Random(seed)``; cut disjoint train / dev / test sets of these sizes."""
+    """Shuffle with ``random.Random(seed)``; cut disjoint train / dev / test sets of these sizes.
+
+    With ``balanced``, each split holds the same number of examples of every label (the
+    remainder of an uneven size goes to the lowest labels), so that accuracy is not
+    inflated by a skewed label prior.
+    """
     for key, value in (("n_train", n_train), ("n_dev", n_dev), ("n_test", n_test)):
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
@@ -96,8 +102,27 @@ def kshot_split(
             f"+ n_test {n_test} = {needed}; lower the split sizes"
         )
     order = list(examples)
-    random.Random(seed).shuffle(order)
-    return order[:n_train], order[n_train : n_train + n_dev], order[n_train + n_dev : needed]
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    if not balanced:
+        return order[:n_train], order[n_train : n_train + n_dev], order[n_train + n_dev : needed]
+    pools: dict[int, list[Example]] = {}
+    for example in order:
+        pools.setdefault(example.label, []).append(example)
+    labels = sorted(pools)
+    splits = []
+    for size in (n_train, n_dev, n_test):
+        split = []
+        for rank, label in enumerate(labels):
+            take = size // len(labels) + (1 if rank < size % len(labels) else 0)
+            if len(pools[label]) < take:
+                raise DataError(f"too few examples of label {label} for balanced splits of "
+                                f"{n_train} / {n_dev} / {n_test}; lower the split sizes")
+            split.extend(pools[label][:take])
+            pools[label] = pools[label][take:]
+        rng.shuffle(split)
+        splits.append(split)
+    return splits[0], splits[1], splits[2]
 
 
 def _spec(name: str, path: str | None, text_field: str | None, label_field: str | None) -> TaskSpec:
@@ -127,12 +152,13 @@ def load_task(
     path: str | None = None,
     text_field: str | None = None,
     label_field: str | None = None,
+    balanced: bool = False,
 ) -> Task:
     """Load a task's examples and split them k-shot style; logs sizes and label balance."""
     spec = _spec(name, path, text_field, label_field)
     examples = spec.source()
     try:
-        train, dev, test = kshot_split(examples, n_train, n_dev, n_test, seed)
+        train, dev, test = kshot_split(examples, n_train, n_dev, n_test, seed, balanced)
     except DataError as exc:
         raise DataError(f"task {name!r}: {exc}") from None
     task = Task(spec, train, dev, test)
