@@ -4,25 +4,30 @@ Usage: ``python bench/noise_kernels.py [--n N] [--repeat R]``.  Times fill
 (gaussian, rademacher), combine, add_ with 1 and 4 seeds, fill into bf16, and
 torch.randn for comparison, with numba's default thread count and with one thread
 (the per-core cost), plus the Gaussian accuracy against float64.  Prints a table, writes
-``bench/results/noise_kernels.json`` and ends with one line of ``key=value`` pairs.
+``bench/results/noise_kernels.json`` (``common.report``) and ends with one line of
+``key=value`` pairs.
+
 Figures are the median of R runs after a warm-up (which also compiles or loads the
-numba cache).
+numba cache).  The noise kernels use ``noise.get_num_threads()`` threads (default
+``NUMBA_NUM_THREADS``: all cores); torch.randn gets as many torch threads.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 
 from zo2 import noise
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report  # noqa: E402
 
 
 def _time_ns_per_el(fn, n: int, repeat: int) -> float:
@@ -54,20 +59,10 @@ def _cases(n: int) -> dict:
 
 
 def _accuracy(samples: int = 1 << 20) -> float:
+    """Max abs error of Gaussian z against the float64 evaluation of the formula."""
     key = noise.param_key("accuracy")
     got = noise.fill(torch.empty(samples), 99, key, start=1).numpy().astype(np.float64)
-    q = np.arange(0, (samples + 5) // 4, dtype=np.uint64)
-    m = np.uint64(0xFFFFFFFF)
-    ctr = np.stack(
-        [q & m, q >> np.uint64(32), np.full_like(q, key & 0xFFFFFFFF), np.full_like(q, key >> 32)],
-        -1,
-    )
-    x = noise.philox4x32_reference(ctr, (99, 0)).reshape(-1, 2, 2)
-    u = ((x[..., 0] >> np.uint32(8)).astype(np.float64) + 1) * 2.0**-24
-    t = (x[..., 1] >> np.uint32(8)).astype(np.float64) * 2.0**-24
-    r = np.sqrt(-2 * np.log(u))
-    ref = np.stack([r * np.cos(2 * np.pi * t), r * np.sin(2 * np.pi * t)], -1).reshape(-1)
-    return float(np.abs(got - ref[1 : 1 + samples]).max())
+    return float(np.abs(got - noise.reference_z(samples, 99, key, 1, dtype=np.float64)).max())
 
 
 def main() -> None:
@@ -84,25 +79,18 @@ def main() -> None:
         for name, fn in cases.items():
             results[name + suffix] = _time_ns_per_el(fn, args.n, args.repeat)
     noise.set_num_threads(threads)
+    torch.set_num_threads(threads)
     max_err = _accuracy()
-    print(f"{'case':<18}{'ns/el (' + str(threads) + ' thr)':>16}{'ns/el (1 thr)':>16}")
+    load = os.getloadavg()[0]
+    print(f"{'case (ns/element)':<20}{str(threads) + ' threads':>12}{'1 thread':>12}")
     for name in cases:
-        print(f"{name:<18}{results[name]:>16.3f}{results[name + '_1thread']:>16.3f}")
+        print(f"{name:<20}{results[name]:>12.3f}{results[name + '_1thread']:>12.3f}")
     print(f"gaussian max abs error vs float64: {max_err:.3g}")
-    record = {
-        "n": args.n,
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-        "ns_per_element": {k: round(v, 4) for k, v in results.items()},
-        "gauss_max_abs_err": max_err,
-        "numba": numba.__version__,
-        "torch": torch.__version__,
-    }
-    path = Path(__file__).resolve().parent / "results" / "noise_kernels.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    pairs = [f"threads={threads}"] + [f"{k}={v:.3f}" for k, v in results.items()]
-    print(" ".join(pairs + [f"gauss_max_abs_err={max_err:.3g}"]))
+    print(f"load average: {load:.2f} (other processes on the machine skew the figures)")
+    figures = {"n": args.n, "noise_threads": threads, "loadavg_1min": round(load, 2)}
+    figures.update({f"{k}_ns": round(v, 4) for k, v in results.items()})
+    figures["gauss_max_abs_err"] = max_err
+    report("noise_kernels", figures)
 
 
 if __name__ == "__main__":

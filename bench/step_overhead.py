@@ -81,14 +81,15 @@ def main() -> None:
         for r in range(args.rounds):
             fwd.append(timed(forward))
             step.append(timed(lambda: engine.step(batch)))
-            naive.append(timed(lambda: naive_mezo_step(model, batch, objective, r, 1e-3, 1e-7)))
+            naive.append(timed(lambda r=r: naive_mezo_step(model, batch, objective, r, 1e-3, 1e-7)))
             fwd.append(timed(forward))
     two_forwards = 2 * median(fwd)
     report("step_overhead", {
         "ratio": median(step) / two_forwards,
         "naive_ratio": median(naive) / two_forwards,
         "forward_s": median(fwd), "step_s": median(step), "naive_step_s": median(naive),
-        "batch": args.batch, "seq": args.seq, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "batch": args.batch, "seq": args.seq,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     })
 
 

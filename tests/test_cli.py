@@ -28,7 +28,8 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4
     assert 0.0 <= summary["zero_shot_test"] <= 1.0 and 0.0 <= summary["tuned_test"] <= 1.0
-    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(line)["event"] for line in lines]
     assert events.count("step") == 4 and events.count("eval") == 3 and events[-1] == "summary"
     assert "tuned test acc" in proc.stdout
 
@@ -40,7 +41,8 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["model.name=/nonexistent/model"], "/nonexistent/model"),
-    (["task=jsonl", "task.path=/nonexistent/data.jsonl", "model=tiny-llama"], "/nonexistent/data.jsonl"),
+    (["task=jsonl", "task.path=/nonexistent/data.jsonl", "model=tiny-llama"],
+     "/nonexistent/data.jsonl"),
     (["optim.schedule=bogus"], "optim.schedule"),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, args, needle):

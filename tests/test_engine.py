@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import FAMILIES, make_batch, make_model
+
 from zo2 import noise
 from zo2.config import OptimConfig
 from zo2.engine import ZOEngine, step_seed

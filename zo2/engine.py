@@ -40,7 +40,7 @@ from torch import nn
 from zo2.config import OptimConfig
 from zo2.errors import CheckpointError
 from zo2.loss import Objective, positions_to_keep
-from zo2.perturb import BatchShape, Plan, PerturbationContext, Update, Wrapped
+from zo2.perturb import BatchShape, PerturbationContext, Plan, Update, Wrapped
 from zo2.schedule import learning_rate
 from zo2.units import find_units, unique_params
 

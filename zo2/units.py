@@ -92,7 +92,9 @@ def find_units(model: nn.Module, trainable: Sequence[str] = ("*",)) -> list[Unit
                 name=name, param=param, key=param_key(name), decay=param.ndim >= 2
             )
     if not canonical:
-        raise ModelError(f"no parameter of {type(model).__name__} matches trainable={list(trainable)}")
+        raise ModelError(
+            f"no parameter of {type(model).__name__} matches trainable={list(trainable)}"
+        )
 
     layers_name, layers = find_layer_list(model)
     units: list[Unit] = []
