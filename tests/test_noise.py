@@ -199,6 +199,16 @@ def test_empty_and_nd_tensors():
     assert torch.equal(out.view(-1), _fill(15, 1, 2, 7))
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_works_in_forked_child():
+    parent = _fill(BIG, 3, KEY, 1).numpy()
+    pid = os.fork()
+    if pid == 0:  # numpy only: torch's OpenMP pool does not survive a fork
+        os._exit(0 if np.array_equal(_fill(BIG, 3, KEY, 1).numpy(), parent) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -269,23 +269,22 @@ def _store4(dst, i, a, b, c, d):
     dst[o + _U64(3)] = d
 
 
-@njit(inline="always")
-def _gauss_quad(dst, i, q, p0, p1, k0, k1):
-    x0, x1, x2, x3 = _philox(q, p0, p1, k0, k1)
-    a, b = _gauss_pair(x0, x1)
-    c, d = _gauss_pair(x2, x3)
-    _store4(dst, i, a, b, c, d)
-
-
 @njit
-def _gen_gauss(dst, q0, nq, p0, p1, k0, k1):
-    """dst[4i:4i+4] = gaussian z of quad q0+i, i < nq; two independent streams per step."""
-    h = nq // 2
-    for i in range(h):
-        _gauss_quad(dst, i, _U64(q0 + i), p0, p1, k0, k1)
-        _gauss_quad(dst, h + i, _U64(q0 + h + i), p0, p1, k0, k1)
-    for i in range(2 * h, nq):
-        _gauss_quad(dst, i, _U64(q0 + i), p0, p1, k0, k1)
+def _gen_gauss(dst, xs, q0, nq, p0, p1, k0, k1):
+    """dst[4i:4i+4] = gaussian z of quad q0+i, i < nq; xs: (4, >= nq) uint32 scratch.
+
+    Two passes: Philox words into xs (struct of arrays), then Box-Muller from xs.  This
+    measured about 10% faster than one fused loop (smaller loop bodies vectorize better).
+    """
+    x0, x1, x2, x3 = xs[0], xs[1], xs[2], xs[3]
+    for i in range(nq):
+        j = _U64(i)
+        x0[j], x1[j], x2[j], x3[j] = _philox(_U64(q0 + i), p0, p1, k0, k1)
+    for i in range(nq):
+        j = _U64(i)
+        a, b = _gauss_pair(x0[j], x1[j])
+        c, d = _gauss_pair(x2[j], x3[j])
+        _store4(dst, i, a, b, c, d)
 
 
 @njit
@@ -297,7 +296,7 @@ def _gen_rad(dst, q0, nq, p0, p1, k0, k1):
 
 
 @njit(inline="always")
-def _gen_block(scratch, start, n, b, seed, pkey, gauss):
+def _gen_block(scratch, xs, start, n, b, seed, pkey, gauss):
     """Generate z for output block b into scratch; returns (out offset, length, shift)."""
     lo = b * BLOCK
     m = min(BLOCK, n - lo)
@@ -309,7 +308,7 @@ def _gen_block(scratch, start, n, b, seed, pkey, gauss):
     k0 = _U64(seed) & _MASK
     k1 = _U64(seed) >> _S32
     if gauss:
-        _gen_gauss(scratch, q0, nq, p0, p1, k0, k1)
+        _gen_gauss(scratch, xs, q0, nq, p0, p1, k0, k1)
     else:
         _gen_rad(scratch, q0, nq, p0, p1, k0, k1)
     return lo, m, e0 - 4 * q0
@@ -319,9 +318,10 @@ def _gen_block(scratch, start, n, b, seed, pkey, gauss):
 def fill_blocks(out, start, seed, pkey, gauss, b0, b1):
     """out = z[start:start+len(out)] for output blocks b0..b1-1 (serial)."""
     scratch = np.empty(BLOCK + 8, np.float32)
+    xs = np.empty((4, BLOCK // 4 + 2), np.uint32)
     n = out.shape[0]
     for b in range(b0, b1):
-        lo, m, sh = _gen_block(scratch, start, n, b, seed, pkey, gauss)
+        lo, m, sh = _gen_block(scratch, xs, start, n, b, seed, pkey, gauss)
         for i in range(m):
             _store(out, _U64(lo + i), scratch[_U64(sh + i)])
 
@@ -330,9 +330,10 @@ def fill_blocks(out, start, seed, pkey, gauss, b0, b1):
 def combine_blocks(out, base, coef, start, seed, pkey, gauss, b0, b1):
     """out = fma(coef, z, base) for output blocks b0..b1-1 (serial)."""
     scratch = np.empty(BLOCK + 8, np.float32)
+    xs = np.empty((4, BLOCK // 4 + 2), np.uint32)
     n = out.shape[0]
     for b in range(b0, b1):
-        lo, m, sh = _gen_block(scratch, start, n, b, seed, pkey, gauss)
+        lo, m, sh = _gen_block(scratch, xs, start, n, b, seed, pkey, gauss)
         for i in range(m):
             j = _U64(lo + i)
             _store(out, j, _fma(coef, scratch[_U64(sh + i)], _load(base, j)))
@@ -342,6 +343,7 @@ def combine_blocks(out, base, coef, start, seed, pkey, gauss, b0, b1):
 def add_blocks(w, seeds, coefs, decay, start, pkey, gauss, b0, b1):
     """w = w*decay, then w = fma(coefs[j], z_{seeds[j]}, w) for each j (serial)."""
     scratch = np.empty(BLOCK + 8, np.float32)
+    xs = np.empty((4, BLOCK // 4 + 2), np.uint32)
     acc = np.empty(BLOCK, np.float32)
     n = w.shape[0]
     for b in range(b0, b1):
@@ -350,7 +352,7 @@ def add_blocks(w, seeds, coefs, decay, start, pkey, gauss, b0, b1):
         for i in range(m):
             acc[_U64(i)] = _load(w, _U64(lo + i)) * decay
         for s in range(seeds.shape[0]):
-            _, _, sh = _gen_block(scratch, start, n, b, seeds[s], pkey, gauss)
+            _, _, sh = _gen_block(scratch, xs, start, n, b, seeds[s], pkey, gauss)
             c = coefs[s]
             for i in range(m):
                 acc[_U64(i)] = _fma(c, scratch[_U64(sh + i)], acc[_U64(i)])

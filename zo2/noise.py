@@ -53,6 +53,8 @@ The ``reference_*`` functions are slow numpy implementations of this specificati
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,6 +82,7 @@ PARALLEL_MIN = 1 << 16
 
 _threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 _U64_LIMIT = 1 << 64
 _START_LIMIT = 1 << 62
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -137,6 +140,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return bits if t.dtype == torch.bfloat16 else bits.view(np.uint16)
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when needed."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def set_num_threads(n: int) -> None:
     """Threads used by the CPU kernels (default: ``NUMBA_NUM_THREADS``, i.e. all cores)."""
     global _threads, _pool
@@ -159,20 +171,31 @@ def get_num_threads() -> int:
 
 
 def _run_cpu(kernel, a: np.ndarray, *args) -> None:
-    """Run ``kernel(a, *args, b0, b1)`` over all blocks, split over the thread pool."""
+    """Run ``kernel(a, *args, b0, b1)`` over all blocks.
+
+    Large tensors are cut into ``4 * threads`` block ranges that the calling thread and
+    ``threads - 1`` pool threads take in turn (the kernels release the GIL), so a core
+    that is busy with something else gets fewer of them.
+    """
     global _pool
     nb = -(-a.shape[0] // _cpu().BLOCK)
     threads = get_num_threads()
     if a.shape[0] < PARALLEL_MIN or threads == 1:
         kernel(a, *args, 0, nb)
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(threads, thread_name_prefix="zo2-noise")
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="zo2-noise")
     parts = min(nb, 4 * threads)
     bounds = [nb * i // parts for i in range(parts + 1)]
-    jobs = [
-        _pool.submit(kernel, a, *args, b0, b1) for b0, b1 in zip(bounds, bounds[1:], strict=False)
-    ]
+    todo = iter(range(parts))
+
+    def work() -> None:
+        for i in todo:
+            kernel(a, *args, bounds[i], bounds[i + 1])
+
+    jobs = [_pool.submit(work) for _ in range(threads - 1)]
+    work()
     for job in jobs:
         job.result()
 
@@ -203,7 +226,10 @@ def combine(
     start: int = 0,
     dist: str = "gaussian",
 ) -> torch.Tensor:
-    """Set ``out = fma(coef, z, base)`` elementwise (e.g. the perturbed copy w0 + eps*z)."""
+    """Set ``out = fma(coef, z, base)`` elementwise (e.g. the perturbed copy w0 + eps*z).
+
+    ``out`` and ``base`` may be the same tensor (in place) but must not partly overlap.
+    """
     flat = _check_common(out, start, dist, "out")
     bflat = _check_common(base, start, dist, "base")
     if bflat.numel() != flat.numel() or base.device != out.device:
