@@ -227,3 +227,40 @@ def test_scratch_is_one_unit_not_the_model():
     largest = max(u.numel for u in engine.units) * 4
     assert engine.context.scratch.nbytes() == largest
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_save_then_load_resumes_exactly(tmp_path):
+    batches = [make_batch(seed=i) for i in range(5)]
+    straight = make_model("qwen3")
+    engine = engine_for(straight, seed=4)
+    for batch in batches:
+        engine.step(batch)
+    engine.flush()
+
+    first = make_model("qwen3")
+    engine = engine_for(first, seed=4)
+    for batch in batches[:3]:
+        engine.step(batch)
+    engine.save(tmp_path / "ckpt")
+    resumed = make_model("qwen3", seed=99)  # other weights: all must come from the checkpoint
+    engine = engine_for(resumed, seed=4)
+    engine.load(tmp_path / "ckpt")
+    assert engine.step_index == 3
+    for batch in batches[3:]:
+        engine.step(batch)
+    engine.flush()
+    expected = weights(straight)
+    assert all(torch.equal(expected[k], w) for k, w in weights(resumed).items())
+
+
+def test_loading_another_models_checkpoint_is_refused(tmp_path):
+    from zo2.errors import CheckpointError
+
+    engine_for(make_model("llama", hidden=32)).save(tmp_path / "small")
+    target = make_model("llama", hidden=64)
+    before = weights(target)
+    with pytest.raises(CheckpointError, match="another model"):
+        engine_for(target).load(tmp_path / "small")
+    assert all(torch.equal(before[k], w) for k, w in weights(target).items())
+    with pytest.raises(CheckpointError, match="not a zo2 checkpoint"):
+        engine_for(target).load(tmp_path)

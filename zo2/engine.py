@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from zo2.config import OptimConfig
@@ -202,6 +203,51 @@ class ZOEngine:
             tokenizer.save_pretrained(path)
         (path / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
         return path
+
+    def load(self, path: str | Path) -> None:
+        """Restore a folder written by :meth:`save`: weights and engine state."""
+        path = Path(path)
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise CheckpointError(f"{path} is not a zo2 checkpoint (no {STATE_FILE})")
+        try:
+            state = json.loads(state_file.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{state_file} is corrupt: {err}") from None
+        self.load_weights(path)
+        self.load_state_dict(state)
+
+    @torch.no_grad()
+    def load_weights(self, path: str | Path) -> None:
+        """Copy the safetensors weights of a ``save_pretrained`` folder into the model.
+
+        Raises CheckpointError, before any weight is changed, when the folder holds
+        tensors this model does not have, misses some, or has other shapes (a
+        checkpoint of another model). Tied weights saved once are fine.
+        """
+        path = Path(path)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no .safetensors weights in {path}")
+        loaded: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                loaded.update(load_file(file))
+            except Exception as err:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read {file}: {err}") from None
+        own = self.model.state_dict(keep_vars=True)
+        unexpected = sorted(loaded.keys() - own.keys())
+        loaded_ids = {id(own[k]) for k in loaded.keys() & own.keys()}
+        missing = sorted(k for k in own.keys() - loaded.keys() if id(own[k]) not in loaded_ids)
+        wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in loaded.items()
+                 if k in own and v.shape != own[k].shape]
+        if unexpected or missing or wrong:
+            raise CheckpointError(
+                f"{path} is a checkpoint of another model: unexpected {unexpected[:3]}, "
+                f"missing {missing[:3]}, shape mismatch {wrong[:3]}")
+        self.context.set_pending(None)
+        for name, tensor in loaded.items():
+            own[name].data.copy_(tensor)
 
     def close(self) -> None:
         """Flush and unwrap the model's units, leaving a plain HF model."""

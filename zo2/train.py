@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from zo2.config import TrainConfig, to_dict, validate
 from zo2.data.batching import BatchIterator, encode, label_word_ids
@@ -116,8 +115,7 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
 
     final_step = engine.step_index
     if best["step"] != final_step:
-        state = load_file(out / "best" / "model.safetensors")
-        engine.model.load_state_dict(state, strict=False)
+        engine.load_weights(out / "best")
     tuned_test = engine.evaluate(test)
     summary = {
         "model": cfg.model.name, "task": t.name, "steps": cfg.steps,
