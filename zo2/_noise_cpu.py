@@ -9,6 +9,8 @@ The hot loops are written so that LLVM vectorizes them (AVX2: 8 float lanes):
   polynomials on [-pi/4, pi/4] after an exact integer quadrant reduction, and all
   selections are bit masks.  Every multiply-add is an explicit ``fma`` so that the
   Triton kernels, which use the same operation sequence, give the same bits.
+* Gaussian quads are made in two passes, Philox words into a struct-of-arrays scratch,
+  then Box-Muller from it; smaller loop bodies vectorize better than one fused loop.
 * Each kernel works on blocks of ``BLOCK`` output elements.  A block first generates
   the whole quads that cover it into a small scratch buffer (which stays in L1), then
   applies the operation (copy, ``fma`` with a base, in-place update) in a second,
@@ -17,8 +19,8 @@ The hot loops are written so that LLVM vectorizes them (AVX2: 8 float lanes):
 
 Arrays are float32, or 16-bit formats passed as their bits: an ``int16`` array holds
 bfloat16 values and a ``uint16`` array IEEE float16 values.  They are widened to float32
-when loaded and rounded to nearest even once when stored (bfloat16 exactly as torch
-does, NaN -> 0x7FC0; float16 with LLVM's ``fptrunc``, F16C instructions on x86), so no
+when loaded and rounded to nearest even once when stored (bfloat16 as torch's scalar
+conversion, NaN -> 0x7FC0; float16 with LLVM's ``fptrunc``, F16C instructions on x86), so no
 float32 copy of a tensor is ever made: the extra memory is one scratch block.
 
 The kernels are serial over a range of blocks and release the GIL (``nogil``);

@@ -231,11 +231,12 @@ def _i32(v: int) -> int:
     return ((v & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
 
 
-def _launch(kernel, n: int, start: int, *args, **consts) -> None:
+def _launch(kernel, n: int, start: int, head: tuple, tail: tuple, **constexprs) -> None:
+    """kernel[grid](*head, n, q_lo, shift, *tail, **constexprs) over ceil((n + shift) / 4B)."""
     q_lo, shift = start // 4, start % 4
     grid = (triton.cdiv(n + shift, 4 * BLOCK),)
     opts = {} if _INTERPRET else {"enable_fp_fusion": False}
-    kernel[grid](*args, n, q_lo, shift, *consts.pop("tail"), BLOCK=BLOCK, **consts, **opts)
+    kernel[grid](*head, n, q_lo, shift, *tail, BLOCK=BLOCK, **constexprs, **opts)
 
 
 def _keys(seed: int, pkey: int) -> tuple[int, int, int, int]:
@@ -249,27 +250,27 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def fill(out: torch.Tensor, seed: int, pkey: int, start: int, gauss: bool) -> None:
     """out = z[start:start+numel] (out contiguous, 1-D)."""
+    bf16 = out.dtype == torch.bfloat16
     _launch(
         _fill_kernel,
         out.numel(),
         start,
-        _bits(out),
-        tail=_keys(seed, pkey),
+        (_bits(out),),
+        _keys(seed, pkey),
         GAUSS=gauss,
-        OUT_BF16=out.dtype == torch.bfloat16,
+        OUT_BF16=bf16,
     )
 
 
 def combine(out, base, seed: int, pkey: int, coef: float, start: int, gauss: bool) -> None:
     """out = fma(coef, z, base)."""
+    head = (_bits(out), _bits(base), float(np.float32(coef)))
     _launch(
         _combine_kernel,
         out.numel(),
         start,
-        _bits(out),
-        _bits(base),
-        float(np.float32(coef)),
-        tail=_keys(seed, pkey),
+        head,
+        _keys(seed, pkey),
         GAUSS=gauss,
         OUT_BF16=out.dtype == torch.bfloat16,
         BASE_BF16=base.dtype == torch.bfloat16,
@@ -277,22 +278,20 @@ def combine(out, base, seed: int, pkey: int, coef: float, start: int, gauss: boo
 
 
 def add_(w, seeds, coefs, decay: float, pkey: int, start: int, gauss: bool) -> None:
-    """w = w*decay, then w = fma(coefs[j], z_{seeds[j]}, w) for each j, in place."""
-    keys = torch.tensor(
-        [[_i32(s), _i32(s >> 32)] for s in seeds] or [[0, 0]], dtype=torch.int32, device=w.device
-    )
+    """w = w*decay, then w = fma(coefs[j], z_{seeds[j]}, w) for each j, in place.
+
+    The seeds' keys and the coefficients go to the device as two small tensors.
+    """
+    pairs = [[_i32(s), _i32(s >> 32)] for s in seeds] or [[0, 0]]
+    keys = torch.tensor(pairs, dtype=torch.int32, device=w.device)
     cf = torch.tensor(list(coefs) or [0.0], dtype=torch.float32, device=w.device)
-    _, _, p0, p1 = _keys(0, pkey)
+    head = (_bits(w), keys, cf, len(seeds), float(np.float32(decay)))
     _launch(
         _add_kernel,
         w.numel(),
         start,
-        _bits(w),
-        keys,
-        cf,
-        len(seeds),
-        float(np.float32(decay)),
-        tail=(p0, p1),
+        head,
+        _keys(0, pkey)[2:],
         GAUSS=gauss,
         OUT_BF16=w.dtype == torch.bfloat16,
     )
