@@ -83,6 +83,7 @@ PARALLEL_MIN = 1 << 16
 _threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_cpu_module = None
 _U64_LIMIT = 1 << 64
 _START_LIMIT = 1 << 62
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -109,16 +110,21 @@ def _check_common(t: torch.Tensor, start: int, dist: str, what: str) -> torch.Te
         raise ValueError(f"{what} must be contiguous")
     if not 0 <= int(start) < _START_LIMIT - t.numel():
         raise ValueError(f"start must be in [0, 2**62 - numel), got {start}")
-    return t.view(-1)
+    return t if t.dim() == 1 else t.view(-1)
 
 
 def _cpu():
-    from zo2 import _noise_cpu
+    """The numba kernels module (imported on first use, as numba is slow to import)."""
+    global _cpu_module
+    if _cpu_module is None:
+        from zo2 import _noise_cpu
 
-    return _noise_cpu
+        _cpu_module = _noise_cpu
+    return _cpu_module
 
 
 def _triton():
+    """The Triton kernels module (imported on the first CUDA tensor only)."""
     from zo2 import _noise_triton
 
     return _noise_triton
@@ -133,7 +139,8 @@ def _device(t: torch.Tensor) -> str:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     """The numpy array the CPU kernels take: float32, or bf16/fp16 bits (int16/uint16)."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.float32:
         return t.numpy()
     bits = t.view(torch.int16).numpy()
