@@ -49,6 +49,9 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading / shard writing bars; ours is enough
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _app()
 
