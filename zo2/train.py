@@ -52,6 +52,8 @@ class MetricsFile:
 
 
 def _batches(tokenizer, examples, spec, batch_size: int, max_length: int) -> list[dict]:
+    """Evaluation batches, examples sorted by length so that little padding is computed."""
+    examples = sorted(examples, key=lambda e: len(e.text))
     return [encode(tokenizer, examples[i: i + batch_size], spec, max_length=max_length)
             for i in range(0, len(examples), batch_size)]
 
