@@ -71,7 +71,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 300
+    steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32
     log_every: int = 10
