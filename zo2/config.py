@@ -27,6 +27,7 @@ class ModelConfig:
 
     name: str = "smollm2-135m"  # embedded default, a local HF folder, or tiny-<family>
     dtype: str = "float32"
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     trainable: list[str] = field(default_factory=lambda: ["*"])  # globs over param names
 
 
@@ -95,6 +96,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     m, t, o = cfg.model, cfg.task, cfg.optim
     _require(bool(m.name), "model.name", "must not be empty")
     _one_of(m.dtype, DTYPES, "model.dtype")
+    _require(m.device in ("auto", "cpu") or m.device.startswith("cuda"), "model.device",
+             f"{m.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
     _require(len(m.trainable) > 0, "model.trainable", "needs at least one pattern")
     _require(t.name in ("tweets", "drugs", "jsonl", "csv"), "task.name",
              f"{t.name!r} is not one of ['tweets', 'drugs', 'jsonl', 'csv']")

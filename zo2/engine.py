@@ -106,9 +106,14 @@ class ZOEngine:
         return learning_rate(step, lr=o.lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
                              total_steps=self.total_steps, min_ratio=o.min_lr_ratio)
 
+    def _on_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.params[0].param.device
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
     @torch.no_grad()
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
         """One ZO step on ``batch`` (``input_ids``, ``attention_mask``, ``labels``)."""
+        batch = self._on_device(batch)
         t = self.step_index
         plan = self.plan(t)
         logits = self._stacked_logits(batch, plan)  # (n*B, k, V)
@@ -165,6 +170,7 @@ class ZOEngine:
         self.flush()
         total_loss, total_n, correct, count = 0.0, 0, 0, 0
         for batch in batches:
+            batch = self._on_device(batch)
             labels = batch["labels"]
             logits = self._forward(batch["input_ids"], batch["attention_mask"],
                                    positions_to_keep(labels))

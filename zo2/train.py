@@ -25,10 +25,20 @@ from zo2.config import TrainConfig, to_dict, validate
 from zo2.data.batching import BatchIterator, encode, label_word_ids
 from zo2.data.tasks import load_task
 from zo2.engine import ZOEngine
+from zo2.errors import ConfigError
 from zo2.loss import Objective
 from zo2.models import load_model, model_identity
 
 log = logging.getLogger("zo2")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} requested but no CUDA device is available")
+    return torch.device(name)
 
 
 def peak_rss_mb() -> float:
@@ -68,6 +78,7 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     started = time.perf_counter()
 
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
+    model.to(resolve_device(cfg.model.device))
     t = cfg.task
     task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
                      path=t.path, text_field=t.text_field, label_field=t.label_field,
