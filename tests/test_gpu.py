@@ -38,4 +38,4 @@ def test_cuda_updates_follow_the_cpu_run_closely():
         engine.flush()
         runs.append({k: v.cpu() for k, v in model.state_dict().items()})
     for k, v in runs[0].items():
-        torch.testing.assert_close(runs[1][k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(runs[1][k], v, rtol=1e-3, atol=2e-4)
