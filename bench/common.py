@@ -15,13 +15,21 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def opt125m_shape(seed: int = 0):
-    """Random-weight OPT at the OPT-125m shape (12 x 768, vocab 50272, tied head)."""
+SHAPES = {  # (hidden, layers, ffn, heads, word_embed_proj_dim) of the public OPT models
+    "opt-125m": (768, 12, 3072, 12, 768),
+    "opt-350m": (1024, 24, 4096, 16, 512),
+}
+
+
+def opt_shape(seed: int = 0, shape: str = "opt-125m"):
+    """Random-weight OPT at a public OPT shape (default OPT-125m: 12 x 768, tied head)."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    config = OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
-                       num_attention_heads=12, vocab_size=50272, max_position_embeddings=2048,
-                       word_embed_proj_dim=768)
+    hidden, layers, ffn, heads, proj = SHAPES[shape]
+    config = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+                       num_attention_heads=heads, vocab_size=50272,
+                       max_position_embeddings=2048, word_embed_proj_dim=proj,
+                       do_layer_norm_before=shape != "opt-350m")
     config.use_cache = False
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -7,7 +7,7 @@ batch 8 x 128, classification loss at the last position:
 * ``zo``: three ZO engine steps (the scratch buffer, the stacked batch, the fused update);
 * ``adam``: three first-order steps with autograd and torch.optim.Adam.
 
-    python bench/memory.py
+    python bench/memory.py [--shape opt-125m|opt-350m]
 
 Last line: ``zo_over_inference=... adam_over_inference=... zo_extra_mb=...``.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import classification_batch, opt125m_shape, report  # noqa: E402
+from common import classification_batch, opt_shape, report  # noqa: E402
 
 LABELS = (5, 9)
 
@@ -32,11 +32,11 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(mode: str) -> dict:
+def measure(mode: str, shape: str) -> dict:
     from zo2 import Objective, OptimConfig, ZOEngine
     from zo2.loss import positions_to_keep
 
-    model = opt125m_shape()
+    model = opt_shape(shape=shape)
     batch = classification_batch(8, 128, model.config.vocab_size, LABELS)
     objective = Objective("label_words", candidates=torch.tensor(LABELS))
     keep = positions_to_keep(batch["labels"])
@@ -64,19 +64,20 @@ def measure(mode: str) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--mode":
-        print(json.dumps(measure(sys.argv[2])))
+    if len(sys.argv) == 4 and sys.argv[1] == "--mode":
+        print(json.dumps(measure(sys.argv[2], sys.argv[3])))
         return
+    shape = sys.argv[sys.argv.index("--shape") + 1] if "--shape" in sys.argv else "opt-125m"
     runs = {}
     for mode in ("inference", "zo", "adam"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode], check=True,
+        out = subprocess.run([sys.executable, __file__, "--mode", mode, shape], check=True,
                              capture_output=True, text=True).stdout
         runs[mode] = json.loads(out.strip().splitlines()[-1])
     inf, zo, adam = (runs[m]["peak_mb"] for m in ("inference", "zo", "adam"))
-    report("memory", {
+    report("memory" if shape == "opt-125m" else f"memory-{shape}", {
         "zo_over_inference": zo / inf, "adam_over_inference": adam / inf,
         "inference_mb": inf, "zo_mb": zo, "adam_mb": adam, "zo_extra_mb": zo - inf,
-        "model_loaded_mb": runs["inference"]["model_loaded_mb"],
+        "model_loaded_mb": runs["inference"]["model_loaded_mb"], "shape": shape,
     })
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import classification_batch, median, opt125m_shape, report, timed  # noqa: E402
+from common import classification_batch, median, opt_shape, report, timed  # noqa: E402
 
 from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
 from zo2.loss import positions_to_keep  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
 
-    model = opt125m_shape()
+    model = opt_shape()
     batch = classification_batch(args.batch, args.seq, model.config.vocab_size, LABELS)
     objective = Objective("label_words", candidates=torch.tensor(LABELS))
     keep = positions_to_keep(batch["labels"])
