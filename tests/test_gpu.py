@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_batch, make_model
+
 from zo2 import Objective, OptimConfig, ZOEngine
 
 pytestmark = [pytest.mark.gpu,

@@ -25,7 +25,6 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from zo2.errors import ModelError
@@ -134,7 +133,3 @@ def unique_params(units: Sequence[Unit]) -> list[TrainableParam]:
         for p in unit.params:
             seen.setdefault(id(p.param), p)
     return list(seen.values())
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
