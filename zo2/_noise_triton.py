@@ -97,7 +97,15 @@ def _sign(x):
 
 @triton.jit
 def _z(q0, k0, k1, p0, p1, GAUSS: tl.constexpr, BLOCK: tl.constexpr):
-    """z of quads q0 + [0, BLOCK), as 4*BLOCK consecutive float32 values."""
+    """z of quads q0 + [0, BLOCK), as 4*BLOCK consecutive float32 values.
+
+    The key words (k0, k1) and parameter words (p0, p1) come as int32 with the bits of
+    their uint32 values (Triton passes Python ints as signed); they are bit-cast here.
+    """
+    k0 = k0.to(tl.uint32, bitcast=True)
+    k1 = k1.to(tl.uint32, bitcast=True)
+    p0 = p0.to(tl.uint32, bitcast=True)
+    p1 = p1.to(tl.uint32, bitcast=True)
     q = q0 + tl.arange(0, BLOCK).to(tl.int64)
     c0 = (q & 0xFFFFFFFF).to(tl.uint32)
     c1 = (q >> 32).to(tl.uint32)
@@ -155,15 +163,7 @@ def _fill_kernel(
     BLOCK: tl.constexpr,
 ):
     q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
-    z = _z(
-        q0,
-        k0.to(tl.uint32, bitcast=True),
-        k1.to(tl.uint32, bitcast=True),
-        p0.to(tl.uint32, bitcast=True),
-        p1.to(tl.uint32, bitcast=True),
-        GAUSS,
-        BLOCK,
-    )
+    z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
     _store(out, pos, z, mask, OUT_BF16)
 
 
@@ -185,15 +185,7 @@ def _combine_kernel(
     BLOCK: tl.constexpr,
 ):
     q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
-    z = _z(
-        q0,
-        k0.to(tl.uint32, bitcast=True),
-        k1.to(tl.uint32, bitcast=True),
-        p0.to(tl.uint32, bitcast=True),
-        p1.to(tl.uint32, bitcast=True),
-        GAUSS,
-        BLOCK,
-    )
+    z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
     _store(out, pos, tl.fma(z, coef, _load(base, pos, mask, BASE_BF16)), mask, OUT_BF16)
 
 
@@ -216,12 +208,10 @@ def _add_kernel(
     q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
     acc = _load(w, pos, mask, OUT_BF16) * decay
     for s in range(n_seeds):
-        k0 = tl.load(keys + 2 * s).to(tl.uint32, bitcast=True)
-        k1 = tl.load(keys + 2 * s + 1).to(tl.uint32, bitcast=True)
+        k0 = tl.load(keys + 2 * s)
+        k1 = tl.load(keys + 2 * s + 1)
         c = tl.load(coefs + s)
-        z = _z(
-            q0, k0, k1, p0.to(tl.uint32, bitcast=True), p1.to(tl.uint32, bitcast=True), GAUSS, BLOCK
-        )
+        z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
         acc = tl.fma(z, c, acc)
     _store(w, pos, acc, mask, OUT_BF16)
 
