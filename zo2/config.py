@@ -19,6 +19,8 @@ DIRECTIONS = ("gaussian", "rademacher")
 ESTIMATORS = ("two-sided", "one-sided")
 METHODS = ("zo-sgd",)
 DTYPES = ("float32", "bfloat16", "float16")
+WIRE_DTYPES = DTYPES + ("float8_e4m3fn", "float8_e5m2")
+ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclass
@@ -63,6 +65,27 @@ class OptimConfig:
     estimator: str = "two-sided"
     q: int = 1  # perturbations per step (n-SPSA)
     batch_size: int = 16
+    rounding: str = "nearest"  # update rounding into bf16/fp16 weights: nearest | stochastic
+
+
+@dataclass
+class OffloadConfig:
+    """ZO2 offloading: units live in host memory (or on disk) and stream through the device.
+
+    ``wire_dtype`` narrower than ``host_dtype`` keeps an fp32 master on the host and
+    applies the update there; otherwise the update is applied on the device while the
+    unit is resident (one upload and one write-back per unit per step).
+    """
+
+    enabled: bool = False
+    ring: int = 2  # K device buffers the offloaded units stream through
+    layers_only: bool = True  # offload decoder layers only; embeddings, norm, head stay
+    resident: list[str] = field(default_factory=list)  # globs over unit names kept resident
+    host_dtype: str | None = None  # None: the model's dtype
+    wire_dtype: str | None = None  # None: the host dtype
+    disk_dir: str | None = None  # memory-map units beyond host_budget_gb from here
+    host_budget_gb: float = 0.0  # host memory for units when disk_dir is set
+    timing: bool = True  # time transfers with events (telemetry)
 
 
 @dataclass
@@ -72,6 +95,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32
@@ -118,12 +142,33 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of(o.estimator, ESTIMATORS, "optim.estimator")
     _require(o.q >= 1, "optim.q", "must be >= 1")
     _require(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
+    _one_of(o.rounding, ROUNDINGS, "optim.rounding")
+    validate_offload(cfg.offload)
     _require(cfg.steps >= 0, "steps", "must be >= 0")
     _require(cfg.eval_every >= 0, "eval_every", "must be >= 0")
     _require(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
     _require(cfg.log_every >= 1, "log_every", "must be >= 1")
     _require(cfg.threads >= 0, "threads", "must be >= 0")
     return cfg
+
+
+def validate_offload(f: OffloadConfig) -> OffloadConfig:
+    """Check an :class:`OffloadConfig`; raise ConfigError naming the field."""
+    _require(f.ring >= 1, "offload.ring", f"must be >= 1, got {f.ring}")
+    if f.host_dtype is not None:
+        _one_of(f.host_dtype, DTYPES, "offload.host_dtype")
+    if f.wire_dtype is not None:
+        _one_of(f.wire_dtype, WIRE_DTYPES, "offload.wire_dtype")
+        import torch
+
+        _require(hasattr(torch, f.wire_dtype), "offload.wire_dtype",
+                 f"{f.wire_dtype} is not supported by this torch")
+        if f.wire_dtype != f.host_dtype:
+            _require(f.host_dtype == "float32", "offload.host_dtype",
+                     f"wire_dtype={f.wire_dtype} differs from the host copy: set "
+                     "host_dtype=float32 (the master the update is applied to)")
+    _require(f.host_budget_gb >= 0, "offload.host_budget_gb", "must be >= 0")
+    return f
 
 
 def register() -> None:

@@ -31,17 +31,25 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from zo2.config import OptimConfig
+from zo2.config import OffloadConfig, OptimConfig
 from zo2.errors import CheckpointError
 from zo2.loss import Objective, positions_to_keep
-from zo2.perturb import BatchShape, PerturbationContext, Plan, Update, Wrapped
+from zo2.perturb import (
+    BatchShape,
+    PendingUpdate,
+    PerturbationContext,
+    Plan,
+    Resident,
+    Update,
+    Wrapped,
+)
 from zo2.schedule import learning_rate
 from zo2.units import find_units, unique_params
 
@@ -64,6 +72,7 @@ class StepResult:
     lr: float
     losses: list[float]
     skipped: bool = False  # a non-finite loss: no update was made
+    telemetry: dict = field(default_factory=dict)  # offload transfer figures, GPU memory
 
 
 class ZOEngine:
@@ -76,10 +85,14 @@ class ZOEngine:
         seed: seeds the perturbation stream; same seed and data give the same weights.
         total_steps: horizon of the lr schedule (linear / cosine decay).
         trainable: glob patterns over parameter names; others stay frozen.
+        offload: ZO2 offloading (:class:`~zo2.config.OffloadConfig`); off when None.
+        device: the compute device (default: where the model's parameters are).
     """
 
     def __init__(self, model: nn.Module, optim: OptimConfig, objective: Objective, *,
-                 seed: int = 0, total_steps: int = 0, trainable: Iterable[str] = ("*",)) -> None:
+                 seed: int = 0, total_steps: int = 0, trainable: Iterable[str] = ("*",),
+                 offload: OffloadConfig | None = None,
+                 device: torch.device | str | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.optim = optim
         self.objective = objective
@@ -87,7 +100,21 @@ class ZOEngine:
         self.total_steps = total_steps
         self.units = find_units(model, tuple(trainable))
         self.params = unique_params(self.units)
-        self.context = PerturbationContext(dist=optim.direction)
+        self.device = torch.device(device) if device is not None else self.params[0].param.device
+        self.pending = PendingUpdate(optim.direction, optim.rounding)
+        if offload is not None and offload.enabled:
+            from zo2.offload import Device, Offloader
+
+            self.residency = Offloader(
+                model, self.units, self.pending, device=Device(self.device), ring=offload.ring,
+                layers_only=offload.layers_only, resident=offload.resident,
+                host_dtype=offload.host_dtype, wire_dtype=offload.wire_dtype,
+                disk_dir=offload.disk_dir, host_budget_gb=offload.host_budget_gb,
+                timing=offload.timing)
+        else:
+            model.to(self.device)
+            self.residency = Resident(self.pending, self.params)
+        self.context = PerturbationContext(self.pending, self.residency)
         self._wrapped = Wrapped(self.units, self.context)
         self._takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.step_index = 0
@@ -107,8 +134,7 @@ class ZOEngine:
                              total_steps=self.total_steps, min_ratio=o.min_lr_ratio)
 
     def _on_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = self.params[0].param.device
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     @torch.no_grad()
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
@@ -122,12 +148,12 @@ class ZOEngine:
         grads = self._projected_grads(losses, plan)
         lr = self.lr(t)
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
-                            losses=losses)
+                            losses=losses, telemetry=self.residency.report())
         if all(math.isfinite(g) for g in grads):
             seeds = tuple(sl.seed for sl in plan.slices if sl.seed is not None and sl.sign == 1)
             coefs = tuple(-lr * g / len(grads) for g in grads)
             decay = 1.0 - lr * self.optim.weight_decay
-            self.context.set_pending(Update(seeds, coefs, decay))
+            self.pending.set(Update(seeds, coefs, decay, round_seed=step_seed(self.seed, t, -1)))
             self.log.append({"step": t, "seeds": list(seeds), "coefs": list(coefs),
                              "decay": decay})
         else:
@@ -144,13 +170,20 @@ class ZOEngine:
         self.context.shape = BatchShape(plan.n, stacked_ids.shape[0], ids.shape[1])
         try:
             logits = self._forward(stacked_ids, stacked_mask, keep)
-            self.context.apply_pending(self.params)  # any unit the forward did not reach
         finally:
             self.context.plan = None
             self.context.shape = None
+        self.residency.flush()  # any unit the forward did not reach
         return logits
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        self.residency.begin_pass()
+        try:
+            return self._model_forward(ids, mask, keep)
+        finally:
+            self.residency.end_pass()
+
+    def _model_forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
         if self._takes_keep:
             out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep,
                              use_cache=False)
@@ -184,7 +217,8 @@ class ZOEngine:
     # ---- state ------------------------------------------------------------------------
     def flush(self) -> None:
         """Apply the pending update to every parameter (before eval, export, checkpoint)."""
-        self.context.flush(self.params)
+        self.residency.flush()
+        self.pending.set(None)
 
     def state_dict(self) -> dict:
         """Everything besides the weights that determines the future of the run."""
@@ -196,7 +230,7 @@ class ZOEngine:
         if state["seed"] != self.seed:
             raise CheckpointError(f"checkpoint was made with seed {state['seed']}, "
                                   f"this run uses seed {self.seed}")
-        self.context.set_pending(None)
+        self.pending.set(None)
         self.step_index = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
@@ -204,7 +238,7 @@ class ZOEngine:
         """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""
         path = Path(path)
         self.flush()
-        self.model.save_pretrained(path)
+        self.model.save_pretrained(path, state_dict=self.export_state_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         (path / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
@@ -251,11 +285,24 @@ class ZOEngine:
             raise CheckpointError(
                 f"{path} is a checkpoint of another model: unexpected {unexpected[:3]}, "
                 f"missing {missing[:3]}, shape mismatch {wrong[:3]}")
-        self.context.set_pending(None)
+        self.pending.set(None)
+        homes = self.residency.host_tensors()
         for name, tensor in loaded.items():
-            own[name].data.copy_(tensor)
+            homes.get(id(own[name]), own[name].data).copy_(tensor)
+        self.residency.invalidate()
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with current values (offloaded ones from host memory)."""
+        self.flush()
+        homes = self.residency.host_tensors()
+        return {k: homes.get(id(v), v.detach())
+                for k, v in self.model.state_dict(keep_vars=True).items()}
 
     def close(self) -> None:
-        """Flush and unwrap the model's units, leaving a plain HF model."""
+        """Flush and unwrap the model's units, leaving a plain HF model.
+
+        Offloaded parameters get their own tensors again, in host memory.
+        """
         self.flush()
+        self.residency.materialize()
         self._wrapped.remove()

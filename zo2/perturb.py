@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -69,11 +69,105 @@ class Plan:
 
 @dataclass(frozen=True)
 class Update:
-    """A pending ZO update: ``w = w*decay + sum_j coefs[j]*z(seeds[j])``."""
+    """A pending ZO update: ``w = w*decay + sum_j coefs[j]*z(seeds[j])``.
+
+    ``round_seed`` keys the random bits of stochastic rounding (:func:`zo2.noise.add_`).
+    """
 
     seeds: tuple[int, ...]
     coefs: tuple[float, ...]
     decay: float  # applied to parameters with ``TrainableParam.decay``
+    round_seed: int = 0
+
+
+class PendingUpdate:
+    """The last step's update, applied to each parameter exactly once.
+
+    Args:
+        dist: distribution of ``z`` (``gaussian`` | ``rademacher``).
+        rounding: how the updated value is rounded into a bf16 / fp16 tensor
+            (``nearest`` | ``stochastic``; fp32 tensors are always exact-rounded).
+    """
+
+    def __init__(self, dist: str = "gaussian", rounding: str = "nearest") -> None:
+        self.dist = dist
+        self.rounding = rounding
+        self.update: Update | None = None
+        self._applied: set[int] = set()
+
+    def set(self, update: Update | None) -> None:
+        self.update = update
+        self._applied = set()
+
+    def needs(self, p: TrainableParam) -> bool:
+        return self.update is not None and id(p) not in self._applied
+
+    def apply(self, p: TrainableParam, target: torch.Tensor) -> None:
+        """Apply the update to ``target``, the storage holding ``p``'s current value."""
+        update = self.update
+        if update is None or id(p) in self._applied:
+            return
+        extra = {}
+        if self.rounding != "nearest":
+            extra = {"rounding": self.rounding, "round_seed": update.round_seed}
+        noise.add_(target.view(-1), update.seeds, update.coefs, p.key, dist=self.dist,
+                   decay=update.decay if p.decay else 1.0, **extra)
+        self._applied.add(id(p))
+
+
+class Residency(Protocol):
+    """Where units' weights live between uses; the offloader (:mod:`zo2.offload`) is one.
+
+    ``acquire(unit)`` makes the unit's parameters hold their current values on the
+    compute device, with the pending update applied; ``release(unit)`` ends that use.
+    """
+
+    def begin_pass(self) -> None: ...
+    def end_pass(self) -> None: ...
+    def acquire(self, unit: Unit) -> None: ...
+    def release(self, unit: Unit) -> None: ...
+    def flush(self) -> None: ...
+    def report(self) -> dict: ...
+    def host_tensors(self) -> dict[int, torch.Tensor]: ...
+    def invalidate(self) -> None: ...
+    def materialize(self) -> None: ...
+
+
+class Resident:
+    """Every unit stays on the compute device; the update is applied in place."""
+
+    def __init__(self, pending: PendingUpdate, params: Sequence[TrainableParam]) -> None:
+        self.pending = pending
+        self.params = list(params)
+
+    def begin_pass(self) -> None:
+        pass
+
+    def end_pass(self) -> None:
+        pass
+
+    def acquire(self, unit: Unit) -> None:
+        for p in unit.params:
+            self.pending.apply(p, p.param.data)
+
+    def release(self, unit: Unit) -> None:
+        pass
+
+    def flush(self) -> None:
+        for p in self.params:
+            self.pending.apply(p, p.param.data)
+
+    def report(self) -> dict:
+        return {}
+
+    def host_tensors(self) -> dict[int, torch.Tensor]:
+        return {}
+
+    def invalidate(self) -> None:
+        pass
+
+    def materialize(self) -> None:
+        pass
 
 
 class Scratch:
@@ -94,45 +188,28 @@ class Scratch:
 
 
 class PerturbationContext:
-    """State shared by all wrapped units during a step: plan, pending update, scratch."""
+    """State shared by all wrapped units during a step: plan, residency, scratch."""
 
-    def __init__(self, dist: str = "gaussian") -> None:
-        self.dist = dist
+    def __init__(self, pending: PendingUpdate, residency: Residency) -> None:
+        self.pending = pending
+        self.residency = residency
         self.plan: Plan | None = None
         self.shape: BatchShape | None = None
-        self.pending: Update | None = None
-        self._applied: set[int] = set()
         self.scratch = Scratch()
-
-    # ---- pending update -------------------------------------------------------------
-    def set_pending(self, update: Update | None) -> None:
-        self.pending = update
-        self._applied = set()
-
-    def apply_pending(self, params: Sequence[TrainableParam]) -> None:
-        """Apply the pending update to each of ``params`` not yet updated."""
-        update = self.pending
-        if update is None:
-            return
-        for p in params:
-            if id(p) in self._applied:
-                continue
-            decay = update.decay if p.decay else 1.0
-            noise.add_(p.param.data.view(-1), update.seeds, update.coefs, p.key,
-                       dist=self.dist, decay=decay)
-            self._applied.add(id(p))
-
-    def flush(self, params: Sequence[TrainableParam]) -> None:
-        """Apply the pending update everywhere and drop it (before eval / export)."""
-        self.apply_pending(params)
-        self.set_pending(None)
 
     # ---- perturbation of one unit ---------------------------------------------------
     def run_unit(self, unit: Unit, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        self.residency.acquire(unit)
+        try:
+            if self.plan is None or self.shape is None:
+                return original(*args, **kwargs)
+            return self._run_slices(unit, original, args, kwargs)
+        finally:
+            self.residency.release(unit)
+
+    def _run_slices(self, unit: Unit, original: Callable[..., Any], args: tuple,
+                    kwargs: dict) -> Any:
         plan, shape = self.plan, self.shape
-        if plan is None or shape is None:
-            return original(*args, **kwargs)
-        self.apply_pending(unit.params)
         arg_parts = split_batch(args, shape)
         kwarg_parts = split_batch(kwargs, shape)
         masters = [p.param.data for p in unit.params]
@@ -172,7 +249,7 @@ class PerturbationContext:
         for p, master, view in zip(unit.params, masters, views):
             if not mirror_of_previous:
                 noise.combine(view.view(-1), master.view(-1), sl.seed, p.key, eps,
-                              dist=self.dist)
+                              dist=self.pending.dist)
             if sl.sign == -1:
                 mirror_(view, master)
             p.param.data = view

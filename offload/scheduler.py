@@ -1,0 +1,425 @@
+"""The offload scheduler: streams blocks through a ring of K device buffers.
+
+One object owns the upload and write-back streams, the ring, the staging buffers and
+every event. The unit wrapper of :mod:`zo2.perturb` calls :meth:`Offloader.acquire`
+before a unit runs and :meth:`Offloader.release` after; the engine brackets each
+forward with :meth:`begin_pass` / :meth:`end_pass`.
+
+Timeline of block i in a step (K >= 2, a GPU)::
+
+    upload stream:   ... H2D(i)  H2D(i+1) ...      (waits: slot free, block written)
+    compute stream:      wait(ready i) update(i) [cast] forward(i, all slices)
+    write-back stream:                                  wait(compute i) D2H(i)
+
+* Upload. ``H2D(i)`` copies the block's flat host buffer into a free ring slot. It
+  waits, on the GPU, for the slot's previous occupant to be finished with (its
+  compute, or its write-back) and for the block's own last write-back to have
+  landed in host memory. Blocks are prefetched in the order the previous pass used
+  them, up to K ahead.
+* Update. The previous step's pending update is applied to the slot in the host
+  dtype (the same kernel and rounding as on resident weights), so each block crosses
+  the bus once up and once down per step. When the compute dtype differs, the slot
+  is cast into a working buffer of the compute dtype.
+* Write-back. After the unit ran, a slot holding an updated block is copied back to
+  host memory on the write-back stream, once the compute stream's event says the
+  unit is done with it. Clean blocks (eval, ``lr=0``) are not written back.
+
+*Compressed wire with an fp32 master* (``wire_dtype`` narrower than ``host_dtype``):
+the host keeps fp32 masters and applies the update there (CPU kernels, while the
+GPU computes the previous block); the block is cast to the wire dtype into a pinned
+staging buffer (a ring of K; a staging buffer is reused only after its copy's event
+fired) and uploaded; nothing is written back. Small updates accumulate in fp32.
+
+On the CPU the same code runs with the host as the device: copies are synchronous
+and events are wall-clock stamps.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zo2.errors import ConfigError
+from zo2.offload.device import Device
+from zo2.offload.store import Block, group_units, populate
+from zo2.offload.telemetry import TransferStats, gpu_metrics
+from zo2.perturb import PendingUpdate
+from zo2.units import Unit, find_layer_list
+
+
+@dataclass(eq=False)
+class _Slot:
+    store: torch.Tensor  # flat device buffer in the transfer dtype
+    work: torch.Tensor  # flat device buffer in the compute dtype (may be ``store``)
+    block: Block | None = None
+    ready: object = None  # upload finished
+    free: object = None  # the last use of ``store`` finished (compute or write-back)
+    users: int = 0
+    dirty: bool = False  # updated on the device, not yet written back
+    work_current: bool = False  # ``work`` holds ``store``'s values
+    tick: int = 0
+
+
+@dataclass(eq=False)
+class _Staging:
+    buf: torch.Tensor  # pinned host buffer in the wire dtype
+    copied: object = None  # the H2D copy reading it finished
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+class Offloader:
+    """Keeps chosen units in host memory (or on disk) and streams them through the device.
+
+    Args:
+        model: the model whose units are offloaded (its other tensors are moved to
+            ``device``).
+        units: the model's units (:func:`zo2.units.find_units`).
+        pending: the pending update shared with the perturbation context.
+        device: the compute device.
+        ring: K, the number of device buffers blocks stream through.
+        layers_only: offload only the decoder layers; other units stay resident.
+        resident: glob patterns over unit names that stay resident.
+        host_dtype: dtype of the host copy (None: the model's dtype).
+        wire_dtype: dtype on the bus (None: the host dtype). A narrower one needs an
+            fp32 host master and moves the update to the host.
+        disk_dir: where blocks beyond ``host_budget_gb`` are memory-mapped.
+        host_budget_gb: host memory for blocks when ``disk_dir`` is set.
+        timing: time every transfer with events (for telemetry).
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence[Unit], pending: PendingUpdate, *,
+                 device: Device, ring: int = 2, layers_only: bool = True,
+                 resident: Sequence[str] = (), host_dtype: str | None = None,
+                 wire_dtype: str | None = None, disk_dir: str | None = None,
+                 host_budget_gb: float = 0.0, timing: bool = True) -> None:
+        if ring < 1:
+            raise ConfigError(f"offload.ring: must be >= 1, got {ring}")
+        self.device = device
+        self.pending = pending
+        self.ring = ring
+        self.timing = timing
+        self.stats = TransferStats()
+        layers_name, _ = find_layer_list(model)
+        chosen = [(not layers_only or u.name.startswith(layers_name + "."))
+                  and not any(fnmatch.fnmatchcase(u.name, g) for g in resident) for u in units]
+        self.blocks, self.resident_units = group_units(model, units, chosen)
+        self._block_of = {id(u): b for b in self.blocks for u in b.units}
+        compute = {b.compute_dtype for b in self.blocks}
+        if len(compute) > 1:
+            raise ConfigError("offload: offloaded units must share one dtype")
+        host = _dtype(host_dtype) or (compute.pop() if compute else None)
+        wire = _dtype(wire_dtype) or host
+        self.master_on_host = wire != host
+        if self.master_on_host and host != torch.float32:
+            raise ConfigError(f"offload.wire_dtype: {wire} differs from the host copy "
+                              f"({host}); set offload.host_dtype=float32")
+        self._holders: dict[torch.dtype, torch.Tensor] = {}
+        populate(self.blocks, host, disk_dir, host_budget_gb * 2**30,
+                 pin=device.is_cuda, placeholder=self._placeholder)
+        model.to(device.device)  # resident units, buffers; placeholders are already there
+        self._resident_params = [p for u in self.resident_units for p in u.params]
+        self._slots = self._make_ring(wire)
+        self._staging = self._make_staging(wire)
+        self._upload_stream = device.new_stream()
+        self._down_stream = device.new_stream()
+        self._written: dict[int, object] = {}  # id(block) -> its last write-back event
+        self._model = model
+        self._order: list[Block] = list(self.blocks)
+        self._trace: list[Block] = []
+        self._cursor = -1
+        self._tick = 0
+        self._stage_index = 0
+
+    # ---- construction ---------------------------------------------------------------
+    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        """One element on the device; expanded, it stands in for an offloaded parameter."""
+        if dtype not in self._holders:
+            self._holders[dtype] = torch.zeros(1, dtype=dtype, device=self.device.device)
+        return self._holders[dtype]
+
+    def _make_ring(self, wire: torch.dtype | None) -> list[_Slot]:
+        if not self.blocks:
+            return []
+        numel = max(b.numel for b in self.blocks)
+        compute = self.blocks[0].compute_dtype
+        transfer = self.blocks[0].host.dtype if not self.master_on_host else wire
+        slots = []
+        for _ in range(min(self.ring, len(self.blocks))):
+            store = self.device.empty(numel, transfer)
+            work = store if transfer == compute else self.device.empty(numel, compute)
+            slots.append(_Slot(store, work))
+        return slots
+
+    def _make_staging(self, wire: torch.dtype | None) -> list[_Staging]:
+        if not (self.master_on_host and self.device.is_cuda and self.blocks):
+            return []
+        numel = max(b.numel for b in self.blocks)
+        return [_Staging(self.device.host_empty(numel, wire)) for _ in range(self.ring)]
+
+    # ---- the residency protocol (called by the unit wrapper and the engine) ----------
+    def begin_pass(self) -> None:
+        """A forward starts: prefetch the first K blocks of the last pass's order."""
+        self._trace = []
+        self._cursor = -1
+        self._prefetch()
+
+    def end_pass(self) -> None:
+        if self._trace:
+            self._order = self._trace
+        self._trace = []
+        self._cursor = -1
+        self.stats.harvest()
+
+    def acquire(self, unit: Unit) -> None:
+        """Point ``unit``'s parameters at device memory holding their current values."""
+        block = self._block_of.get(id(unit))
+        if block is None:
+            for p in unit.params:
+                self.pending.apply(p, p.param.data)
+            return
+        self._advance(block)
+        slot = self._load(block)
+        slot.users += 1
+        for e in block.entries:
+            e.param.data = block.view(slot.work, e)
+        self._prefetch()
+
+    def release(self, unit: Unit) -> None:
+        block = self._block_of.get(id(unit))
+        if block is None:
+            return
+        slot = self._slot_of(block)
+        slot.users -= 1
+        for e in block.entries:
+            e.param.data = self._placeholder(e.param.dtype).expand(e.shape)
+        if slot.users == 0:
+            self._finish(slot)
+            self._prefetch()
+
+    def flush(self) -> None:
+        """Apply the pending update to every parameter, resident or offloaded."""
+        for p in self._resident_params:
+            self.pending.apply(p, p.param.data)
+        for block in self.blocks:
+            if not self._needs_update(block):
+                continue
+            if self.master_on_host:
+                self._update_on_host(block)
+            else:
+                self._finish(self._load(block))
+
+    # ---- host-side access (export, checkpoints, weight loading) ---------------------
+    def host_tensors(self) -> dict[int, torch.Tensor]:
+        """id(param) -> the host tensor holding its current value (after :meth:`flush`)."""
+        self.synchronize()
+        return {id(e.param): b.view(b.host, e) for b in self.blocks for e in b.entries}
+
+    def invalidate(self) -> None:
+        """Forget device copies (host values were changed from outside)."""
+        self.synchronize()
+        for slot in self._slots:
+            if slot.users == 0:
+                self._drop(slot)
+
+    def synchronize(self) -> None:
+        """Wait until every write-back has landed in host memory (outside the hot path)."""
+        for event in self._written.values():
+            event.synchronize()
+        self._written.clear()
+        for block in self.blocks:
+            if block.disk is not None:
+                block.disk.sync()
+
+    def materialize(self) -> None:
+        """Give every offloaded parameter its own CPU tensor again (on close)."""
+        self.synchronize()
+        for block in self.blocks:
+            for e in block.entries:
+                e.param.data = block.view(block.host, e).to(e.param.dtype, copy=True)
+        self._slots = []
+
+    def device_bytes(self) -> int:
+        """Bytes of model tensors and ring buffers on the compute device.
+
+        Placeholders (zero-stride) count as nothing; tensors sharing storage once.
+        """
+        seen: set[int] = set()
+        total = 0
+        tensors = [t for s in self._slots for t in (s.store, s.work)]
+        tensors += list(self._model.parameters()) + list(self._model.buffers())
+        for t in tensors:
+            if t.device != self.device.device or (t.dim() and all(x == 0 for x in t.stride())):
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    def report(self) -> dict[str, float]:
+        """Transfer figures since the last report, device bytes, and GPU readings."""
+        out = self.stats.report()
+        out["offload_device_mb"] = self.device_bytes() / 2**20
+        out.update(gpu_metrics(self.device))
+        return out
+
+    def ring_bytes(self) -> int:
+        return sum({id(t): t.numel() * t.element_size()
+                    for s in self._slots for t in (s.store, s.work)}.values())
+
+    # ---- scheduling -----------------------------------------------------------------
+    def _advance(self, block: Block) -> None:
+        """Follow ``block`` in the expected order (for prefetching) and trace it."""
+        self._trace.append(block)
+        nxt = self._cursor + 1
+        if nxt < len(self._order) and self._order[nxt] is block:
+            self._cursor = nxt
+            return
+        later = [i for i in range(nxt, len(self._order)) if self._order[i] is block]
+        earlier = [i for i in range(len(self._order)) if self._order[i] is block]
+        if later or earlier:
+            self._cursor = (later or earlier)[0]
+
+    def _upcoming(self) -> list[Block]:
+        window = self._order[self._cursor + 1: self._cursor + 1 + self.ring]
+        return list(dict.fromkeys(window))
+
+    def _prefetch(self) -> None:
+        upcoming = self._upcoming()
+        for block in upcoming:
+            if self._slot_of(block) is not None:
+                continue
+            slot = self._take_slot(block, keep=upcoming)
+            if slot is None:
+                break
+            self._upload(block, slot)
+        after = self._order[self._cursor + 1 + self.ring: self._cursor + 2 + self.ring]
+        for block in after:
+            if block.disk is not None:
+                block.disk.prefetch()
+
+    def _load(self, block: Block) -> _Slot:
+        """The slot holding ``block``, current and updated, ready on the compute stream."""
+        slot = self._slot_of(block)
+        if slot is not None and self.master_on_host and self._needs_update(block):
+            self._drop(slot)  # packed before this update: stale
+            slot = None
+        if slot is None:
+            slot = self._take_slot(block)
+            if slot is None:
+                raise RuntimeError(f"offload: no free device buffer for {block.name} "
+                                   f"(ring={self.ring} is too small for nested units)")
+            self._upload(block, slot)
+        self._wait_ready(slot)
+        if not self.master_on_host and self._needs_update(block):
+            self.device.wait(self.device.compute_stream(), slot.free)  # no write-back reads it
+            for e in block.trainable:
+                self.pending.apply(e.trainable, block.view(slot.store, e))
+            slot.dirty, slot.work_current = True, slot.work is slot.store
+        if not slot.work_current:
+            slot.work.copy_(slot.store)
+            slot.work_current = True
+        return slot
+
+    def _finish(self, slot: _Slot) -> None:
+        """The compute stream is done with ``slot``: write it back if it was updated."""
+        self._tick += 1
+        slot.tick = self._tick
+        slot.free = self.device.record(self.device.compute_stream())
+        if slot.dirty:
+            self._write_back(slot.block, slot)
+
+    def _slot_of(self, block: Block) -> _Slot | None:
+        for slot in self._slots:
+            if slot.block is block:
+                return slot
+        return None
+
+    def _take_slot(self, block: Block, keep: Sequence[Block] = ()) -> _Slot | None:
+        """The least recently used idle slot whose block is not about to be used."""
+        keep_ids = {id(b) for b in keep if b is not block}
+        idle = [s for s in self._slots
+                if s.users == 0 and (s.block is None or id(s.block) not in keep_ids)]
+        if not idle:
+            return None
+        slot = min(idle, key=lambda s: (s.block is not None, s.tick))
+        self._drop(slot)
+        return slot
+
+    def _drop(self, slot: _Slot) -> None:
+        if slot.block is not None and slot.dirty:
+            self._write_back(slot.block, slot)
+        slot.block = None
+        slot.work_current = False
+
+    def _needs_update(self, block: Block) -> bool:
+        return any(self.pending.needs(e.trainable) for e in block.trainable)
+
+    # ---- transfers ------------------------------------------------------------------
+    def _upload(self, block: Block, slot: _Slot) -> None:
+        if self.master_on_host:
+            self._update_on_host(block)
+        n = block.numel
+        source = block.host
+        if self._staging:
+            stage = self._staging[self._stage_index % len(self._staging)]
+            self._stage_index += 1
+            if stage.copied is not None:
+                stage.copied.synchronize()  # that buffer's previous copy must be done
+            stage.buf[:n].copy_(block.host)  # cast to the wire dtype on the host
+            source = stage.buf[:n]
+        stream = self._upload_stream
+        self.device.wait(stream, slot.free)
+        self.device.wait(stream, self._written.get(id(block)))
+        with self.device.on(stream):
+            start = self.device.record(stream, self.timing)
+            slot.store[:n].copy_(source, non_blocking=True)
+            slot.ready = self.device.record(stream, self.timing)
+        if self._staging:
+            stage.copied = slot.ready
+        if self.timing:
+            self.stats.add("up", n * slot.store.element_size(), start, slot.ready)
+        slot.block, slot.dirty, slot.work_current = block, False, slot.work is slot.store
+
+    def _wait_ready(self, slot: _Slot) -> None:
+        compute = self.device.compute_stream()
+        if not self.timing:
+            self.device.wait(compute, slot.ready)
+            return
+        before = self.device.record(compute, True)
+        self.device.wait(compute, slot.ready)
+        self.stats.add("wait", 0, before, self.device.record(compute, True))
+
+    def _write_back(self, block: Block, slot: _Slot) -> None:
+        n = block.numel
+        stream = self._down_stream
+        self.device.wait(stream, slot.free)
+        with self.device.on(stream):
+            start = self.device.record(stream, self.timing)
+            block.host.copy_(slot.store[:n], non_blocking=True)
+            done = self.device.record(stream, self.timing)
+        slot.free = done
+        slot.dirty = False
+        self._written[id(block)] = done
+        if self.timing:
+            self.stats.add("down", n * slot.store.element_size(), start, done)
+
+    def _update_on_host(self, block: Block) -> None:
+        """Apply the pending update to the fp32 host master (compressed-wire mode)."""
+        event = self._written.pop(id(block), None)
+        if event is not None:
+            event.synchronize()
+        if not self._needs_update(block):
+            return
+        for e in block.trainable:
+            self.pending.apply(e.trainable, block.view(block.host, e))
+        slot = self._slot_of(block)
+        if slot is not None and slot.users == 0:
+            self._drop(slot)  # its device copy predates the update

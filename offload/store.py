@@ -1,0 +1,174 @@
+"""Block store: each offloaded unit's parameters in one flat host buffer.
+
+A *block* is the host-side home of one unit (a decoder layer, or any other unit
+chosen for offloading): every parameter the unit's module owns, trainable or
+frozen, laid out back to back (offsets aligned to 64 elements) in one flat buffer of
+the host dtype. Units that share a parameter (an LM head tied to the input
+embedding) share one block. The flat buffer is page-locked host memory when there
+is a GPU, or a memory-mapped safetensors file on disk (:mod:`zo2.offload.disk`) for
+blocks beyond the host-memory budget.
+
+Between uses an offloaded parameter holds a *placeholder*: a one-element tensor
+expanded to the parameter's shape, on the compute device and in its dtype, so
+``model.dtype``, ``model.device`` and shape checks still see the right values while
+the weights use no device memory. The scheduler points the parameters at views of
+a device buffer while the unit runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zo2.errors import ConfigError
+from zo2.offload.disk import DiskBuffer, map_flat, write_flat
+from zo2.units import TrainableParam, Unit
+
+ALIGN = 64  # elements: every parameter starts on a 256-byte (fp32) boundary
+
+
+@dataclass(eq=False)
+class Entry:
+    """One parameter inside a block's flat buffer."""
+
+    name: str
+    param: nn.Parameter
+    offset: int
+    shape: torch.Size
+    trainable: TrainableParam | None  # None: frozen, carried but never updated
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+@dataclass(eq=False)
+class Block:
+    """The host home of one or more units that share parameters."""
+
+    name: str
+    units: list[Unit]
+    entries: list[Entry] = field(default_factory=list)
+    numel: int = 0
+    compute_dtype: torch.dtype = torch.float32
+    host: torch.Tensor | None = None  # flat, host dtype: pinned memory or a disk mapping
+    disk: DiskBuffer | None = None
+
+    def add(self, name: str, param: nn.Parameter, trainable: TrainableParam | None) -> None:
+        self.entries.append(Entry(name, param, self.numel, param.shape, trainable))
+        self.numel += -(-param.numel() // ALIGN) * ALIGN
+
+    def view(self, flat: torch.Tensor, entry: Entry) -> torch.Tensor:
+        """``entry``'s slice of a flat buffer laid out like this block."""
+        return flat[entry.offset: entry.offset + entry.numel].view(entry.shape)
+
+    @property
+    def trainable(self) -> list[Entry]:
+        return [e for e in self.entries if e.trainable is not None]
+
+
+def group_units(model: nn.Module, units: Sequence[Unit], offload: Sequence[bool]
+                ) -> tuple[list[Block], list[Unit]]:
+    """Split units into offloaded blocks and resident units.
+
+    Units sharing a parameter fall into one block. A group stays resident when any of
+    its units is not chosen for offloading, or when one of its parameters is also
+    used by a module outside every unit (it must stay where that module can see it).
+    """
+    owner: dict[int, int] = {}  # id(module) -> index of the unit whose subtree holds it
+    for index, unit in enumerate(units):
+        for module in unit.module.modules():
+            owner.setdefault(id(module), index)
+    users: dict[int, set[int | None]] = {}  # id(param) -> unit indices (None: outside)
+    named: dict[int, tuple[str, nn.Parameter]] = {}
+    for module_name, module in model.named_modules():
+        for local, param in module._parameters.items():
+            if param is None:
+                continue
+            users.setdefault(id(param), set()).add(owner.get(id(module)))
+            named.setdefault(id(param), (f"{module_name}.{local}".lstrip("."), param))
+
+    parent = list(range(len(units)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    pinned_resident = [not flag for flag in offload]
+    for ids in users.values():
+        members = [i for i in ids if i is not None]
+        for i in members[1:]:
+            parent[find(i)] = find(members[0])
+        if None in ids:
+            for i in members:
+                pinned_resident[i] = True
+    resident_root = {find(i) for i, flag in enumerate(pinned_resident) if flag}
+
+    blocks: dict[int, Block] = {}
+    resident: list[Unit] = []
+    for index, unit in enumerate(units):
+        root = find(index)
+        if root in resident_root:
+            resident.append(unit)
+            continue
+        block = blocks.setdefault(root, Block(unit.name, []))
+        block.units.append(unit)
+    trainable = {id(p.param): p for unit in units for p in unit.params}
+    for block in blocks.values():
+        seen: set[int] = set()
+        for unit in block.units:
+            for param in unit.module.parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    block.add(named[id(param)][0], param, trainable.get(id(param)))
+        dtypes = {e.param.dtype for e in block.entries}
+        if len(dtypes) != 1:
+            raise ConfigError(f"offload: unit {block.name} mixes dtypes {sorted(map(str, dtypes))}")
+        block.compute_dtype = dtypes.pop()
+    return list(blocks.values()), resident
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".safetensors"
+
+
+def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: str | None,
+             host_budget_bytes: float, *, pin: bool,
+             placeholder: Callable[[torch.dtype], torch.Tensor]) -> None:
+    """Move each block's parameters into its flat host buffer, leaving placeholders.
+
+    Blocks are kept in host memory (page-locked when ``pin``) in order until
+    ``host_budget_bytes`` is used; the rest go to memory-mapped files under
+    ``disk_dir``. ``placeholder(dtype)`` gives the one-element device tensor each
+    parameter is expanded from. Peak extra memory: one block.
+    """
+    used = 0.0
+    for block in blocks:
+        dtype = host_dtype or block.compute_dtype
+        nbytes = block.numel * torch.empty((), dtype=dtype).element_size()
+        to_disk = disk_dir is not None and used + nbytes > host_budget_bytes
+        flat = torch.empty(block.numel, dtype=dtype, pin_memory=pin and not to_disk)
+        flat.zero_()  # alignment gaps are part of every transfer: keep them defined
+        with torch.no_grad():
+            for entry in block.entries:
+                block.view(flat, entry).copy_(entry.param.data)
+        if to_disk:
+            path = Path(disk_dir) / _file_name(block.name)
+            layout = [{"name": e.name, "offset": e.offset, "shape": list(e.shape)}
+                      for e in block.entries]
+            write_flat(path, flat, layout)
+            del flat
+            block.disk = map_flat(path, block.numel, dtype)
+            block.host = block.disk.tensor
+        else:
+            used += nbytes
+            block.host = flat
+        for entry in block.entries:
+            entry.param.data = placeholder(entry.param.dtype).expand(entry.shape)

@@ -1,0 +1,97 @@
+"""Offload telemetry: bytes moved, bandwidth, stalls, device memory, NVML readings.
+
+Transfers are timed with events recorded around each copy (CUDA timing events on a
+GPU, wall-clock :class:`~zo2.offload.device.HostEvent` on the CPU). Nothing here
+blocks: a pass's events are read once they have completed (``query()``), so a copy
+still in flight at the end of a step is counted in the next report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zo2.offload.device import Device
+
+
+@dataclass
+class _Timed:
+    kind: str  # "up" | "down" | "wait"
+    nbytes: int
+    start: object
+    end: object
+
+
+@dataclass
+class TransferStats:
+    """Counters of one reporting period (normally one training step)."""
+
+    up_bytes: int = 0
+    down_bytes: int = 0
+    uploads: int = 0
+    writebacks: int = 0
+    up_ms: float = 0.0
+    down_ms: float = 0.0
+    wait_ms: float = 0.0
+    _inflight: list[_Timed] = field(default_factory=list)
+
+    def add(self, kind: str, nbytes: int, start, end) -> None:
+        self._inflight.append(_Timed(kind, nbytes, start, end))
+
+    def harvest(self) -> None:
+        """Fold completed events into the counters; keep the rest for later."""
+        pending = []
+        for t in self._inflight:
+            if not t.end.query():
+                pending.append(t)
+                continue
+            ms = t.start.elapsed_time(t.end)
+            if t.kind == "up":
+                self.up_bytes, self.uploads, self.up_ms = (
+                    self.up_bytes + t.nbytes, self.uploads + 1, self.up_ms + ms)
+            elif t.kind == "down":
+                self.down_bytes, self.writebacks, self.down_ms = (
+                    self.down_bytes + t.nbytes, self.writebacks + 1, self.down_ms + ms)
+            else:
+                self.wait_ms += ms
+        self._inflight = pending
+
+    def report(self) -> dict[str, float]:
+        """The period's figures, then reset (in-flight transfers carry over)."""
+        self.harvest()
+        out = {
+            "offload_up_mb": self.up_bytes / 2**20,
+            "offload_down_mb": self.down_bytes / 2**20,
+            "offload_uploads": self.uploads,
+            "offload_writebacks": self.writebacks,
+            "offload_up_gbps": _rate(self.up_bytes, self.up_ms),
+            "offload_down_gbps": _rate(self.down_bytes, self.down_ms),
+            "offload_wait_s": self.wait_ms / 1e3,
+        }
+        self.up_bytes = self.down_bytes = self.uploads = self.writebacks = 0
+        self.up_ms = self.down_ms = self.wait_ms = 0.0
+        return out
+
+
+def _rate(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e6) if ms > 0 else 0.0
+
+
+def gpu_metrics(device: Device) -> dict[str, float]:
+    """GPU memory and utilisation (torch allocator and NVML); empty on the CPU."""
+    if not device.is_cuda:
+        return {}
+    out: dict[str, float] = {
+        "gpu_allocated_gb": device.allocated_bytes() / 2**30,
+        "gpu_peak_allocated_gb": device.peak_allocated_bytes() / 2**30,
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.device.index or 0)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        out.update(gpu_used_gb=memory.used / 2**30, gpu_util_pct=float(util.gpu))
+    except Exception:  # NVML missing or not permitted: report what torch knows
+        pass
+    return out
