@@ -56,3 +56,22 @@ def test_bad_override_names_the_key(tmp_path):
     proc = run_cli(["optim.lrr=1"], tmp_path)
     assert proc.returncode != 0
     assert "lrr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_offloaded_run_from_the_cli_matches_the_resident_one(tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["model=tiny-llama", "steps=3", "eval_every=0", "log_every=1", "optim.lr=1e-2",
+              *SMALL]
+    resident, offloaded = tmp_path / "resident", tmp_path / "disk"
+    for out, extra in ((resident, []), (offloaded, ["offload=disk", "offload.ring=1"])):
+        proc = run_cli([*common, *extra, f"output_dir={out}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line) for line in (offloaded / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["event"] == "step"]
+    assert all(r["offload_up_mb"] > 0 for r in steps)
+    assert list((offloaded / "offload-blocks").glob("*.safetensors"))  # the disk tier was used
+    a, b = (load_file(out / "best" / "model.safetensors") for out in (resident, offloaded))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    ra, rb = (json.loads((out / "summary.json").read_text()) for out in (resident, offloaded))
+    assert (ra["best_step"], ra["tuned_test"]) == (rb["best_step"], rb["tuned_test"])

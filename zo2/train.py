@@ -17,11 +17,12 @@ import json
 import logging
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from zo2.config import TrainConfig, to_dict, validate
+from zo2.config import OffloadConfig, TrainConfig, to_dict, validate
 from zo2.data.batching import BatchIterator, encode, label_word_ids
 from zo2.data.tasks import load_task
 from zo2.engine import ZOEngine
@@ -77,15 +78,15 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
         torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
 
+    device = resolve_device(cfg.model.device)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
-    model.to(resolve_device(cfg.model.device))
     t = cfg.task
     task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
                      path=t.path, text_field=t.text_field, label_field=t.label_field,
                      balanced=t.balanced)
     objective = Objective(t.objective, candidates=label_word_ids(tokenizer, task.spec))
     engine = ZOEngine(model, cfg.optim, objective, seed=cfg.seed, total_steps=cfg.steps,
-                      trainable=cfg.model.trainable)
+                      trainable=cfg.model.trainable, offload=_offload(cfg, out), device=device)
     dev = _batches(tokenizer, task.dev, task.spec, cfg.eval_batch_size, t.max_length)
     test = _batches(tokenizer, task.test, task.spec, cfg.eval_batch_size, t.max_length)
     train = BatchIterator(tokenizer, task.train, task.spec, batch_size=cfg.optim.batch_size,
@@ -110,7 +111,8 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
             rate = tokens / (now - last)
             tokens, last = 0, now
             metrics.write(event="step", step=step, loss=result.loss, grads=result.grads,
-                          lr=result.lr, skipped=result.skipped, tokens_per_s=rate)
+                          lr=result.lr, skipped=result.skipped, tokens_per_s=rate,
+                          **result.telemetry)
             if progress is not None:
                 progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}",
                                      tok_s=f"{rate:.0f}")
@@ -143,6 +145,14 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     engine.close()
     return summary
+
+
+def _offload(cfg: TrainConfig, out: Path) -> OffloadConfig:
+    """The offload settings, a relative ``disk_dir`` placed inside the output directory."""
+    offload = cfg.offload
+    if offload.enabled and offload.disk_dir and not Path(offload.disk_dir).is_absolute():
+        offload = replace(offload, disk_dir=str(out / offload.disk_dir))
+    return offload
 
 
 def _progress(cfg: TrainConfig):
