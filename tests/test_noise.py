@@ -199,6 +199,195 @@ def test_empty_and_nd_tensors():
     assert torch.equal(out.view(-1), _fill(15, 1, 2, 7))
 
 
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _bits32(t: torch.Tensor) -> np.ndarray:
+    """float32 bit patterns of a bf16/fp16 tensor widened exactly (keeps -0 and NaN)."""
+    return t.float().numpy().view(np.uint32)
+
+
+def _ref_bits32(ref: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(ref, np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("n,start", [(1, 0), (7, 3), (4099, 5), (BIG, 2**33 + 6)])
+def test_stochastic_add_matches_reference(dtype, n, start):
+    w0 = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.3).to(dtype)
+    for seeds, coefs in (([3], [1e-3]), ([3, 2**64 - 1], [1e-3, -2e-3])):
+        rs = 2**63 + n
+        # rademacher: the kernel's float32 accumulator equals the reference's exactly
+        got = noise.add_(
+            w0.clone(), seeds, coefs, KEY, start, "rademacher", 0.999, "stochastic", rs
+        )
+        ref = noise.reference_add(
+            w0, seeds, coefs, KEY, start, "rademacher", 0.999, "stochastic", rs
+        )
+        np.testing.assert_array_equal(_bits32(got), _ref_bits32(ref))
+        # gaussian: round the kernel's own float32 accumulator with the reference rule
+        acc = noise.add_(w0.float(), seeds, coefs, KEY, start, "gaussian", 0.999)
+        got = noise.add_(w0.clone(), seeds, coefs, KEY, start, "gaussian", 0.999, "stochastic", rs)
+        ref = noise.reference_add(
+            acc.numpy(), [], [], KEY, start, rounding="stochastic", round_seed=rs, dtype=dtype
+        )
+        np.testing.assert_array_equal(_bits32(got), _ref_bits32(ref))
+        assert not torch.equal(got, acc.to(dtype)) or n < 8  # it does round differently
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_stochastic_round_rule_on_any_float32(dtype):
+    """The kernels' integer rule == the spec's comparison for arbitrary float32 values:
+    random bit patterns (subnormals, inf, NaN included), log-uniform magnitudes around the
+    format's whole range, and hand-picked edge cases."""
+    g = np.random.default_rng(11)
+    m = 100_000
+    tiny = [2.0**-149, 3 * 2.0**-149, 2.0**-133, 2.0**-126, 2.0**-118, 2.0**-25, 2.0**-24]
+    edges = np.array(
+        [
+            0.0,
+            1.0,
+            1 + 2.0**-20,
+            2 - 2.0**-23,
+            2.0**-14 * (1 - 2.0**-12),
+            65504,
+            65505,
+            65519.99,
+            65520,
+            3.389e38,
+            3.3896e38,
+            3.4e38,
+            np.inf,
+            np.nan,
+            *tiny,
+        ],
+        np.float32,
+    )
+    acc = np.concatenate(
+        [
+            g.integers(0, 2**32, m, dtype=np.uint64).astype(np.uint32).view(np.float32),
+            (g.standard_normal(m) * np.exp(g.uniform(-104, 86, m))).astype(np.float32),
+            edges,
+            -edges,
+        ]
+    )
+    x = g.integers(0, 2**32, acc.size, dtype=np.uint64).astype(np.uint32)
+    x[-2 * edges.size :] = g.choice(
+        [0, 0xFF, 0x100, 0x7FFFFFFF, 0xFFFFFF00, 0xFFFFFFFF], 2 * edges.size
+    )
+    out = np.empty(acc.size, np.int16 if dtype == torch.bfloat16 else np.uint16)
+    _noise_cpu.stochastic_round(acc, x, out)
+    got = torch.from_numpy(out.view(np.int16)).view(dtype)
+    ref = noise.reference_stochastic_round(acc, dtype, x)
+    np.testing.assert_array_equal(_bits32(got), _ref_bits32(ref))
+    # inside the range, where the fraction below the spacing is about uniform, a quarter
+    # of the values go to the farther neighbour; specials are rounded to nearest
+    near = torch.from_numpy(acc).to(dtype)
+    info = torch.finfo(dtype)
+    inside = torch.from_numpy((np.abs(acc) > 2 * info.tiny) & (np.abs(acc) < info.max / 2))
+    assert 0.23 < (got != near)[inside].float().mean().item() < 0.27
+    special = torch.from_numpy(~(np.abs(acc) <= info.max))
+    if dtype == torch.bfloat16:  # torch keeps a NaN's sign and payload, the spec does not
+        special &= ~torch.from_numpy(np.isnan(acc))
+        assert (got[torch.from_numpy(np.isnan(acc))].view(torch.int16) == 0x7FC0).all()
+    assert special.sum() >= 6  # inf, beyond the largest finite value
+    assert torch.equal(got[special].view(torch.int16), near[special].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_stochastic_rounding_keeps_small_updates(dtype):
+    """Updates of 1/16 ulp: nearest loses them all, stochastic keeps them on average.
+
+    w = 1 everywhere; each step adds c*(z_fixed + z_t) (rademacher, |c*(...)| <= 2c =
+    ulp(1)/16 < half an ulp below 1), so every element drifts by c*z_fixed per step
+    plus a random walk.  The exact (float64) sum of the updates must be matched on
+    average: both the mean error and its correlation with the drift direction within 5
+    standard errors, and the drift itself (200 c) must be there.
+    """
+    n, steps = 4096, 200
+    ulp = float(torch.finfo(dtype).eps)  # spacing just above 1.0
+    c = ulp / 32
+    fixed = 2**40 + 17
+    near = torch.ones(n, dtype=dtype)
+    stoch = torch.ones(n, dtype=dtype)
+    exact = np.ones(n)
+    for t in range(steps):
+        seeds, coefs = [fixed, 1000 + t], [c, c]
+        noise.add_(near, seeds, coefs, KEY, dist="rademacher")
+        noise.add_(
+            stoch, seeds, coefs, KEY, dist="rademacher", rounding="stochastic", round_seed=2**63 + t
+        )
+        exact += c * noise.reference_z(n, 1000 + t, KEY, dist="rademacher", dtype=np.float64)
+    z = noise.reference_z(n, fixed, KEY, dist="rademacher", dtype=np.float64)
+    exact += steps * c * z
+    assert torch.equal(near, torch.ones(n, dtype=dtype))  # nearest loses every update
+    err = stoch.double().numpy() - exact
+    se = err.std() / np.sqrt(n)
+    assert se < 0.2 * steps * c  # the test can tell a lost drift from noise
+    assert abs(err.mean()) < 5 * se, (err.mean(), se)
+    assert abs((z * err).mean()) < 5 * se, ((z * err).mean(), se)
+    drift = (z * (stoch.double().numpy() - 1)).mean()
+    assert abs(drift - steps * c) < 5 * (se + c * np.sqrt(steps / n)), (drift, steps * c)
+    assert len(stoch.unique()) > 5
+
+
+def test_stochastic_rounding_is_deterministic():
+    w0 = torch.randn(BIG + 10, generator=torch.Generator().manual_seed(4)) * 0.1
+    w0 = w0.to(torch.bfloat16)
+    args = ([5, 6], [1e-4, -2e-4], KEY)
+
+    def run(w, start=0, rs=99):
+        return noise.add_(w, *args, start, "gaussian", 0.999, "stochastic", rs)
+
+    full = run(w0.clone())
+    assert torch.equal(run(w0.clone()).view(torch.int16), full.view(torch.int16))
+    other = run(w0.clone(), rs=100)
+    assert 0.01 < (other != full).float().mean().item() < 0.5
+    nearest = noise.add_(w0.clone(), *args, 0, "gaussian", 0.999)
+    assert 0.01 < (nearest != full).float().mean().item() < 0.5
+    threads = noise.get_num_threads()
+    try:
+        noise.set_num_threads(1)
+        one = run(w0.clone())
+        noise.set_num_threads(2)
+        two = run(w0.clone())
+    finally:
+        noise.set_num_threads(threads)
+    assert torch.equal(one.view(torch.int16), full.view(torch.int16))
+    assert torch.equal(two.view(torch.int16), full.view(torch.int16))
+    for a, b in [(0, 1), (1, 2), (3, 9), (5, 4101), (4095, 4097), (1001, BIG + 10), (7, BIG)]:
+        part = run(w0[a:b].clone(), a)
+        assert torch.equal(part.view(torch.int16), full[a:b].view(torch.int16)), (a, b)
+        view = w0.clone()
+        run(view[a:b], a)
+        assert torch.equal(view[a:b].view(torch.int16), full[a:b].view(torch.int16))
+        assert torch.equal(view[:a], w0[:a]) and torch.equal(view[b:], w0[b:])
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_stochastic_on_float32_is_nearest(dist):
+    w0 = torch.randn(BIG, generator=torch.Generator().manual_seed(6))
+    args = ([1, 2], [1e-3, -1e-3], KEY, 3, dist, 0.99)
+    want = noise.add_(w0.clone(), *args)
+    got = noise.add_(w0.clone(), *args, "stochastic", 12)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    ref = noise.reference_add(w0.numpy(), *args, "stochastic", 12)
+    np.testing.assert_array_equal(ref, noise.reference_add(w0.numpy(), *args))
+
+
+def test_add_rejects_bad_rounding():
+    w = torch.zeros(4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError):
+        noise.add_(w, [1], [0.1], 2, rounding="up")
+    with pytest.raises(ValueError):
+        noise.add_(w, [1], [0.1], 2, rounding="stochastic", round_seed=-1)
+    with pytest.raises(ValueError):
+        noise.add_(w, [1], [0.1], 2, rounding="stochastic", round_seed=2**64)
+    with pytest.raises(ValueError):
+        noise.add_(torch.zeros(0), [], [], 2, rounding="Stochastic")
+    assert torch.equal(w, torch.zeros(4, dtype=torch.bfloat16))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_works_in_forked_child():
     parent = _fill(BIG, 3, KEY, 1).numpy()
@@ -209,13 +398,23 @@ def test_works_in_forked_child():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-def _python(code: str, **env) -> subprocess.CompletedProcess:
+def _python(code: str, tmp_path=None, **env) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (from a file under tmp_path if given: Triton's jit
+    needs the source of kernels defined in it)."""
+    code = textwrap.dedent(code)
+    args = ["-c", code]
+    if tmp_path is not None:
+        script = tmp_path / "check.py"
+        script.write_text(code)
+        args = [str(script)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHONPATH": path, **env},
     )
 
 
@@ -225,8 +424,11 @@ def test_import_does_not_import_triton():
 
 
 TRITON_INTERPRETER_CHECK = """
+import numpy as np
 import torch
-from zo2 import noise, _noise_triton as T
+import triton
+import triton.language as tl
+from zo2 import noise, _noise_cpu, _noise_triton as T
 
 RTOL = {torch.float32: 0.0, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
@@ -249,13 +451,62 @@ for gauss in (False, True):
             w1, w2 = base.clone(), base.clone()
             T.add_(w1, [1, 2**40 + 3], [0.5, -0.25], 0.99, 77, start, gauss)
             check(w1, noise.add_(w2, [1, 2**40 + 3], [0.5, -0.25], 77, start, dist, 0.99), gauss)
+
+# stochastic rounding: the whole add_ kernel (rademacher: the float32 accumulators are
+# equal, so the rounded results must be too), with tiny, huge and special values
+for dtype in (torch.bfloat16, torch.float16):
+    big = torch.finfo(dtype).max
+    for n, start, decay in ((3, 1, 0.99), (1027, 6, 2.0**-120), (2050, 2**33 + 3, 1.0)):
+        base = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e-3
+        base[:3] = torch.tensor([big, -big, float("inf")])[:n]
+        base[3:6] = torch.tensor([float("nan"), 1.0, -0.0])[: max(0, n - 3)]
+        base = base.to(dtype)
+        for gauss in (False, True):
+            dist = "gaussian" if gauss else "rademacher"
+            w1, w2 = base.clone(), base.clone()
+            args = ([1, 2**40 + 3], [3e-4, -1e-4])
+            T.add_(w1, *args, decay, 77, start, gauss, True, 2**64 - 5)
+            noise.add_(w2, *args, 77, start, dist, decay, "stochastic", 2**64 - 5)
+            if gauss:  # the accumulators agree within 2e-6, so the results within an ulp
+                torch.testing.assert_close(
+                    w1.float(), w2.float(), rtol=RTOL[dtype], atol=2e-6, equal_nan=True
+                )
+            else:
+                assert torch.equal(w1.view(torch.int16), w2.view(torch.int16)), (dtype, n)
+
+# stochastic rounding: the store function on arbitrary float32 values vs the numba one
+@triton.jit
+def probe(src, words, dst, n, BF16: tl.constexpr, B: tl.constexpr):
+    pos = tl.program_id(0) * B + tl.arange(0, B)
+    mask = pos < n
+    v = tl.load(src + pos, mask=mask, other=0.0)
+    x = tl.load(words + pos, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    T._store_sr(dst, pos, v, mask, x, BF16)
+
+g = np.random.default_rng(5)
+m = 1 << 15
+acc = np.concatenate([
+    g.integers(0, 2**32, m, dtype=np.uint64).astype(np.uint32).view(np.float32),
+    (g.standard_normal(m) * np.exp(g.uniform(-104, 86, m))).astype(np.float32),
+])
+x = g.integers(0, 2**32, acc.size, dtype=np.uint64).astype(np.uint32)
+for dtype, bits in ((torch.bfloat16, np.int16), (torch.float16, np.uint16)):
+    want = np.empty(acc.size, bits)
+    _noise_cpu.stochastic_round(acc, x, want)
+    out = torch.empty(acc.size, dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+    src, words = torch.from_numpy(acc), torch.from_numpy(x.view(np.int32))
+    probe[(acc.size // 1024,)](src, words, out, acc.size, dtype == torch.bfloat16, 1024)
+    got = out.view(torch.int16).numpy()
+    nan = np.isnan(acc)  # NaN payloads of the fp16 conversion are not specified
+    assert np.array_equal(got[~nan], want.view(np.int16)[~nan]), dtype
+    assert torch.isnan(out.view(dtype)[torch.from_numpy(nan)].float()).all()
 print("triton-interpreter-ok")
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_triton_kernels_match_numba_in_interpreter():
-    res = _python(TRITON_INTERPRETER_CHECK, TRITON_INTERPRET="1")
+def test_triton_kernels_match_numba_in_interpreter(tmp_path):
+    res = _python(TRITON_INTERPRETER_CHECK, tmp_path, TRITON_INTERPRET="1")
     assert res.returncode == 0 and "triton-interpreter-ok" in res.stdout, res.stderr[-3000:]
 
 
@@ -268,7 +519,8 @@ def test_triton_kernels_compile_for_cuda_without_fp_fusion():
 
     from zo2 import _noise_triton as T
 
-    i32 = dict.fromkeys(("n", "q_lo", "shift", "k0", "k1", "p0", "p1", "n_seeds"), "i32")
+    names = ("n", "q_lo", "shift", "k0", "k1", "p0", "p1", "rk0", "rk1", "n_seeds")
+    i32 = dict.fromkeys(names, "i32")
     cases = [
         (T._fill_kernel, {"out": "*fp32"}, {"OUT_BF16": False}),
         (
@@ -279,7 +531,17 @@ def test_triton_kernels_compile_for_cuda_without_fp_fusion():
         (
             T._add_kernel,
             {"w": "*fp32", "keys": "*i32", "coefs": "*fp32", "decay": "fp32"},
-            {"OUT_BF16": False},
+            {"OUT_BF16": False, "STOCH": False},
+        ),
+        (
+            T._add_kernel,
+            {"w": "*i16", "keys": "*i32", "coefs": "*fp32", "decay": "fp32"},
+            {"OUT_BF16": True, "STOCH": True},
+        ),
+        (
+            T._add_kernel,
+            {"w": "*fp16", "keys": "*i32", "coefs": "*fp32", "decay": "fp32"},
+            {"OUT_BF16": False, "STOCH": True},
         ),
     ]
     for fn, pointers, consts in cases:

@@ -213,3 +213,18 @@ def test_only_the_device_module_calls_the_cuda_runtime():
     offenders = [p.name for p in root.glob("*.py")
                  if p.name != "device.py" and re.search(r"torch\.cuda\.", p.read_text())]
     assert offenders == []
+
+
+def test_no_host_blocking_wait_in_the_hot_path(monkeypatch):
+    """Steps never call Device.synchronize or wait on an event from the host."""
+    from zo2.offload.device import Device, HostEvent
+
+    def forbidden(*_):
+        raise AssertionError("host-blocking wait during a step")
+
+    engine = engine_for(make_model("qwen3", layers=4), OffloadConfig(enabled=True, ring=2))
+    monkeypatch.setattr(Device, "synchronize", forbidden)
+    monkeypatch.setattr(HostEvent, "synchronize", forbidden)
+    train(engine, 4)
+    monkeypatch.undo()
+    engine.flush()
