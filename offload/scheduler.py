@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from zo2.errors import ConfigError
+from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
 from zo2.offload.store import Block, group_units, populate
 from zo2.offload.telemetry import TransferStats, gpu_metrics
@@ -92,13 +93,16 @@ class Offloader:
         disk_dir: where blocks beyond ``host_budget_gb`` are memory-mapped.
         host_budget_gb: host memory for blocks when ``disk_dir`` is set.
         timing: time every transfer with events (for telemetry).
+        weights: where parameters still on ``meta`` are read from (a model built
+            empty, larger than host memory; :mod:`zo2.offload.checkpoint`).
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], pending: PendingUpdate, *,
                  device: Device, ring: int = 2, layers_only: bool = True,
                  resident: Sequence[str] = (), host_dtype: str | None = None,
                  wire_dtype: str | None = None, disk_dir: str | None = None,
-                 host_budget_gb: float = 0.0, timing: bool = True) -> None:
+                 host_budget_gb: float = 0.0, timing: bool = True,
+                 weights: SafetensorsWeights | None = None) -> None:
         if ring < 1:
             raise ConfigError(f"offload.ring: must be >= 1, got {ring}")
         self.device = device
@@ -122,7 +126,9 @@ class Offloader:
                               f"({host}); set offload.host_dtype=float32")
         self._holders: dict[torch.dtype, torch.Tensor] = {}
         populate(self.blocks, host, disk_dir, host_budget_gb * 2**30,
-                 pin=device.is_cuda, placeholder=self._placeholder)
+                 pin=device.is_cuda, placeholder=self._placeholder, weights=weights)
+        if weights is not None:
+            materialize(model, weights, device.device)  # the resident units
         model.to(device.device)  # resident units, buffers; placeholders are already there
         self._resident_params = [p for u in self.resident_units for p in u.params]
         self._slots = self._make_ring(wire)

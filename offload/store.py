@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from zo2.errors import ConfigError
+from zo2.offload.checkpoint import assign
 from zo2.offload.disk import DiskBuffer, map_flat, write_flat
 from zo2.units import TrainableParam, Unit
 
@@ -141,13 +142,15 @@ def _file_name(name: str) -> str:
 
 def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: str | None,
              host_budget_bytes: float, *, pin: bool,
-             placeholder: Callable[[torch.dtype], torch.Tensor]) -> None:
+             placeholder: Callable[[torch.dtype], torch.Tensor],
+             weights: Callable[[str], torch.Tensor] | None = None) -> None:
     """Move each block's parameters into its flat host buffer, leaving placeholders.
 
     Blocks are kept in host memory (page-locked when ``pin``) in order until
     ``host_budget_bytes`` is used; the rest go to memory-mapped files under
     ``disk_dir``. ``placeholder(dtype)`` gives the one-element device tensor each
-    parameter is expanded from. Peak extra memory: one block.
+    parameter is expanded from. Parameters still on ``meta`` are read from
+    ``weights(name)``. Peak extra memory: one block.
     """
     used = 0.0
     for block in blocks:
@@ -158,7 +161,10 @@ def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: 
         flat.zero_()  # alignment gaps are part of every transfer: keep them defined
         with torch.no_grad():
             for entry in block.entries:
-                block.view(flat, entry).copy_(entry.param.data)
+                meta = entry.param.is_meta
+                if meta and weights is None:
+                    raise ValueError(f"{entry.name} is on the meta device and no weights given")
+                block.view(flat, entry).copy_(weights(entry.name) if meta else entry.param.data)
         if to_disk:
             path = Path(disk_dir) / _file_name(block.name)
             layout = [{"name": e.name, "offset": e.offset, "shape": list(e.shape)}
@@ -171,4 +177,4 @@ def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: 
             used += nbytes
             block.host = flat
         for entry in block.entries:
-            entry.param.data = placeholder(entry.param.dtype).expand(entry.shape)
+            assign(entry.param, placeholder(entry.param.dtype).expand(entry.shape))

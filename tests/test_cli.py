@@ -61,8 +61,13 @@ def test_bad_override_names_the_key(tmp_path):
 def test_offloaded_run_from_the_cli_matches_the_resident_one(tmp_path):
     from safetensors.torch import load_file
 
-    common = ["model=tiny-llama", "steps=3", "eval_every=0", "log_every=1", "optim.lr=1e-2",
-              *SMALL]
+    from zo2.models import load_model
+
+    model, tokenizer = load_model("tiny-llama")  # a folder: offloaded, it is read lazily
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    common = [f"model.name={tmp_path / 'tiny'}", "steps=3", "eval_every=0", "log_every=1",
+              "optim.lr=1e-2", *SMALL]
     resident, offloaded = tmp_path / "resident", tmp_path / "disk"
     for out, extra in ((resident, []), (offloaded, ["offload=disk", "offload.ring=1"])):
         proc = run_cli([*common, *extra, f"output_dir={out}"], tmp_path)

@@ -228,3 +228,23 @@ def test_no_host_blocking_wait_in_the_hot_path(monkeypatch):
     train(engine, 4)
     monkeypatch.undo()
     engine.flush()
+
+
+def test_a_model_built_empty_streams_from_its_checkpoint(tmp_path):
+    """Parameters on meta, read block by block from safetensors: the disk-tier path for
+    models larger than host memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zo2.offload.checkpoint import SafetensorsWeights, empty_model
+
+    make_model("mistral", layers=3).save_pretrained(tmp_path / "ckpt")
+    resident = engine_for(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval())
+    model = empty_model(AutoConfig.from_pretrained(tmp_path / "ckpt")).eval()
+    assert all(p.is_meta for p in model.parameters())
+    config = OffloadConfig(enabled=True, ring=2, disk_dir=str(tmp_path / "blocks"))
+    offloaded = ZOEngine(model, OptimConfig(lr=1e-3), Objective("label_words", candidates=LABELS),
+                         seed=3, total_steps=len(BATCHES), offload=config,
+                         weights=SafetensorsWeights(tmp_path / "ckpt"))
+    assert not any(p.is_meta for p in model.parameters())
+    assert train(offloaded, 5) == train(resident, 5)
+    assert_same(final_weights(offloaded), final_weights(resident))

@@ -87,12 +87,15 @@ class ZOEngine:
         trainable: glob patterns over parameter names; others stay frozen.
         offload: ZO2 offloading (:class:`~zo2.config.OffloadConfig`); off when None.
         device: the compute device (default: where the model's parameters are).
+        weights: for a model built empty (parameters on ``meta``), where to read them
+            (:class:`zo2.offload.checkpoint.SafetensorsWeights`); with offloading, one
+            block at a time, so the model never has to fit in host memory.
     """
 
     def __init__(self, model: nn.Module, optim: OptimConfig, objective: Objective, *,
                  seed: int = 0, total_steps: int = 0, trainable: Iterable[str] = ("*",),
                  offload: OffloadConfig | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, weights=None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.optim = optim
         self.objective = objective
@@ -100,7 +103,10 @@ class ZOEngine:
         self.total_steps = total_steps
         self.units = find_units(model, tuple(trainable))
         self.params = unique_params(self.units)
-        self.device = torch.device(device) if device is not None else self.params[0].param.device
+        if device is None:
+            device = self.params[0].param.device
+            device = torch.device("cpu") if device.type == "meta" else device
+        self.device = torch.device(device)
         self.pending = PendingUpdate(optim.direction, optim.rounding)
         if offload is not None and offload.enabled:
             from zo2.offload import Device, Offloader
@@ -110,8 +116,12 @@ class ZOEngine:
                 layers_only=offload.layers_only, resident=offload.resident,
                 host_dtype=offload.host_dtype, wire_dtype=offload.wire_dtype,
                 disk_dir=offload.disk_dir, host_budget_gb=offload.host_budget_gb,
-                timing=offload.timing)
+                timing=offload.timing, weights=weights)
         else:
+            if weights is not None:
+                from zo2.offload.checkpoint import materialize
+
+                materialize(model, weights, self.device)
             model.to(self.device)
             self.residency = Resident(self.pending, self.params)
         self.context = PerturbationContext(self.pending, self.residency)

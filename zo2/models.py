@@ -52,8 +52,13 @@ def load_model(
     *,
     dtype: str = "float32",
     cache_dir: str | os.PathLike | None = None,
+    empty: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)``: ``"smollm2-135m"``, ``"tiny-<family>[-L<n>]"`` or a folder.
+
+    ``empty=True`` builds a folder's (or the embedded) model with its parameters on
+    the ``meta`` device and reads no weights: the offloader then fills it block by
+    block from :func:`weights_folder`'s checkpoint. Tiny random models are always built.
 
     Raises ModelError when the model is missing, unknown or not a decoder-only
     causal LM, and ConfigError for a dtype outside ``DTYPES``.
@@ -61,13 +66,24 @@ def load_model(
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     name = str(name_or_path)
-    if name == EMBEDDED_NAME:
-        model, tokenizer = _load_embedded(cache_root(cache_dir))
-    elif name.startswith("tiny-") and not Path(name).exists():
+    if name.startswith("tiny-") and not Path(name).exists():
         model, tokenizer = _build_tiny(name, cache_root(cache_dir))
     else:
-        model, tokenizer = _load_folder(Path(name).expanduser())
+        model, tokenizer = _load_folder(weights_folder(name, cache_dir), empty=empty)
     return _finish(model, DTYPES[dtype], name), _prepare_tokenizer(tokenizer)
+
+
+def weights_folder(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The safetensors folder a model name loads from (None for tiny random models)."""
+    name = str(name_or_path)
+    if name == EMBEDDED_NAME:
+        target = cache_root(cache_dir) / EMBEDDED_NAME
+        if not (target / "config.json").is_file():
+            _convert_embedded(target)
+        return target
+    if name.startswith("tiny-") and not Path(name).exists():
+        return None
+    return Path(name).expanduser()
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
@@ -200,14 +216,6 @@ def _convert_embedded(target: Path) -> None:
     log.info("converted %s in %.1f s", EMBEDDED_NAME, time.perf_counter() - start)
 
 
-def _load_embedded(root: Path) -> tuple[torch.nn.Module, Any]:
-    """Load SmolLM2-135M-Instruct from the cache, converting it from the GGUF first if needed."""
-    target = root / EMBEDDED_NAME
-    if not (target / "config.json").is_file():
-        _convert_embedded(target)
-    return _load_folder(target)
-
-
 def _check_causal_lm(config: Any, path: Path) -> None:
     """Raise ModelError unless ``config`` describes a decoder-only causal LM."""
     from transformers.models.auto.modeling_auto import (
@@ -228,8 +236,8 @@ def _check_causal_lm(config: Any, path: Path) -> None:
         )
 
 
-def _load_folder(path: Path) -> tuple[torch.nn.Module, Any]:
-    """Load a local Hugging Face causal LM folder and its tokenizer."""
+def _load_folder(path: Path, empty: bool = False) -> tuple[torch.nn.Module, Any]:
+    """Load a local Hugging Face causal LM folder and its tokenizer (``empty``: on meta)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
@@ -245,7 +253,12 @@ def _load_folder(path: Path) -> tuple[torch.nn.Module, Any]:
         raise ModelError(f"{path}/config.json cannot be read as a model config: {exc}") from exc
     _check_causal_lm(config, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+        if empty:
+            from zo2.offload.checkpoint import empty_model
+
+            model = empty_model(config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: the model weights cannot be loaded: {exc}") from exc
     try:

@@ -28,7 +28,8 @@ from zo2.data.tasks import load_task
 from zo2.engine import ZOEngine
 from zo2.errors import ConfigError
 from zo2.loss import Objective
-from zo2.models import load_model, model_identity
+from zo2.models import load_model, model_identity, weights_folder
+from zo2.offload.checkpoint import SafetensorsWeights
 
 log = logging.getLogger("zo2")
 
@@ -79,14 +80,19 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     started = time.perf_counter()
 
     device = resolve_device(cfg.model.device)
-    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
+    # Offloaded: build the model empty and stream its checkpoint into the block store,
+    # so a model larger than host memory never has to be loaded whole.
+    folder = weights_folder(cfg.model.name) if cfg.offload.enabled else None
+    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, empty=folder is not None)
+    weights = SafetensorsWeights(folder) if folder is not None else None
     t = cfg.task
     task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
                      path=t.path, text_field=t.text_field, label_field=t.label_field,
                      balanced=t.balanced)
     objective = Objective(t.objective, candidates=label_word_ids(tokenizer, task.spec))
     engine = ZOEngine(model, cfg.optim, objective, seed=cfg.seed, total_steps=cfg.steps,
-                      trainable=cfg.model.trainable, offload=_offload(cfg, out), device=device)
+                      trainable=cfg.model.trainable, offload=_offload(cfg, out), device=device,
+                      weights=weights)
     dev = _batches(tokenizer, task.dev, task.spec, cfg.eval_batch_size, t.max_length)
     test = _batches(tokenizer, task.test, task.spec, cfg.eval_batch_size, t.max_length)
     train = BatchIterator(tokenizer, task.train, task.spec, batch_size=cfg.optim.batch_size,
