@@ -209,8 +209,11 @@ class ZOEngine:
     # ---- evaluation -------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-        """Mean loss and accuracy over ``batches`` with the current (updated) weights."""
-        self.flush()
+        """Mean loss and accuracy over ``batches`` with the current (updated) weights.
+
+        The pending update is applied by the first batch's forward, unit by unit, as in
+        a training step (an offloaded unit is not streamed an extra time for it).
+        """
         total_loss, total_n, correct, count = 0.0, 0, 0, 0
         for batch in batches:
             batch = self._on_device(batch)
@@ -222,6 +225,7 @@ class ZOEngine:
             total_n += n
             right, seen = self.objective.correct(logits, labels)
             correct, count = correct + right, count + seen
+        self.flush()
         return {"loss": total_loss / max(total_n, 1), "accuracy": correct / max(count, 1)}
 
     # ---- state ------------------------------------------------------------------------
