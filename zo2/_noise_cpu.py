@@ -23,6 +23,10 @@ when loaded and rounded to nearest even once when stored (bfloat16 as torch's sc
 conversion, NaN -> 0x7FC0; float16 with LLVM's ``fptrunc``, F16C instructions on x86), so no
 float32 copy of a tensor is ever made: the extra memory is one scratch block.
 
+Stochastic rounding (``add_blocks(..., stoch=True)``) decides between the two neighbours
+of the float32 result with integer arithmetic on its bits only (see ``_sr_pick``), so it
+is exact and the Triton kernels, which use the same integer steps, give the same bits.
+
 The kernels are serial over a range of blocks and release the GIL (``nogil``);
 :mod:`zo2.noise` runs block ranges on a small thread pool.  (A ``prange`` version was
 as fast but doubled the first-compile time and started an OpenMP/TBB runtime next to
@@ -164,11 +168,16 @@ def _load_impl(a, j):
     return None
 
 
-def _bf16_store(a, j, v):
-    b = _bits_from_f32(v)
+@njit(inline="always")
+def _bf16_nearest(b):
+    """bf16 bits (in a uint32) of the float32 with bits b, round to nearest even."""
     r = _U32(_U32(b + _U32(_U32(0x7FFF) + _U32(_U32(b >> _U32(16)) & _U32(1)))) >> _U32(16))
     nan = _U32(b & _U32(0x7FFFFFFF)) > _U32(0x7F800000)
-    a[j] = np.int16(_U32(0x7FC0) if nan else r)
+    return _U32(0x7FC0) if nan else r
+
+
+def _bf16_store(a, j, v):
+    a[j] = np.int16(_bf16_nearest(_bits_from_f32(v)))
 
 
 def _half_store(a, j, v):
@@ -187,6 +196,117 @@ def _store_impl(a, j, v):
         return _bf16_store
     if a.dtype == types.uint16:
         return _half_store
+    return None
+
+
+def _store_sr(a, j, v, x):
+    """a[j] = float32 v rounded stochastically to the array's format with random word x.
+
+    float32 arrays store v unchanged (nothing to round).
+    """
+
+
+@njit(inline="always")
+def _sr_pick(t, f_ceil, f_floor, neg, x):
+    """Sign-magnitude bits of the stochastically rounded value (see ``zo2.noise``).
+
+    v is the float32 value to round, t the magnitude bits (15-bit integer) of |v|
+    truncated to the 16-bit format, d the format's spacing above t (a power of two) and
+    F = 2**24 * (|v| - t) / d in [0, 2**24); f_ceil = ceil(F), f_floor = floor(F).  With
+    m = x >> 8 (u = m * 2**-24), the rule "store the upper neighbour b iff u*(b - a) <
+    v - a" (exact real arithmetic, a <= v <= b the two neighbours) reads:
+
+    * v >= 0 (a = t, b = t + d): round away from zero iff m < F, i.e. m < f_ceil;
+    * v < 0 (a = -(t + d), b = -t): round towards zero iff m < 2**24 - F, i.e. away iff
+      m + F >= 2**24, i.e. m + f_floor >= 2**24 (m is an integer).
+
+    Only integer adds, shifts and masks (no overflow: m < 2**24, f_floor < 2**24,
+    f_ceil <= 2**24), hence exact; m < f_ceil is 1 - ((m + 2**24 - f_ceil) >> 24), and the
+    sign selects with a mask (no branch, so that the loop vectorizes).  Rounding away
+    adds one to the magnitude bits, which steps to the next binade correctly.
+    """
+    m = _U32(x >> _U32(8))
+    sel = _U32(_U32(0) - neg)
+    away_neg = _U32(_U32(m + f_floor) >> _U32(24))
+    away_pos = _U32(_U32(1) - _U32(_U32(_U32(m + _U32(1 << 24)) - f_ceil) >> _U32(24)))
+    away = _U32(_U32(away_neg & sel) | _U32(away_pos & _U32(~sel)))
+    return _U32(_U32(t + away) | _U32(neg << _U32(15)))
+
+
+@njit(inline="always")
+def _bf16_stochastic(b, x):
+    """bf16 bits of the float32 with bits b, rounded stochastically with random word x.
+
+    bf16 is float32 with the low 16 bits cut off, for subnormals too: t = mag >> 16 and
+    F = (mag & 0xFFFF) << 8 exactly.  Beyond the largest finite bf16 (0x7F7F), and for
+    inf and NaN, the result is the nearest-even one.
+    """
+    mag = _U32(b & _U32(0x7FFFFFFF))
+    f = _U32(_U32(mag & _U32(0xFFFF)) << _U32(8))
+    r = _sr_pick(_U32(mag >> _U32(16)), f, f, _U32(b >> _U32(31)), x)
+    return _bf16_nearest(b) if mag > _U32(0x7F7F0000) else r
+
+
+@njit(inline="always")
+def _half_stochastic(b, x):
+    """IEEE half bits of the float32 with bits b, rounded stochastically with word x.
+
+    |v| = M * 2**(max(E, 1) - 150) with E the float32 exponent field and M the mantissa
+    with its implicit bit.  In the half range (E >= 113) the spacing is 2**(E - 137), so
+    13 bits are cut: t = ((E - 113) << 10) + (M >> 13), F = (M & 0x1FFF) << 11.  Below
+    (half subnormals, spacing 2**-24) |v| / 2**-24 = M / 2**sh with sh = 126 - max(E, 1)
+    >= 14, so t = M >> sh (0 once sh >= 24) and F = (M mod 2**sh) * 2**(24 - sh): an
+    integer while sh <= 24; for sh > 24 (|v| < 2**-25) F = M / 2**(sh - 24) has a
+    fraction, f_floor = M >> k and f_ceil = f_floor + (M mod 2**k != 0) with
+    k = min(sh - 24, 24) (M < 2**24).  Shift counts are clamped to <= 24.  Beyond 65504
+    (the largest finite half), inf and NaN round to nearest even (in the caller).
+    """
+    mag = _U32(b & _U32(0x7FFFFFFF))
+    e = _U32(mag >> _U32(23))
+    mm = _U32(_U32(mag & _U32(0x7FFFFF)) | _U32(_U32(e > _U32(0)) << _U32(23)))
+    sh = _U32(13) if e >= _U32(113) else _U32(_U32(126) - max(e, _U32(1)))
+    shc = min(sh, _U32(24))
+    t = _U32(_U32(_U32(max(e, _U32(113)) - _U32(113)) << _U32(10)) + _U32(mm >> shc))
+    f = _U32(_U32(mm & _U32(_U32(_U32(1) << shc) - _U32(1))) << _U32(_U32(24) - shc))
+    k = _U32(min(_U32(max(sh, _U32(24)) - _U32(24)), _U32(24)))
+    lo = _U32(mm >> k)
+    hi = _U32(lo + _U32(_U32(mm & _U32(_U32(_U32(1) << k) - _U32(1))) != _U32(0)))
+    tiny = sh > _U32(24)
+    f_ceil = hi if tiny else f
+    f_floor = lo if tiny else f
+    return _sr_pick(t, f_ceil, f_floor, _U32(b >> _U32(31)), x)
+
+
+def _bf16_store_sr(a, j, v, x):
+    a[j] = np.int16(_bf16_stochastic(_bits_from_f32(v), x))
+
+
+@njit(inline="always")
+def _half_sr(v, x):
+    """IEEE half bits (in a uint32) of float32 v rounded stochastically with word x."""
+    b = _bits_from_f32(v)
+    near = _U32(_f32_to_half(v))
+    return near if _U32(b & _U32(0x7FFFFFFF)) > _U32(0x477FE000) else _half_stochastic(b, x)
+
+
+def _half_store_sr(a, j, v, x):
+    a[j] = np.uint16(_half_sr(v, x))
+
+
+def _f32_store_sr(a, j, v, x):
+    a[j] = v
+
+
+# Not inline="always" (numba IR inlining) as _store: LLVM then did not vectorize the fp16
+# loop of add_blocks; as a separate function that LLVM inlines, it does (about 2x faster).
+@overload(_store_sr)
+def _store_sr_impl(a, j, v, x):
+    if a.dtype == types.float32:
+        return _f32_store_sr
+    if a.dtype == types.int16:
+        return _bf16_store_sr
+    if a.dtype == types.uint16:
+        return _half_store_sr
     return None
 
 
@@ -289,6 +409,24 @@ def _gen_gauss(dst, xs, q0, nq, p0, p1, k0, k1):
         _store4(dst, i, a, b, c, d)
 
 
+@njit(cache=True)
+def stochastic_round(acc, x, out):
+    """out[i] = float32 acc[i] rounded stochastically with word x[i] (the kernels' code).
+
+    ``out`` int16 (bf16 bits) or uint16 (fp16 bits); for the tests.
+    """
+    for i in range(acc.shape[0]):
+        _store_sr(out, i, acc[i], x[i])
+
+
+@njit
+def _gen_words(dst, q0, nq, p0, p1, k0, k1):
+    """dst[4i + j] = Philox word x_j of quad q0+i, i < nq (uint32 dst)."""
+    for i in range(nq):
+        x0, x1, x2, x3 = _philox(_U64(q0 + i), p0, p1, k0, k1)
+        _store4(dst, i, x0, x1, x2, x3)
+
+
 @njit
 def _gen_rad(dst, q0, nq, p0, p1, k0, k1):
     """dst[4i:4i+4] = rademacher z of quad q0+i, i < nq."""
@@ -342,11 +480,16 @@ def combine_blocks(out, base, coef, start, seed, pkey, gauss, b0, b1):
 
 
 @njit(cache=True, nogil=True)
-def add_blocks(w, seeds, coefs, decay, start, pkey, gauss, b0, b1):
-    """w = w*decay, then w = fma(coefs[j], z_{seeds[j]}, w) for each j (serial)."""
+def add_blocks(w, seeds, coefs, decay, start, pkey, gauss, stoch, round_seed, b0, b1):
+    """w = w*decay, then w = fma(coefs[j], z_{seeds[j]}, w) for each j (serial).
+
+    The float32 result is stored rounded to nearest even, or, if ``stoch``, rounded
+    stochastically with the Philox words of key ``round_seed`` (same counters as z).
+    """
     scratch = np.empty(BLOCK + 8, np.float32)
     xs = np.empty((4, BLOCK // 4 + 2), np.uint32)
     acc = np.empty(BLOCK, np.float32)
+    rbits = np.empty(BLOCK + 8 if stoch else 0, np.uint32)
     n = w.shape[0]
     for b in range(b0, b1):
         lo = b * BLOCK
@@ -358,5 +501,18 @@ def add_blocks(w, seeds, coefs, decay, start, pkey, gauss, b0, b1):
             c = coefs[s]
             for i in range(m):
                 acc[_U64(i)] = _fma(c, scratch[_U64(sh + i)], acc[_U64(i)])
-        for i in range(m):
-            _store(w, _U64(lo + i), acc[_U64(i)])
+        if stoch:
+            e0 = start + lo
+            q0 = e0 // 4
+            nq = (e0 + m + 3) // 4 - q0
+            p0 = _U64(pkey) & _MASK
+            p1 = _U64(pkey) >> _S32
+            k0 = _U64(round_seed) & _MASK
+            k1 = _U64(round_seed) >> _S32
+            _gen_words(rbits, q0, nq, p0, p1, k0, k1)
+            sh = e0 - 4 * q0
+            for i in range(m):
+                _store_sr(w, _U64(lo + i), acc[_U64(i)], rbits[_U64(sh + i)])
+        else:
+            for i in range(m):
+                _store(w, _U64(lo + i), acc[_U64(i)])

@@ -10,7 +10,8 @@ Each program handles ``BLOCK`` quads (4*BLOCK consecutive elements); the unalign
 head (``start % 4``) is a shift of the output positions, masked at both ends.  Keys and
 positions are passed as int32 bit patterns / int64 and not specialized, so one
 compiled kernel serves every seed.  Under ``TRITON_INTERPRET=1`` the same kernels run
-on CPU tensors (used by the tests).
+on CPU tensors (used by the tests).  Stochastic rounding (``_add_kernel`` with
+``STOCH``) uses the integer steps of the numba kernels (``_noise_cpu._sr_pick``).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def _sign(x):
 
 
 @triton.jit
-def _z(q0, k0, k1, p0, p1, GAUSS: tl.constexpr, BLOCK: tl.constexpr):
-    """z of quads q0 + [0, BLOCK), as 4*BLOCK consecutive float32 values.
+def _words(q0, k0, k1, p0, p1, BLOCK: tl.constexpr):
+    """Philox words (x0, x1, x2, x3) of quads q0 + [0, BLOCK).
 
     The key words (k0, k1) and parameter words (p0, p1) come as int32 with the bits of
     their uint32 values (Triton passes Python ints as signed); they are bit-cast here.
@@ -111,13 +112,25 @@ def _z(q0, k0, k1, p0, p1, GAUSS: tl.constexpr, BLOCK: tl.constexpr):
     c1 = (q >> 32).to(tl.uint32)
     c2 = c0 * 0 + p0
     c3 = c0 * 0 + p1
-    x0, x1, x2, x3 = _philox(c0, c1, c2, c3, k0, k1)
+    return _philox(c0, c1, c2, c3, k0, k1)
+
+
+@triton.jit
+def _quads(a, b, c, d, BLOCK: tl.constexpr):
+    """[a0, b0, c0, d0, a1, b1, ...]: 4*BLOCK values from four BLOCK-vectors."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [4 * BLOCK])
+
+
+@triton.jit
+def _z(q0, k0, k1, p0, p1, GAUSS: tl.constexpr, BLOCK: tl.constexpr):
+    """z of quads q0 + [0, BLOCK), as 4*BLOCK consecutive float32 values."""
+    x0, x1, x2, x3 = _words(q0, k0, k1, p0, p1, BLOCK)
     if GAUSS:
         a, b = _gauss_pair(x0, x1)
         c, d = _gauss_pair(x2, x3)
     else:
         a, b, c, d = _sign(x0), _sign(x1), _sign(x2), _sign(x3)
-    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [4 * BLOCK])
+    return _quads(a, b, c, d, BLOCK)
 
 
 @triton.jit
@@ -137,15 +150,58 @@ def _load(ptr, pos, mask, BF16: tl.constexpr):
 
 
 @triton.jit
+def _bf16_nearest(b):
+    """bf16 bits (in a uint32) of the float32 with bits b: nearest even, NaN -> 0x7FC0."""
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+
+
+@triton.jit
 def _store(ptr, pos, v, mask, BF16: tl.constexpr):
     """Store float32 v rounded to nearest even; BF16 explicitly (NaN -> 0x7FC0), as torch."""
     if BF16:
-        b = v.to(tl.uint32, bitcast=True)
-        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        r = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        r = _bf16_nearest(v.to(tl.uint32, bitcast=True))
         tl.store(ptr + pos, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     else:
         tl.store(ptr + pos, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sr_pick(t, f_ceil, f_floor, neg, x):
+    """Sign-magnitude bits of the stochastic rounding (``_noise_cpu._sr_pick``)."""
+    m = x >> 8
+    away = tl.where(neg != 0, m + f_floor >= 0x1000000, m < f_ceil)
+    return (t + away.to(tl.uint32)) | (neg << 15)
+
+
+@triton.jit
+def _store_sr(ptr, pos, v, mask, x, BF16: tl.constexpr):
+    """Store float32 v rounded stochastically with random words x to bf16 (int16 bits,
+    BF16) or float16, as ``_noise_cpu._bf16_stochastic`` / ``_half_stochastic``."""
+    b = v.to(tl.uint32, bitcast=True)
+    mag = b & 0x7FFFFFFF
+    neg = b >> 31
+    if BF16:
+        f = (mag & 0xFFFF) << 8
+        r = _sr_pick(mag >> 16, f, f, neg, x)
+        r = tl.where(mag > 0x7F7F0000, _bf16_nearest(b), r)
+        tl.store(ptr + pos, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        e = mag >> 23
+        mm = (mag & 0x7FFFFF) | ((e > 0).to(tl.uint32) << 23)
+        sh = tl.where(e >= 113, 13, 126 - tl.maximum(e, 1))
+        shc = tl.minimum(sh, 24)
+        t = ((tl.maximum(e, 113) - 113) << 10) + (mm >> shc)
+        f = (mm & ((1 << shc) - 1)) << (24 - shc)
+        k = tl.minimum(tl.maximum(sh, 24) - 24, 24)
+        lo = mm >> k
+        hi = lo + ((mm & ((1 << k) - 1)) != 0).to(tl.uint32)
+        tiny = sh > 24
+        f_ceil = tl.where(tiny, hi, f)
+        f_floor = tl.where(tiny, lo, f)
+        r = _sr_pick(t, f_ceil, f_floor, neg, x).to(tl.uint16).to(tl.float16, bitcast=True)
+        r = tl.where(mag > 0x477FE000, v.to(tl.float16), r)
+        tl.store(ptr + pos, r, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n", "q_lo", "shift", "k0", "k1", "p0", "p1"])
@@ -189,7 +245,7 @@ def _combine_kernel(
     _store(out, pos, tl.fma(z, coef, _load(base, pos, mask, BASE_BF16)), mask, OUT_BF16)
 
 
-@triton.jit(do_not_specialize=["n", "q_lo", "shift", "p0", "p1", "n_seeds"])
+@triton.jit(do_not_specialize=["n", "q_lo", "shift", "p0", "p1", "rk0", "rk1", "n_seeds"])
 def _add_kernel(
     w,
     keys,
@@ -201,8 +257,11 @@ def _add_kernel(
     shift,
     p0,
     p1,
+    rk0,
+    rk1,
     GAUSS: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    STOCH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
@@ -213,7 +272,11 @@ def _add_kernel(
         c = tl.load(coefs + s)
         z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
         acc = tl.fma(z, c, acc)
-    _store(w, pos, acc, mask, OUT_BF16)
+    if STOCH:
+        x0, x1, x2, x3 = _words(q0, rk0, rk1, p0, p1, BLOCK)
+        _store_sr(w, pos, acc, mask, _quads(x0, x1, x2, x3, BLOCK), OUT_BF16)
+    else:
+        _store(w, pos, acc, mask, OUT_BF16)
 
 
 def _i32(v: int) -> int:
@@ -267,21 +330,35 @@ def combine(out, base, seed: int, pkey: int, coef: float, start: int, gauss: boo
     )
 
 
-def add_(w, seeds, coefs, decay: float, pkey: int, start: int, gauss: bool) -> None:
+def add_(
+    w,
+    seeds,
+    coefs,
+    decay: float,
+    pkey: int,
+    start: int,
+    gauss: bool,
+    stochastic: bool = False,
+    round_seed: int = 0,
+) -> None:
     """w = w*decay, then w = fma(coefs[j], z_{seeds[j]}, w) for each j, in place.
 
-    The seeds' keys and the coefficients go to the device as two small tensors.
+    The result is rounded to nearest even, or if ``stochastic`` (bf16/fp16 ``w`` only)
+    stochastically with the words of key ``round_seed``.  The seeds' keys and the
+    coefficients go to the device as two small tensors.
     """
     pairs = [[_i32(s), _i32(s >> 32)] for s in seeds] or [[0, 0]]
     keys = torch.tensor(pairs, dtype=torch.int32, device=w.device)
     cf = torch.tensor(list(coefs) or [0.0], dtype=torch.float32, device=w.device)
     head = (_bits(w), keys, cf, len(seeds), float(np.float32(decay)))
+    stochastic = bool(stochastic) and w.dtype != torch.float32
     _launch(
         _add_kernel,
         w.numel(),
         start,
         head,
-        _keys(0, pkey)[2:],
+        _keys(round_seed, pkey)[2:] + _keys(round_seed, pkey)[:2],
         GAUSS=gauss,
         OUT_BF16=w.dtype == torch.bfloat16,
+        STOCH=stochastic,
     )

@@ -29,6 +29,24 @@ are rounded to float32 first; bf16/fp16 inputs are widened exactly.
 * ``add_``:    acc = w * decay (float32 multiply, rounded; exact when decay == 1),
   then acc = fma(coefs[j], z_j, acc) for j = 0, 1, ... in order; w = acc.
 
+Stochastic rounding
+-------------------
+``add_(..., rounding="stochastic", round_seed=s)`` stores the float32 ``acc`` of a
+bf16/fp16 ``w`` rounded stochastically, so that updates below the resolution of ``w``
+are kept on average.  Let a <= acc <= b be the two adjacent values of w's dtype (a == b
+== acc when acc is representable: it is stored).  Random word: Philox4x32-10 with key
+(lo32(s), hi32(s)) and the same counter as z (q = i // 4 of the element index i,
+``pkey``); element i takes x = x_{i % 4} and u = (x >> 8) * 2**-24 in [0, 1).  Store b if
+u * (b - a) < acc - a (exact real arithmetic), else a: b with probability
+ceil(2**24 * (acc - a) / (b - a)) / 2**24, which is exactly (acc - a) / (b - a) except
+for fp16 |acc| < 2**-25 (then less than 2**-24 above it).  inf, NaN and finite acc
+beyond the dtype's largest finite value round to nearest even as above.  float32 ``w``
+is not rounded (stochastic == nearest).  The kernels evaluate the rule with integer
+arithmetic on the bits of acc (see ``_noise_cpu._sr_pick``), not in float32, where it
+is inexact in corner cases (u * (b - a) underflows 2**-149 for bf16 |acc| < 2**-118;
+acc - a is inexact for fp16 acc < 0 far below 2**-24); so they are exact and agree bit
+for bit.
+
 The Gaussian kernels evaluate ln, sin and cos with float32 polynomials (explicit FMAs,
 no libm); their max abs error against the float64 evaluation of the formula above is
 below 1e-6 (|z| <= 5.8).  The CPU (numba) and GPU (Triton) kernels run the same
@@ -63,6 +81,7 @@ import torch
 
 __all__ = [
     "DISTS",
+    "ROUNDINGS",
     "param_key",
     "fill",
     "combine",
@@ -74,9 +93,11 @@ __all__ = [
     "reference_fill",
     "reference_combine",
     "reference_add",
+    "reference_stochastic_round",
 ]
 
 DISTS = ("gaussian", "rademacher")
+ROUNDINGS = ("nearest", "stochastic")
 PARALLEL_MIN = 1 << 16
 """CPU tensors with fewer elements run on the calling thread only."""
 
@@ -261,18 +282,29 @@ def add_(
     start: int = 0,
     dist: str = "gaussian",
     decay: float = 1.0,
+    rounding: str = "nearest",
+    round_seed: int = 0,
 ) -> torch.Tensor:
-    """In place ``w = w*decay + sum_j coefs[j] * z_{seeds[j]}`` (the ZO update); returns w."""
+    """In place ``w = w*decay + sum_j coefs[j] * z_{seeds[j]}`` (the ZO update); returns w.
+
+    ``rounding="stochastic"`` rounds the float32 result of a bf16/fp16 ``w`` up or down at
+    random with probabilities that make it unbiased, from the Philox stream of
+    ``round_seed`` (see the module docstring); ``"nearest"`` rounds to nearest even.
+    """
     flat = _check_common(w, start, dist, "w")
     seeds = [_check_u64(s, "seed") for s in seeds]
     coefs = [float(c) for c in coefs]
     if len(seeds) != len(coefs):
         raise ValueError(f"{len(seeds)} seeds but {len(coefs)} coefs")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    round_seed = _check_u64(round_seed, "round_seed")
     pkey, gauss = _check_u64(pkey, "pkey"), dist == DISTS[0]
+    stoch = rounding == ROUNDINGS[1] and flat.dtype != torch.float32
     if flat.numel() == 0:
         return w
     if _device(flat) == "cuda":
-        _triton().add_(flat, seeds, coefs, float(decay), pkey, int(start), gauss)
+        _triton().add_(flat, seeds, coefs, float(decay), pkey, int(start), gauss, stoch, round_seed)
         return w
     k = _cpu()
     args = (
@@ -282,6 +314,8 @@ def add_(
         np.int64(start),
         np.uint64(pkey),
         gauss,
+        stoch,
+        np.uint64(round_seed),
     )
     _run_cpu(k.add_blocks, _np(flat), *args)
     return w
@@ -311,12 +345,8 @@ def philox4x32_reference(ctr: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return np.stack(c, axis=-1).astype(np.uint32)
 
 
-def reference_z(
-    n: int, seed: int, pkey: int, start: int = 0, dist: str = "gaussian", dtype=np.float32
-) -> np.ndarray:
-    """z[start:start+n] from the specification (float64 ln/cos/sin), cast to ``dtype``."""
-    if dist not in DISTS:
-        raise ValueError(f"dist must be one of {DISTS}, got {dist!r}")
+def _reference_words(n: int, seed: int, pkey: int, start: int = 0) -> np.ndarray:
+    """Philox words (x0, x1, x2, x3) of the quads covering [start, start+n), shape (nq, 4)."""
     q = np.arange(start // 4, (start + n + 3) // 4, dtype=np.uint64)
     ctr = np.stack(
         [
@@ -327,7 +357,16 @@ def reference_z(
         ],
         axis=-1,
     )
-    x = philox4x32_reference(ctr, (seed & 0xFFFFFFFF, seed >> 32)).reshape(-1, 2, 2)
+    return philox4x32_reference(ctr, (seed & 0xFFFFFFFF, seed >> 32))
+
+
+def reference_z(
+    n: int, seed: int, pkey: int, start: int = 0, dist: str = "gaussian", dtype=np.float32
+) -> np.ndarray:
+    """z[start:start+n] from the specification (float64 ln/cos/sin), cast to ``dtype``."""
+    if dist not in DISTS:
+        raise ValueError(f"dist must be one of {DISTS}, got {dist!r}")
+    x = _reference_words(n, seed, pkey, start).reshape(-1, 2, 2)
     if dist == "rademacher":
         z = np.where(x >> np.uint32(31), 1.0, -1.0).reshape(-1)
     else:
@@ -357,9 +396,75 @@ def reference_combine(base, seed, pkey, coef, start=0, dist="gaussian") -> np.nd
     return _fma32(coef, reference_z(base.size, seed, pkey, start, dist), base)
 
 
-def reference_add(w, seeds, coefs, pkey, start=0, dist="gaussian", decay=1.0) -> np.ndarray:
-    """Reference of :func:`add_`: w*decay, then fma(coefs[j], z_j, acc) in order."""
+def reference_stochastic_round(acc, dtype: torch.dtype, x) -> np.ndarray:
+    """float32 ``acc`` (1-D) rounded stochastically to ``dtype`` with random words ``x``.
+
+    Returns float32 values of ``dtype`` (``dtype`` bfloat16 or float16; ``x[i]`` the
+    uint32 Philox word of element i).
+
+    Straight from the specification, independent of the kernels' integer formulation:
+    the nearest value (torch's conversion) and its other neighbour (one step of the
+    magnitude bits), then ``u * (b - a) < acc - a`` in float64.  u * (b - a) is exact
+    (24-bit u times a power of two >= 2**-133).  acc - a is exact unless acc is tiny
+    next to b - a (|acc| < (b - a) * 2**-29, a or b then 0): if a == 0 it is acc; if
+    b == 0 it lies within (b - a) * 2**-29 of b - a, above the largest u * (b - a),
+    rounded or not.  So the comparison is the exact one.
+    """
+    acc = np.ascontiguousarray(acc, np.float32)
+    x = np.asarray(x, np.uint32)
+    near = torch.from_numpy(acc).to(dtype)
+    nb = near.view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+    if dtype == torch.bfloat16:  # the spec's NaN (torch keeps sign and payload)
+        nb = np.where(np.isnan(acc), 0x7FC0, nb)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf are kept below
+        nv = near.float().numpy().astype(np.float64)
+        a64 = acc.astype(np.float64)
+        # the other neighbour: one magnitude step up if nearest went towards zero, else down
+        ob = np.where(np.abs(nv) < np.abs(a64), nb + 1, nb - 1) & 0xFFFF
+        ov = torch.from_numpy(ob.astype(np.uint16).view(np.int16)).view(dtype).float()
+        ov = ov.numpy().astype(np.float64)
+        lo, hi = np.minimum(nv, ov), np.maximum(nv, ov)
+        lo_bits, hi_bits = np.where(nv < ov, nb, ob), np.where(nv < ov, ob, nb)
+        u = (x >> np.uint32(8)).astype(np.float64) * 2.0**-24
+        take_hi = u * (hi - lo) < a64 - lo
+        fmax = float(torch.finfo(dtype).max)
+        keep = (nv == a64) | ~(np.abs(a64) <= fmax)  # exact, or inf/NaN/beyond max
+    out = np.where(keep, nb, np.where(take_hi, hi_bits, lo_bits))
+    res = torch.from_numpy(out.astype(np.uint16).view(np.int16)).view(dtype)
+    return res.float().numpy()
+
+
+def reference_add(
+    w,
+    seeds,
+    coefs,
+    pkey,
+    start=0,
+    dist="gaussian",
+    decay=1.0,
+    rounding="nearest",
+    round_seed=0,
+    dtype=None,
+) -> np.ndarray:
+    """Reference of :func:`add_`: w*decay, then fma(coefs[j], z_j, acc) in order.
+
+    Returns float32 values.  ``rounding="nearest"`` returns the float32 accumulator (its
+    nearest-even conversion to w's dtype is what :func:`add_` stores);
+    ``"stochastic"`` returns it rounded stochastically to ``dtype`` (default: ``w``'s
+    dtype if ``w`` is a torch tensor, else float32, which is not rounded).
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if isinstance(w, torch.Tensor):
+        dtype = w.dtype if dtype is None else dtype
+        w = w.detach().cpu().float().numpy()
     acc = (np.asarray(w, np.float32) * np.float32(decay)).astype(np.float32)
     for s, c in zip(seeds, coefs, strict=True):
         acc = _fma32(c, reference_z(acc.size, s, pkey, start, dist), acc)
-    return acc
+    if rounding == ROUNDINGS[0] or dtype in (None, torch.float32):
+        return acc
+    shape = acc.shape
+    acc = acc.reshape(-1)
+    x = _reference_words(acc.size, round_seed, pkey, start).reshape(-1)
+    off = start - 4 * (start // 4)
+    return reference_stochastic_round(acc, dtype, x[off : off + acc.size]).reshape(shape)
