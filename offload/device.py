@@ -28,6 +28,10 @@ class HostEvent:
     def query(self) -> bool:
         return True
 
+    def reset_peak(self) -> None:
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def synchronize(self) -> None:
         pass
 
@@ -98,6 +102,10 @@ class Device:
 
     def peak_allocated_bytes(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.is_cuda else None
+
+    def reset_peak(self) -> None:
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def synchronize(self) -> None:
         """Wait for all work on the device: only outside the hot path (export, close)."""

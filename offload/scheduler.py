@@ -46,7 +46,7 @@ from torch import nn
 from zo2.errors import ConfigError
 from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
-from zo2.offload.store import Block, group_units, populate
+from zo2.offload.store import Block, PinnedArena, group_units, populate
 from zo2.offload.telemetry import TransferStats, gpu_metrics
 from zo2.perturb import PendingUpdate
 from zo2.units import Unit, find_layer_list
@@ -125,8 +125,16 @@ class Offloader:
             raise ConfigError(f"offload.wire_dtype: {wire} differs from the host copy "
                               f"({host}); set offload.host_dtype=float32")
         self._holders: dict[torch.dtype, torch.Tensor] = {}
-        populate(self.blocks, host, disk_dir, host_budget_gb * 2**30,
-                 pin=device.is_cuda, placeholder=self._placeholder, weights=weights)
+        self._arena = None
+        allocate = lambda numel, dtype: torch.empty(numel, dtype=dtype)  # noqa: E731
+        if device.is_cuda and self.blocks:
+            size = torch.empty((), dtype=host).element_size()
+            self._arena = PinnedArena(lambda n: device.host_empty(n, torch.uint8),
+                                      largest=max(b.numel for b in self.blocks) * size,
+                                      total=sum(b.numel for b in self.blocks) * size)
+            allocate = self._arena.take
+        populate(self.blocks, host, disk_dir, host_budget_gb * 2**30, allocate=allocate,
+                 placeholder=self._placeholder, weights=weights)
         if weights is not None:
             materialize(model, weights, device.device)  # the resident units
         model.to(device.device)  # resident units, buffers; placeholders are already there

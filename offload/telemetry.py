@@ -77,13 +77,17 @@ def _rate(nbytes: int, ms: float) -> float:
 
 
 def gpu_metrics(device: Device) -> dict[str, float]:
-    """GPU memory and utilisation (torch allocator and NVML); empty on the CPU."""
+    """GPU memory and utilisation (torch allocator and NVML); empty on the CPU.
+
+    ``gpu_peak_allocated_gb`` is the peak since the previous call (the counter is reset).
+    """
     if not device.is_cuda:
         return {}
     out: dict[str, float] = {
         "gpu_allocated_gb": device.allocated_bytes() / 2**30,
         "gpu_peak_allocated_gb": device.peak_allocated_bytes() / 2**30,
     }
+    device.reset_peak()
     try:
         import pynvml
 

@@ -248,3 +248,28 @@ def test_a_model_built_empty_streams_from_its_checkpoint(tmp_path):
     assert not any(p.is_meta for p in model.parameters())
     assert train(offloaded, 5) == train(resident, 5)
     assert_same(final_weights(offloaded), final_weights(resident))
+
+
+def test_pinned_arena_packs_blocks_into_power_of_two_slabs():
+    from zo2.offload.store import PinnedArena
+
+    def arena_for(layer: int, layers: int, device: str):
+        slabs = []
+
+        def allocate(nbytes: int) -> torch.Tensor:
+            slabs.append(nbytes)
+            return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+
+        arena = PinnedArena(allocate, largest=layer * 2, total=layers * layer * 2)
+        return [arena.take(layer, torch.float16) for _ in range(layers)], slabs
+
+    layer = 1_230_000_000 // 2  # fp16 elements of a 30B-model layer (1.23 GB), sizes only
+    pieces, slabs = arena_for(layer, 48, "meta")
+    assert all(n & (n - 1) == 0 for n in slabs)  # powers of two: nothing rounded up again
+    assert sum(slabs) < 1.15 * 48 * layer * 2  # vs 1.75x for one pinned buffer per layer
+    assert all(p.numel() == layer and p.dtype == torch.float16 for p in pieces)
+
+    pieces, _ = arena_for(1000, 40, "cpu")  # real memory, small
+    for i, piece in enumerate(pieces):
+        piece.fill_(i)
+    assert all(bool((piece == i).all()) for i, piece in enumerate(pieces))  # disjoint
