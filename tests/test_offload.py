@@ -273,3 +273,28 @@ def test_pinned_arena_packs_blocks_into_power_of_two_slabs():
     for i, piece in enumerate(pieces):
         piece.fill_(i)
     assert all(bool((piece == i).all()) for i, piece in enumerate(pieces))  # disjoint
+
+
+def test_stochastic_rounding_offloaded_equals_resident_and_keeps_small_updates():
+    optim = dict(lr=4e-6, eps=1e-2, direction="rademacher", rounding="stochastic")
+    name = "model.layers.1.mlp.up_proj.weight"
+    model = lambda: make_model("llama", layers=2, hidden=64, dtype=torch.bfloat16)  # noqa: E731
+    initial = dict(model().named_parameters())[name].detach().float()
+
+    resident = engine_for(model(), **optim)
+    config = OffloadConfig(enabled=True, host_dtype="bfloat16")
+    offloaded = engine_for(model(), config, **optim)
+    assert train(offloaded, 10) == train(resident, 10)
+    weights = final_weights(offloaded)
+    assert_same(weights, final_weights(resident))
+
+    # Each update is below half a bf16 ulp (nearest rounding would drop every one), yet
+    # the rounded weights follow the fp32 sum of the updates on average: regress the
+    # displacement on the expected one.
+    binade = (initial.abs() >= 2**-6) & (initial.abs() < 2**-5)  # one ulp: 2**-13
+    assert max(abs(c) for record in offloaded.log for c in record["coefs"]) < 2**-14
+    expected = (replay_fp32(initial, name, offloaded.log) - initial)[binade].double()
+    moved = (weights[name].float() - initial)[binade].double()
+    slope = float((moved * expected).sum() / (expected * expected).sum())
+    assert 0.7 < slope < 1.3, slope  # nearest rounding would give 0
+    assert float((moved != 0).double().mean()) > 0.05
