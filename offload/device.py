@@ -32,6 +32,13 @@ class HostEvent:
         if self.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    def peers_connected(self, n: int) -> bool:
+        """Whether GPUs 0..n-1 can all reach each other directly (NVLink / P2P)."""
+        if not self.is_cuda or torch.cuda.device_count() < n:
+            return False
+        return all(torch.cuda.can_device_access_peer(a, b)
+                   for a in range(n) for b in range(n) if a != b)
+
     def synchronize(self) -> None:
         pass
 
@@ -106,6 +113,13 @@ class Device:
     def reset_peak(self) -> None:
         if self.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peers_connected(self, n: int) -> bool:
+        """Whether GPUs 0..n-1 can all reach each other directly (NVLink / P2P)."""
+        if not self.is_cuda or torch.cuda.device_count() < n:
+            return False
+        return all(torch.cuda.can_device_access_peer(a, b)
+                   for a in range(n) for b in range(n) if a != b)
 
     def synchronize(self) -> None:
         """Wait for all work on the device: only outside the hot path (export, close)."""

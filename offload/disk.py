@@ -53,8 +53,12 @@ class DiskBuffer:
         self._map.flush()
 
 
-def write_flat(path: Path, flat: torch.Tensor, layout: list[dict]) -> None:
-    """Create ``path`` holding ``flat`` (1-D, CPU) with ``layout`` in its metadata."""
+def write_flat(path: Path, flat: torch.Tensor, layout: dict) -> None:
+    """Create ``path`` holding ``flat`` (1-D, CPU) with ``layout`` in its metadata.
+
+    ``layout``: ``{"slice": [lo, hi], "entries": [{"name", "offset", "shape"}, ...]}``,
+    offsets into the whole block, of which the file holds elements ``[lo, hi)``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"flat": flat.contiguous()}, str(path), metadata={"zo2_layout": json.dumps(layout)})
 

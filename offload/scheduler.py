@@ -48,6 +48,7 @@ from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
 from zo2.offload.store import Block, PinnedArena, group_units, populate
 from zo2.offload.telemetry import TransferStats, gpu_metrics
+from zo2.parallel.slicing import SliceGroup
 from zo2.perturb import PendingUpdate
 from zo2.units import Unit, find_layer_list
 
@@ -95,6 +96,9 @@ class Offloader:
         timing: time every transfer with events (for telemetry).
         weights: where parameters still on ``meta`` are read from (a model built
             empty, larger than host memory; :mod:`zo2.offload.checkpoint`).
+        slicing: the node's ranks sharing every block's uploads
+            (:class:`zo2.parallel.slicing.SliceGroup`): this rank keeps, uploads and
+            writes back only its slice, and the slices are all-gathered on the devices.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], pending: PendingUpdate, *,
@@ -102,7 +106,8 @@ class Offloader:
                  resident: Sequence[str] = (), host_dtype: str | None = None,
                  wire_dtype: str | None = None, disk_dir: str | None = None,
                  host_budget_gb: float = 0.0, timing: bool = True,
-                 weights: SafetensorsWeights | None = None) -> None:
+                 weights: SafetensorsWeights | None = None,
+                 slicing: SliceGroup | None = None) -> None:
         if ring < 1:
             raise ConfigError(f"offload.ring: must be >= 1, got {ring}")
         self.device = device
@@ -114,6 +119,10 @@ class Offloader:
         chosen = [(not layers_only or u.name.startswith(layers_name + "."))
                   and not any(fnmatch.fnmatchcase(u.name, g) for g in resident) for u in units]
         self.blocks, self.resident_units = group_units(model, units, chosen)
+        self.slicing = slicing
+        if slicing is not None:
+            for block in self.blocks:
+                block.shard(slicing.rank, slicing.size)
         self._block_of = {id(u): b for b in self.blocks for u in b.units}
         compute = {b.compute_dtype for b in self.blocks}
         if len(compute) > 1:
@@ -130,15 +139,18 @@ class Offloader:
         if device.is_cuda and self.blocks:
             size = torch.empty((), dtype=host).element_size()
             self._arena = PinnedArena(lambda n: device.host_empty(n, torch.uint8),
-                                      largest=max(b.numel for b in self.blocks) * size,
+                                      largest=max(b.hi - b.lo for b in self.blocks) * size
+                                      if slicing else max(b.numel for b in self.blocks) * size,
                                       total=sum(b.numel for b in self.blocks) * size)
             allocate = self._arena.take
+        suffix = f".slice{slicing.rank}of{slicing.size}" if slicing else ""
         populate(self.blocks, host, disk_dir, host_budget_gb * 2**30, allocate=allocate,
-                 placeholder=self._placeholder, weights=weights)
+                 placeholder=self._placeholder, weights=weights, suffix=suffix)
         if weights is not None:
             materialize(model, weights, device.device)  # the resident units
         model.to(device.device)  # resident units, buffers; placeholders are already there
         self._resident_params = [p for u in self.resident_units for p in u.params]
+        self._entry_of = {id(e.param): (b, e) for b in self.blocks for e in b.entries}
         self._slots = self._make_ring(wire)
         self._staging = self._make_staging(wire)
         self._upload_stream = device.new_stream()
@@ -174,7 +186,7 @@ class Offloader:
     def _make_staging(self, wire: torch.dtype | None) -> list[_Staging]:
         if not (self.master_on_host and self.device.is_cuda and self.blocks):
             return []
-        numel = max(b.numel for b in self.blocks)
+        numel = max(b.hi - b.lo for b in self.blocks)
         return [_Staging(self.device.host_empty(numel, wire)) for _ in range(self.ring)]
 
     # ---- the residency protocol (called by the unit wrapper and the engine) ----------
@@ -231,9 +243,33 @@ class Offloader:
 
     # ---- host-side access (export, checkpoints, weight loading) ---------------------
     def host_tensors(self) -> dict[int, torch.Tensor]:
-        """id(param) -> the host tensor holding its current value (after :meth:`flush`)."""
+        """id(param) -> a host tensor holding its current value (after :meth:`flush`).
+
+        With slicing the slices are all-gathered first (a collective: every rank of
+        the node calls it), so every rank briefly holds whole blocks.
+        """
         self.synchronize()
-        return {id(e.param): b.view(b.host, e) for b in self.blocks for e in b.entries}
+        return {id(e.param): b.view(flat, e) for b in self.blocks
+                for flat in [self._whole(b)] for e in b.entries}
+
+    def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """Set ``param``'s current value (loading weights): this rank's slice of it."""
+        entry = self._entry_of.get(id(param))
+        if entry is None:
+            param.data.copy_(value)
+            return
+        self.synchronize()  # no write-back may land on top of it
+        block, e = entry
+        a, b = max(block.lo, e.offset), min(block.hi, e.offset + e.numel)
+        if a < b:
+            block.host[a - block.lo: b - block.lo].copy_(
+                value.reshape(-1)[a - e.offset: b - e.offset])
+
+    def replicated_tensors(self) -> list[torch.Tensor]:
+        """Tensors every rank holds identically (for cross-rank checksums)."""
+        self.synchronize()
+        hosts = [] if self.slicing else [b.host for b in self.blocks]
+        return [p.param.data for p in self._resident_params] + hosts
 
     def invalidate(self) -> None:
         """Forget device copies (host values were changed from outside)."""
@@ -255,9 +291,16 @@ class Offloader:
         """Give every offloaded parameter its own CPU tensor again (on close)."""
         self.synchronize()
         for block in self.blocks:
+            whole = self._whole(block)
             for e in block.entries:
-                e.param.data = block.view(block.host, e).to(e.param.dtype, copy=True)
+                e.param.data = block.view(whole, e).to(e.param.dtype, copy=True)
         self._slots = []
+
+    def _whole(self, block: Block) -> torch.Tensor:
+        """The block's whole flat host buffer (gathered from the slices with slicing)."""
+        if self.slicing is None:
+            return block.host
+        return self.slicing.all_gather_host(block.host)
 
     def device_bytes(self) -> int:
         """Bytes of model tensors and ring buffers on the compute device.
@@ -308,8 +351,11 @@ class Offloader:
     def _prefetch(self) -> None:
         upcoming = self._upcoming()
         for block in upcoming:
-            if self._slot_of(block) is not None:
-                continue
+            loaded = self._slot_of(block)
+            if loaded is not None:
+                if not self._needs_update(block) or loaded.users:
+                    continue
+                self._drop(loaded)  # stale: re-upload it with the update
             slot = self._take_slot(block, keep=upcoming)
             if slot is None:
                 break
@@ -322,8 +368,8 @@ class Offloader:
     def _load(self, block: Block) -> _Slot:
         """The slot holding ``block``, current and updated, ready on the compute stream."""
         slot = self._slot_of(block)
-        if slot is not None and self.master_on_host and self._needs_update(block):
-            self._drop(slot)  # packed before this update: stale
+        if slot is not None and self._needs_update(block):
+            self._drop(slot)  # uploaded before this update: stale (the update rides uploads)
             slot = None
         if slot is None:
             slot = self._take_slot(block)
@@ -332,11 +378,6 @@ class Offloader:
                                    f"(ring={self.ring} is too small for nested units)")
             self._upload(block, slot)
         self._wait_ready(slot)
-        if not self.master_on_host and self._needs_update(block):
-            self.device.wait(self.device.compute_stream(), slot.free)  # no write-back reads it
-            for e in block.trainable:
-                self.pending.apply(e.trainable, block.view(slot.store, e))
-            slot.dirty, slot.work_current = True, slot.work is slot.store
         if not slot.work_current:
             slot.work.copy_(slot.store)
             slot.work_current = True
@@ -378,29 +419,52 @@ class Offloader:
 
     # ---- transfers ------------------------------------------------------------------
     def _upload(self, block: Block, slot: _Slot) -> None:
+        """Host -> slot: this rank's slice, with the pending update, then the others'."""
         if self.master_on_host:
             self._update_on_host(block)
-        n = block.numel
+        lo, hi = block.lo, block.hi
         source = block.host
         if self._staging:
             stage = self._staging[self._stage_index % len(self._staging)]
             self._stage_index += 1
             if stage.copied is not None:
                 stage.copied.synchronize()  # that buffer's previous copy must be done
-            stage.buf[:n].copy_(block.host)  # cast to the wire dtype on the host
-            source = stage.buf[:n]
+            stage.buf[: hi - lo].copy_(block.host)  # cast to the wire dtype on the host
+            source = stage.buf[: hi - lo]
         stream = self._upload_stream
         self.device.wait(stream, slot.free)
         self.device.wait(stream, self._written.get(id(block)))
         with self.device.on(stream):
             start = self.device.record(stream, self.timing)
-            slot.store[:n].copy_(source, non_blocking=True)
+            slot.store[lo:hi].copy_(source, non_blocking=True)
+            uploaded = self.device.record(stream, self.timing)
+            dirty = not self.master_on_host and self._needs_update(block)
+            if dirty:  # the previous step's update, fused into the upload
+                self._apply_update(block, slot.store[lo:hi], lo)
+            if self.slicing is not None:
+                self.slicing.all_gather(slot.store[: block.numel])
             slot.ready = self.device.record(stream, self.timing)
         if self._staging:
             stage.copied = slot.ready
         if self.timing:
-            self.stats.add("up", n * slot.store.element_size(), start, slot.ready)
-        slot.block, slot.dirty, slot.work_current = block, False, slot.work is slot.store
+            self.stats.add("up", (hi - lo) * slot.store.element_size(), start, uploaded)
+        slot.block, slot.dirty, slot.work_current = block, dirty, slot.work is slot.store
+
+    def _apply_update(self, block: Block, flat: torch.Tensor, base: int) -> None:
+        """Apply the pending update to ``flat``, elements ``[base, base+len)`` of the block.
+
+        Every trainable parameter of the block counts as updated afterwards, also the
+        parts other ranks hold: the decision is the same on every rank.
+        """
+        inside = {id(e): (a, b) for e, a, b in block.overlaps(base, base + flat.numel())}
+        for e in block.trainable:
+            if not self.pending.needs(e.trainable):
+                continue
+            if id(e) in inside:
+                a, b = inside[id(e)]
+                self.pending.apply(e.trainable, flat[a - base: b - base], start=a - e.offset)
+            else:
+                self.pending.mark(e.trainable)
 
     def _wait_ready(self, slot: _Slot) -> None:
         compute = self.device.compute_stream()
@@ -412,18 +476,17 @@ class Offloader:
         self.stats.add("wait", 0, before, self.device.record(compute, True))
 
     def _write_back(self, block: Block, slot: _Slot) -> None:
-        n = block.numel
         stream = self._down_stream
         self.device.wait(stream, slot.free)
         with self.device.on(stream):
             start = self.device.record(stream, self.timing)
-            block.host.copy_(slot.store[:n], non_blocking=True)
+            block.host.copy_(slot.store[block.lo: block.hi], non_blocking=True)
             done = self.device.record(stream, self.timing)
         slot.free = done
         slot.dirty = False
         self._written[id(block)] = done
         if self.timing:
-            self.stats.add("down", n * slot.store.element_size(), start, done)
+            self.stats.add("down", (block.hi - block.lo) * slot.store.element_size(), start, done)
 
     def _update_on_host(self, block: Block) -> None:
         """Apply the pending update to the fp32 host master (compressed-wire mode)."""
@@ -432,8 +495,7 @@ class Offloader:
             event.synchronize()
         if not self._needs_update(block):
             return
-        for e in block.trainable:
-            self.pending.apply(e.trainable, block.view(block.host, e))
+        self._apply_update(block, block.host, block.lo)
         slot = self._slot_of(block)
         if slot is not None and slot.users == 0:
             self._drop(slot)  # its device copy predates the update

@@ -59,6 +59,8 @@ class Block:
     compute_dtype: torch.dtype = torch.float32
     host: torch.Tensor | None = None  # flat, host dtype: pinned memory or a disk mapping
     disk: DiskBuffer | None = None
+    lo: int = 0  # this rank's slice of the flat buffer (all of it without slicing)
+    hi: int | None = None
 
     def add(self, name: str, param: nn.Parameter, trainable: TrainableParam | None) -> None:
         self.entries.append(Entry(name, param, self.numel, param.shape, trainable))
@@ -71,6 +73,21 @@ class Block:
     @property
     def trainable(self) -> list[Entry]:
         return [e for e in self.entries if e.trainable is not None]
+
+    def shard(self, rank: int, size: int) -> None:
+        """Keep slice ``rank`` of ``size`` equal slices (the flat buffer is padded)."""
+        self.numel = -(-self.numel // (size * ALIGN)) * size * ALIGN
+        chunk = self.numel // size
+        self.lo, self.hi = rank * chunk, (rank + 1) * chunk
+
+    def overlaps(self, lo: int, hi: int) -> list[tuple[Entry, int, int]]:
+        """(entry, a, b): the flat range [a, b) of each entry inside [lo, hi)."""
+        out = []
+        for e in self.entries:
+            a, b = max(lo, e.offset), min(hi, e.offset + e.numel)
+            if a < b:
+                out.append((e, a, b))
+        return out
 
 
 def group_units(model: nn.Module, units: Sequence[Unit], offload: Sequence[bool]
@@ -186,35 +203,40 @@ def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: 
              host_budget_bytes: float, *,
              allocate: Callable[[int, torch.dtype], torch.Tensor],
              placeholder: Callable[[torch.dtype], torch.Tensor],
-             weights: Callable[[str], torch.Tensor] | None = None) -> None:
+             weights: Callable[[str], torch.Tensor] | None = None, suffix: str = "") -> None:
     """Move each block's parameters into its flat host buffer, leaving placeholders.
 
     Blocks are kept in host memory (``allocate(numel, dtype)``) in order until
     ``host_budget_bytes`` is used; the rest go to memory-mapped files under
     ``disk_dir``. ``placeholder(dtype)`` gives the one-element device tensor each
     parameter is expanded from. Parameters still on ``meta`` are read from
-    ``weights(name)``. Peak extra memory: one block.
+    ``weights(name)``. A sharded block (:meth:`Block.shard`) keeps only its slice;
+    ``suffix`` tells the slices' files apart. Peak extra memory: one block.
     """
     used = 0.0
     for block in blocks:
         dtype = host_dtype or block.compute_dtype
-        nbytes = block.numel * torch.empty((), dtype=dtype).element_size()
+        lo, hi = block.lo, block.hi if block.hi is not None else block.numel
+        block.hi = hi
+        nbytes = (hi - lo) * torch.empty((), dtype=dtype).element_size()
         to_disk = disk_dir is not None and used + nbytes > host_budget_bytes
-        flat = torch.empty(block.numel, dtype=dtype) if to_disk else allocate(block.numel, dtype)
+        flat = torch.empty(hi - lo, dtype=dtype) if to_disk else allocate(hi - lo, dtype)
         flat.zero_()  # alignment gaps are part of every transfer: keep them defined
         with torch.no_grad():
-            for entry in block.entries:
+            for entry, a, b in block.overlaps(lo, hi):
                 meta = entry.param.is_meta
                 if meta and weights is None:
                     raise ValueError(f"{entry.name} is on the meta device and no weights given")
-                block.view(flat, entry).copy_(weights(entry.name) if meta else entry.param.data)
+                source = weights(entry.name) if meta else entry.param.data
+                flat[a - lo: b - lo].copy_(source.reshape(-1)[a - entry.offset: b - entry.offset])
         if to_disk:
-            path = Path(disk_dir) / _file_name(block.name)
-            layout = [{"name": e.name, "offset": e.offset, "shape": list(e.shape)}
-                      for e in block.entries]
+            path = Path(disk_dir) / _file_name(block.name + suffix)
+            layout = {"slice": [lo, hi], "entries": [
+                {"name": e.name, "offset": e.offset, "shape": list(e.shape)}
+                for e in block.entries]}
             write_flat(path, flat, layout)
             del flat
-            block.disk = map_flat(path, block.numel, dtype)
+            block.disk = map_flat(path, hi - lo, dtype)
             block.host = block.disk.tensor
         else:
             used += nbytes

@@ -89,6 +89,21 @@ class OffloadConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """DistZO2 parallelism on torch.distributed; ranks come from the launcher (torchrun).
+
+    ``dp x pp`` must equal the world size; ``-1`` for one of them means "the rest".
+    """
+
+    dp: int = 1  # data parallel: the batch is split; one loss pair per step is all-reduced
+    pp: int = 1  # perturbation parallel: the plan's +eps / -eps slices are split
+    slicing: str = "auto"  # offloaded units: each node-local rank uploads 1/N (auto|on|off)
+    backend: str = "auto"  # auto: nccl on GPUs, gloo on the CPU
+    timeout_s: float = 300.0  # a collective that waits longer fails (dead or hung rank)
+    check_every: int = 50  # steps between cross-rank weight checksums (0: never)
+
+
+@dataclass
 class TrainConfig:
     """A whole run."""
 
@@ -96,6 +111,7 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32
@@ -144,6 +160,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
     _one_of(o.rounding, ROUNDINGS, "optim.rounding")
     validate_offload(cfg.offload)
+    validate_parallel(cfg.parallel)
     _require(cfg.steps >= 0, "steps", "must be >= 0")
     _require(cfg.eval_every >= 0, "eval_every", "must be >= 0")
     _require(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
@@ -169,6 +186,19 @@ def validate_offload(f: OffloadConfig) -> OffloadConfig:
                      "host_dtype=float32 (the master the update is applied to)")
     _require(f.host_budget_gb >= 0, "offload.host_budget_gb", "must be >= 0")
     return f
+
+
+def validate_parallel(p: ParallelConfig) -> ParallelConfig:
+    """Check a :class:`ParallelConfig` (the world size is checked by the mesh)."""
+    for key in ("dp", "pp"):
+        value = getattr(p, key)
+        _require(value == -1 or value >= 1, f"parallel.{key}", f"must be >= 1 or -1, got {value}")
+    _require(not (p.dp == -1 and p.pp == -1), "parallel.dp", "dp and pp cannot both be -1")
+    _one_of(p.slicing, ("auto", "on", "off"), "parallel.slicing")
+    _one_of(p.backend, ("auto", "nccl", "gloo"), "parallel.backend")
+    _require(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+    _require(p.check_every >= 0, "parallel.check_every", "must be >= 0")
+    return p
 
 
 def register() -> None:

@@ -90,12 +90,17 @@ class ZOEngine:
         weights: for a model built empty (parameters on ``meta``), where to read them
             (:class:`zo2.offload.checkpoint.SafetensorsWeights`); with offloading, one
             block at a time, so the model never has to fit in host memory.
+        comm: DistZO2 collectives (:class:`zo2.parallel.comm.Comm` over a mesh); one
+            process when None.
     """
 
     def __init__(self, model: nn.Module, optim: OptimConfig, objective: Objective, *,
                  seed: int = 0, total_steps: int = 0, trainable: Iterable[str] = ("*",),
                  offload: OffloadConfig | None = None,
-                 device: torch.device | str | None = None, weights=None) -> None:
+                 device: torch.device | str | None = None, weights=None, comm=None) -> None:
+        from zo2.parallel.comm import LocalComm
+
+        self.comm = comm or LocalComm()
         self.model = model.eval().requires_grad_(False)
         self.optim = optim
         self.objective = objective
@@ -116,7 +121,7 @@ class ZOEngine:
                 layers_only=offload.layers_only, resident=offload.resident,
                 host_dtype=offload.host_dtype, wire_dtype=offload.wire_dtype,
                 disk_dir=offload.disk_dir, host_budget_gb=offload.host_budget_gb,
-                timing=offload.timing, weights=weights)
+                timing=offload.timing, weights=weights, slicing=self.comm.slicing())
         else:
             if weights is not None:
                 from zo2.offload.checkpoint import materialize
@@ -149,12 +154,17 @@ class ZOEngine:
     @torch.no_grad()
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
         """One ZO step on ``batch`` (``input_ids``, ``attention_mask``, ``labels``)."""
-        batch = self._on_device(batch)
+        batch = self._on_device(self.comm.shard(batch))  # this rank's rows (data parallel)
         t = self.step_index
         plan = self.plan(t)
-        logits = self._stacked_logits(batch, plan)  # (n*B, k, V)
+        mine = self.comm.my_slices(plan.n)  # this rank's slices (perturbation parallel)
+        local = Plan(tuple(plan.slices[i] for i in mine), plan.eps)
+        logits = self._stacked_logits(batch, local)  # (len(mine)*B, k, V)
         labels = batch["labels"]
-        losses = [float(self.objective.loss(part, labels)) for part in logits.chunk(plan.n)]
+        count = int((labels != -100).sum())
+        own = {i: (float(self.objective.loss(part, labels)), count)
+               for i, part in zip(mine, logits.chunk(local.n))}
+        losses = self.comm.combine_losses(plan.n, own)  # every slice, global batch
         grads = self._projected_grads(losses, plan)
         lr = self.lr(t)
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
@@ -170,6 +180,9 @@ class ZOEngine:
             result.skipped = True
             self.skipped_steps += 1
         self.step_index += 1
+        every = self.comm.check_every
+        if every and self.step_index % every == 0:
+            self.comm.check_in_sync(self.residency.replicated_tensors())
         return result
 
     def _stacked_logits(self, batch: Mapping[str, torch.Tensor], plan: Plan) -> torch.Tensor:
@@ -214,17 +227,22 @@ class ZOEngine:
         The pending update is applied by the first batch's forward, unit by unit, as in
         a training step (an offloaded unit is not streamed an extra time for it).
         """
+        batches = list(batches)
         total_loss, total_n, correct, count = 0.0, 0, 0, 0
-        for batch in batches:
-            batch = self._on_device(batch)
+        for index in self.comm.eval_share(len(batches)):  # round robin over the ranks
+            batch = self._on_device(batches[0 if index is None else index])
             labels = batch["labels"]
             logits = self._forward(batch["input_ids"], batch["attention_mask"],
                                    positions_to_keep(labels))
+            if index is None:
+                continue  # padding: every rank runs as many forwards (slicing needs it)
             n = int((labels != -100).sum())
             total_loss += float(self.objective.loss(logits, labels)) * n
             total_n += n
             right, seen = self.objective.correct(logits, labels)
             correct, count = correct + right, count + seen
+        total_loss, total_n, correct, count = self.comm.sum_across(
+            [total_loss, total_n, correct, count])
         self.flush()
         return {"loss": total_loss / max(total_n, 1), "accuracy": correct / max(count, 1)}
 
@@ -251,11 +269,13 @@ class ZOEngine:
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""
         path = Path(path)
-        self.flush()
-        self.model.save_pretrained(path, state_dict=self.export_state_dict())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        (path / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
+        state_dict = self.export_state_dict()  # every rank: a collective with slicing
+        if self.comm.is_main:
+            self.model.save_pretrained(path, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(path)
+            (path / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
+        self.comm.barrier()  # the folder is complete before any rank reads it
         return path
 
     def load(self, path: str | Path) -> None:
@@ -300,9 +320,8 @@ class ZOEngine:
                 f"{path} is a checkpoint of another model: unexpected {unexpected[:3]}, "
                 f"missing {missing[:3]}, shape mismatch {wrong[:3]}")
         self.pending.set(None)
-        homes = self.residency.host_tensors()
         for name, tensor in loaded.items():
-            homes.get(id(own[name]), own[name].data).copy_(tensor)
+            self.residency.assign(own[name], tensor)
         self.residency.invalidate()
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:

@@ -102,17 +102,26 @@ class PendingUpdate:
     def needs(self, p: TrainableParam) -> bool:
         return self.update is not None and id(p) not in self._applied
 
-    def apply(self, p: TrainableParam, target: torch.Tensor) -> None:
-        """Apply the update to ``target``, the storage holding ``p``'s current value."""
+    def apply(self, p: TrainableParam, target: torch.Tensor, start: int = 0) -> None:
+        """Apply the update to ``target``, the storage holding ``p``'s current value.
+
+        ``target`` may hold a part of ``p`` only: elements ``[start, start+numel)`` of
+        its flattened value (a rank's slice); ``p`` counts as updated afterwards.
+        """
         update = self.update
         if update is None or id(p) in self._applied:
             return
         extra = {}
         if self.rounding != "nearest":
             extra = {"rounding": self.rounding, "round_seed": update.round_seed}
-        noise.add_(target.view(-1), update.seeds, update.coefs, p.key, dist=self.dist,
-                   decay=update.decay if p.decay else 1.0, **extra)
+        noise.add_(target.view(-1), update.seeds, update.coefs, p.key, start=start,
+                   dist=self.dist, decay=update.decay if p.decay else 1.0, **extra)
         self._applied.add(id(p))
+
+    def mark(self, p: TrainableParam) -> None:
+        """Count ``p`` as updated (its values live elsewhere, e.g. on another rank)."""
+        if self.update is not None:
+            self._applied.add(id(p))
 
 
 class Residency(Protocol):
@@ -128,7 +137,9 @@ class Residency(Protocol):
     def release(self, unit: Unit) -> None: ...
     def flush(self) -> None: ...
     def report(self) -> dict: ...
+    def replicated_tensors(self) -> list[torch.Tensor]: ...
     def host_tensors(self) -> dict[int, torch.Tensor]: ...
+    def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None: ...
     def invalidate(self) -> None: ...
     def materialize(self) -> None: ...
 
@@ -160,8 +171,14 @@ class Resident:
     def report(self) -> dict:
         return {}
 
+    def replicated_tensors(self) -> list[torch.Tensor]:
+        return [p.param.data for p in self.params]
+
     def host_tensors(self) -> dict[int, torch.Tensor]:
         return {}
+
+    def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        param.data.copy_(value)
 
     def invalidate(self) -> None:
         pass

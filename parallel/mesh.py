@@ -1,0 +1,136 @@
+"""One mesh object: validates the parallel degrees and builds every process group.
+
+The world is a ``dp x pp`` grid (``torch.distributed.device_mesh``, dims ``"dp"`` and
+``"pp"``); rank ``r`` sits at ``dp_rank = r // pp``, ``pp_rank = r % pp``, so the ranks
+of a perturbation group are neighbours (on one node when ``pp`` divides the GPUs per
+node). Besides the mesh:
+
+* a *host group* (gloo) for the few scalars ZO communicates (losses, evaluation sums,
+  checksums), so they never need a device tensor, also when the mesh uses NCCL;
+* a *slice group*: the ranks of one node (``LOCAL_WORLD_SIZE`` of them, from the
+  launcher), which share the uploads of offloaded units (:mod:`zo2.offload`).
+
+Ranks, local ranks and node sizes are read from the launcher's environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``: torchrun, the deepspeed
+launcher and Ray set them), so nothing assumes one node. Degrees that do not fit the
+world size are rejected on every rank before any communication, so a bad mesh ends
+with the same clear message everywhere instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from zo2.config import ParallelConfig
+from zo2.errors import ConfigError
+
+
+def resolve_degrees(dp: int, pp: int, world: int) -> tuple[int, int]:
+    """Fill in a ``-1`` degree and check ``dp * pp == world``; ConfigError otherwise."""
+    if dp == -1:
+        if world % pp:
+            raise ConfigError(f"parallel.pp={pp} does not divide the world size {world}")
+        dp = world // pp
+    if pp == -1:
+        if world % dp:
+            raise ConfigError(f"parallel.dp={dp} does not divide the world size {world}")
+        pp = world // dp
+    if dp * pp != world:
+        raise ConfigError(f"parallel: dp={dp} x pp={pp} = {dp * pp} processes, but the world "
+                          f"size is {world} (set dp and pp so that dp x pp = {world})")
+    return dp, pp
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """The process's place in the job, as the launcher describes it."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @staticmethod
+    def read() -> LaunchEnv:
+        env = os.environ
+        world = int(env.get("WORLD_SIZE", 1))
+        return LaunchEnv(rank=int(env.get("RANK", 0)), world=world,
+                         local_rank=int(env.get("LOCAL_RANK", 0)),
+                         local_world=int(env.get("LOCAL_WORLD_SIZE", world)))
+
+
+class Mesh:
+    """The ``dp x pp`` process grid, its groups, and this rank's coordinates.
+
+    Args:
+        config: degrees, backend and timeout (:class:`~zo2.config.ParallelConfig`).
+        device: this rank's compute device (``cuda:LOCAL_RANK`` on GPUs).
+        env: the launch environment (default: read from ``os.environ``).
+    """
+
+    def __init__(self, config: ParallelConfig, device: torch.device,
+                 env: LaunchEnv | None = None) -> None:
+        self.config = config
+        self.env = env or LaunchEnv.read()
+        self.dp, self.pp = resolve_degrees(config.dp, config.pp, self.env.world)
+        self.rank, self.world = self.env.rank, self.env.world
+        self.dp_rank, self.pp_rank = divmod(self.rank, self.pp)
+        self.device = device
+        self.device_mesh = None
+        self.dp_group = self.pp_group = self.host_group = None
+        self.slice_group = self.slice_host_group = None
+        if self.world > 1:
+            self._init_groups()
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        if self.config.backend != "auto":
+            return self.config.backend
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def _init_groups(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        timeout = timedelta(seconds=self.config.timeout_s)
+        if not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(self.backend, timeout=timeout)
+        self.device_mesh = init_device_mesh(self.device.type, (self.dp, self.pp),
+                                            mesh_dim_names=("dp", "pp"))
+        self.dp_group = self.device_mesh.get_group("dp")
+        self.pp_group = self.device_mesh.get_group("pp")
+        if dist.get_backend() == "gloo":
+            self.host_group = dist.group.WORLD
+        else:
+            self.host_group = dist.new_group(backend="gloo", timeout=timeout)
+        local = self.env.local_world
+        if self.world % local:
+            raise ConfigError(f"LOCAL_WORLD_SIZE={local} does not divide WORLD_SIZE={self.world}")
+        self.slice_group, _ = dist.new_subgroups(group_size=local)
+        if dist.get_backend() == "gloo":
+            self.slice_host_group = self.slice_group
+        else:
+            self.slice_host_group, _ = dist.new_subgroups(group_size=local, backend="gloo")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.host_group)
+
+    def describe(self) -> dict:
+        return {"world": self.world, "dp": self.dp, "pp": self.pp, "rank": self.rank,
+                "dp_rank": self.dp_rank, "pp_rank": self.pp_rank,
+                "local_world": self.env.local_world, "backend": self.backend}

@@ -1,0 +1,75 @@
+"""A multi-process job for the parallel tests, launched by torchrun (or by hand).
+
+    torchrun --standalone --nproc_per_node=N tests/dist_job.py OUT SPEC_JSON [SPEC_JSON ...]
+
+Each spec (JSON) is one scenario run in turn on the same processes: a tiny model of
+``family``, a ``dp x pp`` mesh, ``steps`` ZO steps on batches of ``batch`` rows, with
+optional ``offload`` settings (an OffloadConfig dict) and ``slicing``. Rank 0 writes
+``OUT/<name>.safetensors`` (the final weights) and ``OUT/<name>.json`` (losses,
+gradients, bytes sent). ``die_at``: rank 1 exits abruptly before that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import make_batch, make_model  # noqa: E402
+
+from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
+from zo2.config import OffloadConfig, ParallelConfig  # noqa: E402
+from zo2.errors import ZO2Error  # noqa: E402
+from zo2.parallel import Comm, Mesh  # noqa: E402
+
+
+def run(out: Path, spec: dict) -> None:
+    config = ParallelConfig(dp=spec.get("dp", 1), pp=spec.get("pp", 1),
+                            slicing=spec.get("slicing", "off"),
+                            timeout_s=spec.get("timeout_s", 60), check_every=2)
+    mesh = Mesh(config, torch.device("cpu"))
+    comm = Comm(mesh)
+    offload = OffloadConfig(**spec["offload"]) if spec.get("offload") else None
+    model = make_model(spec.get("family", "llama"), layers=spec.get("layers", 3))
+    engine = ZOEngine(model, OptimConfig(lr=1e-3, q=spec.get("q", 1)),
+                      Objective("label_words", candidates=torch.tensor([5, 9])), seed=3,
+                      total_steps=spec.get("steps", 10), offload=offload, comm=comm,
+)
+    record = {"losses": [], "grads": [], "bytes": []}
+    for t in range(spec.get("steps", 10)):
+        if spec.get("die_at") == t and mesh.rank == 1:
+            os._exit(17)
+        before = comm.bytes_sent
+        result = engine.step(make_batch(batch=spec.get("batch", 8), seed=t))
+        record["losses"].append(result.losses)
+        record["grads"].append(result.grads)
+        record["bytes"].append(comm.bytes_sent - before)
+        record.setdefault("telemetry", []).append(result.telemetry)
+    record["eval"] = engine.evaluate([make_batch(batch=4, seed=100 + i) for i in range(3)])
+    weights = engine.export_state_dict()
+    if mesh.is_main:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().clone() for k, v in weights.items()},
+                  str(out / f"{spec['name']}.safetensors"))
+        (out / f"{spec['name']}.json").write_text(json.dumps(record))
+    mesh.barrier()
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for arg in sys.argv[2:]:
+            run(out, json.loads(arg))
+    except ZO2Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
