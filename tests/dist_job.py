@@ -37,8 +37,7 @@ def run(out: Path, spec: dict) -> None:
     model = make_model(spec.get("family", "llama"), layers=spec.get("layers", 3))
     engine = ZOEngine(model, OptimConfig(lr=1e-3, q=spec.get("q", 1)),
                       Objective("label_words", candidates=torch.tensor([5, 9])), seed=3,
-                      total_steps=spec.get("steps", 10), offload=offload, comm=comm,
-)
+                      total_steps=spec.get("steps", 10), offload=offload, comm=comm)
     record = {"losses": [], "grads": [], "bytes": []}
     for t in range(spec.get("steps", 10)):
         if spec.get("die_at") == t and mesh.rank == 1:

@@ -155,7 +155,7 @@ def test_disk_tier_trains_and_matches_resident(tmp_path):
     path = Path(block.disk.path)
     with safe_open(str(path), framework="pt") as f:  # the file holds the updated weights
         flat = f.get_tensor("flat")
-        layout = {e["name"]: e for e in json.loads(f.metadata()["zo2_layout"])}
+        layout = {e["name"]: e for e in json.loads(f.metadata()["zo2_layout"])["entries"]}
     entry = block.entries[0]
     assert layout[entry.name]["offset"] == entry.offset
     model_weights = {k: v for k, v in resident.export_state_dict().items()}
