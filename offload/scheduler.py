@@ -162,6 +162,7 @@ class Offloader:
         self._cursor = -1
         self._tick = 0
         self._stage_index = 0
+        self._gathered = 0  # slicing: bytes all-gathered as of the last report
 
     # ---- construction ---------------------------------------------------------------
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
@@ -324,6 +325,10 @@ class Offloader:
         """Transfer figures since the last report, device bytes, and GPU readings."""
         out = self.stats.report()
         out["offload_device_mb"] = self.device_bytes() / 2**20
+        if self.slicing is not None:
+            gathered = self.slicing.gathered_bytes
+            out["offload_gather_mb"] = (gathered - self._gathered) / 2**20
+            self._gathered = gathered
         out.update(gpu_metrics(self.device))
         return out
 
