@@ -40,6 +40,8 @@ def _app(cfg: DictConfig) -> None:
     except ZO2Error as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if os.environ.get("RANK", "0") != "0":
+        return  # the main rank reports
     print(
         f"zero-shot test acc {summary['zero_shot_test']:.4f} | tuned test acc "
         f"{summary['tuned_test']:.4f} (best dev {summary['best_dev']:.4f} at step "

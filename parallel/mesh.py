@@ -130,6 +130,20 @@ class Mesh:
         if self.distributed:
             dist.barrier(group=self.host_group)
 
+    def agree(self, value):
+        """Rank 0's ``value`` on every rank (e.g. a run directory named by a timestamp)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.host_group)
+        return box[0]
+
+    def close(self) -> None:
+        """Leave the process group (at the end of a run)."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier(group=self.host_group)
+            dist.destroy_process_group()
+
     def describe(self) -> dict:
         return {"world": self.world, "dp": self.dp, "pp": self.pp, "rank": self.rank,
                 "dp_rank": self.dp_rank, "pp_rank": self.pp_rank,

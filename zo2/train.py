@@ -30,16 +30,19 @@ from zo2.errors import ConfigError
 from zo2.loss import Objective
 from zo2.models import load_model, model_identity, weights_folder
 from zo2.offload.checkpoint import SafetensorsWeights
+from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
 
 log = logging.getLogger("zo2")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's CUDA device (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device: {name!r} requested but no CUDA device is available")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -49,18 +52,21 @@ def peak_rss_mb() -> float:
 
 
 class MetricsFile:
-    """Append-only JSON-lines metrics, flushed per record."""
+    """Append-only JSON-lines metrics, flushed per record (``path=None``: a no-op, for
+    the ranks other than the main one)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._fh = path.open("a", encoding="utf-8")
+        self._fh = path.open("a", encoding="utf-8") if path is not None else None
 
     def write(self, **record) -> None:
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        if self._fh is not None:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _batches(tokenizer, examples, spec, batch_size: int, max_length: int) -> list[dict]:
@@ -73,13 +79,16 @@ def _batches(tokenizer, examples, spec, batch_size: int, max_length: int) -> lis
 def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     """Fine-tune as configured; returns the summary (also written to summary.json)."""
     validate(cfg)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
 
-    device = resolve_device(cfg.model.device)
+    env = LaunchEnv.read()
+    device = resolve_device(cfg.model.device, env.local_rank)
+    mesh = Mesh(cfg.parallel, device, env)  # checks the degrees; joins the process group
+    comm = Comm(mesh) if mesh.distributed else LocalComm()
+    out = Path(mesh.agree(str(output_dir)))  # rank 0's directory (launch times differ)
+    out.mkdir(parents=True, exist_ok=True)
     # Offloaded: build the model empty and stream its checkpoint into the block store,
     # so a model larger than host memory never has to be loaded whole.
     folder = weights_folder(cfg.model.name) if cfg.offload.enabled else None
@@ -91,14 +100,15 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
                      balanced=t.balanced)
     objective = Objective(t.objective, candidates=label_word_ids(tokenizer, task.spec))
     engine = ZOEngine(model, cfg.optim, objective, seed=cfg.seed, total_steps=cfg.steps,
-                      trainable=cfg.model.trainable, offload=_offload(cfg, out), device=device,
-                      weights=weights)
+                      trainable=cfg.model.trainable, offload=_offload(cfg, out, mesh),
+                      device=device, weights=weights, comm=comm)
     dev = _batches(tokenizer, task.dev, task.spec, cfg.eval_batch_size, t.max_length)
     test = _batches(tokenizer, task.test, task.spec, cfg.eval_batch_size, t.max_length)
     train = BatchIterator(tokenizer, task.train, task.spec, batch_size=cfg.optim.batch_size,
                           seed=cfg.seed, max_length=t.max_length)
-    metrics = MetricsFile(out / "metrics.jsonl")
-    metrics.write(event="config", config=to_dict(cfg), model=model_identity(model))
+    metrics = MetricsFile(out / "metrics.jsonl" if comm.is_main else None)
+    metrics.write(event="config", config=to_dict(cfg), model=model_identity(model),
+                  parallel=mesh.describe())
 
     zero_dev, zero_test = engine.evaluate(dev), engine.evaluate(test)
     metrics.write(event="eval", step=0, dev=zero_dev, test=zero_test)
@@ -106,7 +116,7 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     best = {"step": 0, "dev": zero_dev}
     engine.save(out / "best", tokenizer)
 
-    progress = _progress(cfg)
+    progress = _progress(cfg) if comm.is_main else None
     tokens, last = 0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
         batch = next(train)
@@ -145,19 +155,27 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
         "tuned_test": tuned_test["accuracy"], "skipped_steps": engine.skipped_steps,
         "minutes": (time.perf_counter() - started) / 60, "peak_rss_mb": peak_rss_mb(),
         "checkpoint": str(out / "best"),
+        "parallel": {k: v for k, v in mesh.describe().items() if "rank" not in k},
     }
     metrics.write(event="summary", **summary)
     metrics.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if comm.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     engine.close()
+    mesh.close()
     return summary
 
 
-def _offload(cfg: TrainConfig, out: Path) -> OffloadConfig:
-    """The offload settings, a relative ``disk_dir`` placed inside the output directory."""
+def _offload(cfg: TrainConfig, out: Path, mesh: Mesh) -> OffloadConfig:
+    """The offload settings; a relative ``disk_dir`` goes inside the output directory,
+    one folder per rank."""
     offload = cfg.offload
-    if offload.enabled and offload.disk_dir and not Path(offload.disk_dir).is_absolute():
-        offload = replace(offload, disk_dir=str(out / offload.disk_dir))
+    if offload.enabled and offload.disk_dir:
+        disk = Path(offload.disk_dir)
+        disk = disk if disk.is_absolute() else out / disk
+        if mesh.distributed:
+            disk = disk / f"rank{mesh.rank}"
+        offload = replace(offload, disk_dir=str(disk))
     return offload
 
 
