@@ -6,7 +6,8 @@ Each spec (JSON) is one scenario run in turn on the same processes: a tiny model
 ``family``, a ``dp x pp`` mesh, ``steps`` ZO steps on batches of ``batch`` rows, with
 optional ``offload`` settings (an OffloadConfig dict) and ``slicing``. Rank 0 writes
 ``OUT/<name>.safetensors`` (the final weights) and ``OUT/<name>.json`` (losses,
-gradients, bytes sent). ``die_at``: rank 1 exits abruptly before that step.
+gradients, bytes sent). ``die_at``: rank 1 exits abruptly before that step; ``corrupt_at``: rank 1 changes a
+weight before that step.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def run(out: Path, spec: dict) -> None:
     for t in range(spec.get("steps", 10)):
         if spec.get("die_at") == t and mesh.rank == 1:
             os._exit(17)
+        if spec.get("corrupt_at") == t and mesh.rank == 1:  # a silent divergence
+            next(model.parameters()).data.view(-1)[0] += 1e-3
         before = comm.bytes_sent
         result = engine.step(make_batch(batch=spec.get("batch", 8), seed=t))
         record["losses"].append(result.losses)

@@ -146,6 +146,12 @@ def test_a_bad_mesh_is_one_clear_error_on_every_rank(tmp_path):
     assert proc.stderr.count("error: parallel: dp=3 x pp=1 = 3 processes") == 2
 
 
+def test_ranks_that_drift_apart_stop_with_a_clear_error(tmp_path):
+    proc = torchrun(2, tmp_path, [{"name": "drift", "dp": 2, "corrupt_at": 3}], timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: ranks diverged") == 2  # both ranks, after step 4
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
