@@ -61,7 +61,7 @@ Execution
 fp16 tensors are converted inside the kernels, block by block: no float32 copy of a
 tensor is made (on CPU the extra memory is a 16 KiB scratch block per thread).  CPU
 tensors of at least ``PARALLEL_MIN`` elements are split over a thread pool of
-``get_num_threads()`` threads (default ``NUMBA_NUM_THREADS``, i.e. all cores).  No
+``get_num_threads()`` threads (default: ``torch.get_num_threads()``).  No
 global RNG state is read or changed.
 
 The ``reference_*`` functions are slow numpy implementations of this specification
@@ -102,6 +102,7 @@ PARALLEL_MIN = 1 << 16
 """CPU tensors with fewer elements run on the calling thread only."""
 
 _threads: int | None = None
+_pool_size = 0
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _cpu_module = None
@@ -177,25 +178,21 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def set_num_threads(n: int) -> None:
-    """Threads used by the CPU kernels (default: ``NUMBA_NUM_THREADS``, i.e. all cores)."""
+def set_num_threads(n: int | None) -> None:
+    """Threads used by the CPU kernels; None: follow ``torch.get_num_threads()`` (default)."""
     global _threads, _pool
-    if int(n) < 1:
+    if n is not None and int(n) < 1:
         raise ValueError(f"need at least one thread, got {n}")
-    if int(n) != _threads and _pool is not None:
+    if _pool is not None:
         _pool.shutdown()
         _pool = None
-    _threads = int(n)
+    _threads = None if n is None else int(n)
 
 
 def get_num_threads() -> int:
-    """Threads used by the CPU kernels."""
-    global _threads
-    if _threads is None:
-        import numba
-
-        _threads = max(1, int(numba.config.NUMBA_NUM_THREADS))
-    return _threads
+    """Threads used by the CPU kernels: by default as many as torch's intra-op threads
+    (so ``OMP_NUM_THREADS``, which torchrun sets to 1 per process, governs both)."""
+    return _threads if _threads is not None else max(1, torch.get_num_threads())
 
 
 def _run_cpu(kernel, a: np.ndarray, *args) -> None:
@@ -205,15 +202,18 @@ def _run_cpu(kernel, a: np.ndarray, *args) -> None:
     ``threads - 1`` pool threads take in turn (the kernels release the GIL), so a core
     that is busy with something else gets fewer of them.
     """
-    global _pool
+    global _pool, _pool_size
     nb = -(-a.shape[0] // _cpu().BLOCK)
     threads = get_num_threads()
     if a.shape[0] < PARALLEL_MIN or threads == 1:
         kernel(a, *args, 0, nb)
         return
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_size < threads - 1:
+            if _pool is not None:
+                _pool.shutdown()
             _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="zo2-noise")
+            _pool_size = threads - 1
     parts = min(nb, 4 * threads)
     bounds = [nb * i // parts for i in range(parts + 1)]
     todo = iter(range(parts))
