@@ -10,7 +10,6 @@ memory is the resident units plus one block.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -51,9 +50,6 @@ class SafetensorsWeights:
         if file is None:
             raise CheckpointError(f"{self.folder}: no tensor named {name!r} in the checkpoint")
         return self._handles[file].get_tensor(name)
-
-    def describe(self) -> str:
-        return json.dumps({"folder": str(self.folder), "tensors": len(self._file_of)})
 
 
 def empty_model(config) -> nn.Module:

@@ -332,10 +332,6 @@ class Offloader:
         out.update(gpu_metrics(self.device))
         return out
 
-    def ring_bytes(self) -> int:
-        return sum({id(t): t.numel() * t.element_size()
-                    for s in self._slots for t in (s.store, s.work)}.values())
-
     # ---- scheduling -----------------------------------------------------------------
     def _advance(self, block: Block) -> None:
         """Follow ``block`` in the expected order (for prefetching) and trace it."""
