@@ -88,6 +88,8 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     mesh = Mesh(cfg.parallel, device, env)  # checks the degrees; joins the process group
     comm = Comm(mesh) if mesh.distributed else LocalComm()
     out = Path(mesh.agree(str(output_dir)))  # rank 0's directory (launch times differ)
+    if not comm.is_main:
+        log.setLevel(logging.WARNING)  # one rank reports progress
     out.mkdir(parents=True, exist_ok=True)
     # Offloaded: build the model empty and stream its checkpoint into the block store,
     # so a model larger than host memory never has to be loaded whole.
