@@ -6,8 +6,8 @@ Each spec (JSON) is one scenario run in turn on the same processes: a tiny model
 ``family``, a ``dp x pp`` mesh, ``steps`` ZO steps on batches of ``batch`` rows, with
 optional ``offload`` settings (an OffloadConfig dict) and ``slicing``. Rank 0 writes
 ``OUT/<name>.safetensors`` (the final weights) and ``OUT/<name>.json`` (losses,
-gradients, bytes sent). ``die_at``: rank 1 exits abruptly before that step; ``corrupt_at``: rank 1 changes a
-weight before that step.
+gradients, bytes sent). ``die_at``: rank 1 exits abruptly before that step;
+``corrupt_at``: rank 1 changes a weight before that step.
 """
 
 from __future__ import annotations

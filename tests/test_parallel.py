@@ -178,3 +178,30 @@ def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
             p.kill()
     assert codes[1] == 17 and codes[0] != 0
     assert time.monotonic() - start < 120
+
+
+def test_two_nodes_slice_within_each_node(tmp_path):
+    """Two torchrun agents on this machine as two nodes of two ranks: a 2 x 2 mesh whose
+    slice groups are the node-local pairs (LOCAL_WORLD_SIZE), offloaded and sliced."""
+    port = _free_port()
+    spec = {"name": "nodes", "dp": 2, "pp": 2, "slicing": "on",
+            "offload": {"enabled": True, "ring": 2}}
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+         "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+         "--rdzv-id=zo2-test", str(HERE / "dist_job.py"), str(tmp_path), json.dumps(spec)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    try:
+        outputs = [a.communicate(timeout=300) for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    assert all(a.returncode == 0 for a in agents), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    ref, ref_w = single(tmp_path, offload={"enabled": True, "ring": 2})
+    got, got_w = result(tmp_path, "nodes")
+    for a, b in zip(got["grads"], ref["grads"]):
+        assert a == pytest.approx(b, abs=2e-3)
+    assert max(float((got_w[k] - ref_w[k]).abs().max()) for k in ref_w) < 1e-5
+    steady, whole = got["telemetry"][-1], ref["telemetry"][-1]
+    assert steady["offload_up_mb"] == pytest.approx(whole["offload_up_mb"] / 2, rel=0.02)
