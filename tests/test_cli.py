@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SMALL = ["task.n_train=24", "task.n_dev=12", "task.n_test=12", "task.max_length=48",
-         "optim.batch_size=4", "eval_batch_size=12", "progress=false"]
+         "optim.batch_size=4", "eval_batch_size=12", "progress=false", "logging=none"]
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -32,6 +32,7 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path):
     events = [json.loads(line)["event"] for line in lines]
     assert events.count("step") == 4 and events.count("eval") == 3 and events[-1] == "summary"
     assert "tuned test acc" in proc.stdout
+    assert not (out / "wandb").exists() and not (out / "curves.png").exists()  # logging=none
 
     from transformers import AutoModelForCausalLM
 
@@ -110,3 +111,19 @@ def test_torchrun_pertp_and_ddp_match_the_single_process_run(tmp_path):
                 assert ours["grads"] == ref["grads"] and ours["loss"] == ref["loss"]
             else:  # the batch split over two ranks: equal up to float rounding
                 assert ours["grads"] == pytest.approx(ref["grads"], abs=2e-3)
+
+
+def test_wandb_runs_offline_without_a_key_and_the_curves_are_plotted(tmp_path):
+    out = tmp_path / "run"
+    env_key = os.environ.pop("WANDB_API_KEY", None)
+    try:
+        proc = run_cli(["model=tiny-llama", "steps=2", "eval_every=1", "log_every=1",
+                        f"output_dir={out}", *SMALL, "logging=default"], tmp_path)
+    finally:
+        if env_key is not None:
+            os.environ["WANDB_API_KEY"] = env_key
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run's log
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -104,6 +104,16 @@ class ParallelConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where a run's metrics go besides ``metrics.jsonl``."""
+
+    wandb: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | off
+    project: str = "zo2"
+    name: str | None = None  # the wandb run name (default: the output directory's name)
+    plot: bool = True  # write curves.png (loss, dev accuracy) next to metrics.jsonl
+
+
+@dataclass
 class TrainConfig:
     """A whole run."""
 
@@ -112,6 +122,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32
@@ -161,6 +172,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of(o.rounding, ROUNDINGS, "optim.rounding")
     validate_offload(cfg.offload)
     validate_parallel(cfg.parallel)
+    _one_of(cfg.logging.wandb, ("auto", "online", "offline", "off"), "logging.wandb")
     _require(cfg.steps >= 0, "steps", "must be >= 0")
     _require(cfg.eval_every >= 0, "eval_every", "must be >= 0")
     _require(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")

@@ -168,7 +168,7 @@ class ZOEngine:
         grads = self._projected_grads(losses, plan)
         lr = self.lr(t)
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
-                            losses=losses, telemetry=self.residency.report())
+                            losses=losses, telemetry=self._telemetry())
         if all(math.isfinite(g) for g in grads):
             seeds = tuple(sl.seed for sl in plan.slices if sl.seed is not None and sl.sign == 1)
             coefs = tuple(-lr * g / len(grads) for g in grads)
@@ -184,6 +184,16 @@ class ZOEngine:
         if every and self.step_index % every == 0:
             self.comm.check_in_sync(self.residency.replicated_tensors())
         return result
+
+    def _telemetry(self) -> dict:
+        """The residency's transfer figures, and GPU memory / utilisation on a GPU."""
+        out = self.residency.report()
+        if self.device.type == "cuda" and "gpu_allocated_gb" not in out:
+            from zo2.offload.device import Device
+            from zo2.offload.telemetry import gpu_metrics
+
+            out.update(gpu_metrics(Device(self.device)))
+        return out
 
     def _stacked_logits(self, batch: Mapping[str, torch.Tensor], plan: Plan) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -7,6 +7,8 @@ reported for that checkpoint. Files written to the output directory:
 
 * ``metrics.jsonl``: one JSON record per logged step and per evaluation;
 * ``summary.json``: zero-shot and fine-tuned accuracies, steps, minutes, peak RSS;
+* ``curves.png``: training loss and dev accuracy against step (``logging.plot``);
+* ``wandb/``: an offline wandb run unless ``logging.wandb`` says otherwise;
 * ``best/``: the best-dev checkpoint, a ``save_pretrained`` folder
   (``from_pretrained`` loads it) with the engine state.
 """
@@ -31,6 +33,7 @@ from zo2.loss import Objective
 from zo2.models import load_model, model_identity, weights_folder
 from zo2.offload.checkpoint import SafetensorsWeights
 from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
+from zo2.tracking import Tracker, plot_curves
 
 log = logging.getLogger("zo2")
 
@@ -52,21 +55,32 @@ def peak_rss_mb() -> float:
 
 
 class MetricsFile:
-    """Append-only JSON-lines metrics, flushed per record (``path=None``: a no-op, for
-    the ranks other than the main one)."""
+    """Append-only JSON-lines metrics, flushed per record, mirrored to a tracker (wandb).
 
-    def __init__(self, path: Path | None) -> None:
+    ``path=None``: a no-op, for the ranks other than the main one.
+    """
+
+    def __init__(self, path: Path | None, tracker: Tracker | None = None) -> None:
         self.path = path
+        self.tracker = tracker
         self._fh = path.open("a", encoding="utf-8") if path is not None else None
 
     def write(self, **record) -> None:
-        if self._fh is not None:
-            self._fh.write(json.dumps(record) + "\n")
-            self._fh.flush()
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        if self.tracker is not None and record.get("event") in ("step", "eval"):
+            self.tracker.log({k: v for k, v in record.items() if k != "event"},
+                             step=record["step"])
+        elif self.tracker is not None and record.get("event") == "summary":
+            self.tracker.summary(record)
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+        if self.tracker is not None:
+            self.tracker.finish()
 
 
 def _batches(tokenizer, examples, spec, batch_size: int, max_length: int) -> list[dict]:
@@ -108,7 +122,8 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     test = _batches(tokenizer, task.test, task.spec, cfg.eval_batch_size, t.max_length)
     train = BatchIterator(tokenizer, task.train, task.spec, batch_size=cfg.optim.batch_size,
                           seed=cfg.seed, max_length=t.max_length)
-    metrics = MetricsFile(out / "metrics.jsonl" if comm.is_main else None)
+    tracker = Tracker(cfg.logging, out, to_dict(cfg), main=comm.is_main)
+    metrics = MetricsFile(out / "metrics.jsonl" if comm.is_main else None, tracker)
     metrics.write(event="config", config=to_dict(cfg), model=model_identity(model),
                   parallel=mesh.describe())
 
@@ -163,6 +178,8 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     metrics.close()
     if comm.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.logging.plot:
+            plot_curves(out / "metrics.jsonl", out / "curves.png")
     engine.close()
     mesh.close()
     return summary
