@@ -127,3 +127,16 @@ def test_wandb_runs_offline_without_a_key_and_the_curves_are_plotted(tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run's log
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_multirun_sweep_over_the_learning_rate(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "model=tiny-llama", "optim.lr=1e-3,1e-2", "steps=1", "eval_every=0",
+                    *SMALL, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2
+    lrs = [json.loads(line)["config"]["optim"]["lr"]
+           for path in sorted(sweep.glob("*/metrics.jsonl"))
+           for line in path.read_text().splitlines()[:1]]
+    assert lrs == [1e-3, 1e-2]
