@@ -61,7 +61,9 @@ class LaunchEnv:
         world = int(env.get("WORLD_SIZE", 1))
         return LaunchEnv(rank=int(env.get("RANK", 0)), world=world,
                          local_rank=int(env.get("LOCAL_RANK", 0)),
-                         local_world=int(env.get("LOCAL_WORLD_SIZE", world)))
+                         # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE
+                         local_world=int(env.get("LOCAL_WORLD_SIZE",
+                                                 env.get("LOCAL_SIZE", world))))
 
 
 class Mesh:
