@@ -37,22 +37,14 @@ from common import classification_batch, median, opt_shape, report, timed  # noq
 
 from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
 from zo2.config import OffloadConfig  # noqa: E402
+from zo2.offload.telemetry import storage_bytes  # noqa: E402
 
 LABELS = (5, 9)
 
 
 def model_bytes(model: torch.nn.Module, device: torch.device) -> int:
     """Bytes of the model's parameters and buffers on ``device``, shared storage once."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device != device:
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+    return storage_bytes(list(model.parameters()) + list(model.buffers()), device)
 
 
 def make_engine(ring: int | None) -> ZOEngine:

@@ -28,17 +28,6 @@ class HostEvent:
     def query(self) -> bool:
         return True
 
-    def reset_peak(self) -> None:
-        if self.is_cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peers_connected(self, n: int) -> bool:
-        """Whether GPUs 0..n-1 can all reach each other directly (NVLink / P2P)."""
-        if not self.is_cuda or torch.cuda.device_count() < n:
-            return False
-        return all(torch.cuda.can_device_access_peer(a, b)
-                   for a in range(n) for b in range(n) if a != b)
-
     def synchronize(self) -> None:
         pass
 

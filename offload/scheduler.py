@@ -47,10 +47,10 @@ from zo2.errors import ConfigError
 from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
 from zo2.offload.store import Block, PinnedArena, group_units, populate
-from zo2.offload.telemetry import TransferStats, gpu_metrics
+from zo2.offload.telemetry import TransferStats, gpu_metrics, storage_bytes
 from zo2.parallel.slicing import SliceGroup
-from zo2.perturb import PendingUpdate
-from zo2.units import Unit, find_layer_list
+from zo2.perturb import PendingUpdate, Resident
+from zo2.units import Unit, find_layer_list, unique_params
 
 
 @dataclass(eq=False)
@@ -139,9 +139,8 @@ class Offloader:
         if device.is_cuda and self.blocks:
             size = torch.empty((), dtype=host).element_size()
             self._arena = PinnedArena(lambda n: device.host_empty(n, torch.uint8),
-                                      largest=max(b.hi - b.lo for b in self.blocks) * size
-                                      if slicing else max(b.numel for b in self.blocks) * size,
-                                      total=sum(b.numel for b in self.blocks) * size)
+                                      largest=max(b.hi - b.lo for b in self.blocks) * size,
+                                      total=sum(b.hi - b.lo for b in self.blocks) * size)
             allocate = self._arena.take
         suffix = f".slice{slicing.rank}of{slicing.size}" if slicing else ""
         populate(self.blocks, host, disk_dir, host_budget_gb * 2**30, allocate=allocate,
@@ -149,7 +148,7 @@ class Offloader:
         if weights is not None:
             materialize(model, weights, device.device)  # the resident units
         model.to(device.device)  # resident units, buffers; placeholders are already there
-        self._resident_params = [p for u in self.resident_units for p in u.params]
+        self._resident = Resident(pending, unique_params(self.resident_units))
         self._entry_of = {id(e.param): (b, e) for b in self.blocks for e in b.entries}
         self._slots = self._make_ring(wire)
         self._staging = self._make_staging(wire)
@@ -208,8 +207,7 @@ class Offloader:
         """Point ``unit``'s parameters at device memory holding their current values."""
         block = self._block_of.get(id(unit))
         if block is None:
-            for p in unit.params:
-                self.pending.apply(p, p.param.data)
+            self._resident.acquire(unit)
             return
         self._advance(block)
         slot = self._load(block)
@@ -232,8 +230,7 @@ class Offloader:
 
     def flush(self) -> None:
         """Apply the pending update to every parameter, resident or offloaded."""
-        for p in self._resident_params:
-            self.pending.apply(p, p.param.data)
+        self._resident.flush()
         for block in self.blocks:
             if not self._needs_update(block):
                 continue
@@ -270,7 +267,7 @@ class Offloader:
         """Tensors every rank holds identically (for cross-rank checksums)."""
         self.synchronize()
         hosts = [] if self.slicing else [b.host for b in self.blocks]
-        return [p.param.data for p in self._resident_params] + hosts
+        return self._resident.replicated_tensors() + hosts
 
     def invalidate(self) -> None:
         """Forget device copies (host values were changed from outside)."""
@@ -308,18 +305,9 @@ class Offloader:
 
         Placeholders (zero-stride) count as nothing; tensors sharing storage once.
         """
-        seen: set[int] = set()
-        total = 0
         tensors = [t for s in self._slots for t in (s.store, s.work)]
         tensors += list(self._model.parameters()) + list(self._model.buffers())
-        for t in tensors:
-            if t.device != self.device.device or (t.dim() and all(x == 0 for x in t.stride())):
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        return total
+        return storage_bytes(tensors, self.device.device)
 
     def report(self) -> dict[str, float]:
         """Transfer figures since the last report, device bytes, and GPU readings."""

@@ -59,12 +59,13 @@ class Block:
     compute_dtype: torch.dtype = torch.float32
     host: torch.Tensor | None = None  # flat, host dtype: pinned memory or a disk mapping
     disk: DiskBuffer | None = None
-    lo: int = 0  # this rank's slice of the flat buffer (all of it without slicing)
-    hi: int | None = None
+    lo: int = 0  # this rank's slice [lo, hi) of the flat buffer (all of it without slicing)
+    hi: int = 0
 
     def add(self, name: str, param: nn.Parameter, trainable: TrainableParam | None) -> None:
         self.entries.append(Entry(name, param, self.numel, param.shape, trainable))
         self.numel += -(-param.numel() // ALIGN) * ALIGN
+        self.hi = self.numel
 
     def view(self, flat: torch.Tensor, entry: Entry) -> torch.Tensor:
         """``entry``'s slice of a flat buffer laid out like this block."""
@@ -216,8 +217,7 @@ def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: 
     used = 0.0
     for block in blocks:
         dtype = host_dtype or block.compute_dtype
-        lo, hi = block.lo, block.hi if block.hi is not None else block.numel
-        block.hi = hi
+        lo, hi = block.lo, block.hi
         nbytes = (hi - lo) * torch.empty((), dtype=dtype).element_size()
         to_disk = disk_dir is not None and used + nbytes > host_budget_bytes
         flat = torch.empty(hi - lo, dtype=dtype) if to_disk else allocate(hi - lo, dtype)

@@ -8,7 +8,10 @@ still in flight at the end of a step is counted in the next report.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import torch
 
 from zo2.offload.device import Device
 
@@ -70,6 +73,24 @@ class TransferStats:
         self.up_bytes = self.down_bytes = self.uploads = self.writebacks = 0
         self.up_ms = self.down_ms = self.wait_ms = 0.0
         return out
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor], device: torch.device) -> int:
+    """Bytes of the distinct storages of ``tensors`` on ``device``.
+
+    Zero-stride tensors (the expanded one-element placeholders of offloaded
+    parameters) count as nothing.
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t.device != device or (t.dim() and all(x == 0 for x in t.stride())):
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
 
 
 def _rate(nbytes: int, ms: float) -> float:
