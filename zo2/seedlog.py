@@ -1,0 +1,301 @@
+"""The seed log: a whole ZO fine-tune as a small file (8*(q+2) bytes a step), and its replay.
+
+Every update the engine applies is ``w <- w*decay + sum_j coefs[j] * z(seeds[j])``
+(:class:`zo2.perturb.Update`), where ``seeds[j] = step_seed(run_seed, step, j)`` and
+``z`` is a pure function of (seed, parameter name, element index) (:mod:`zo2.noise`).
+The base model, the run seed and each applied step's coefficients and decay therefore
+describe the fine-tuned weights completely. :func:`replay` applies the records in
+order with the engine's own kernel and rounding (stochastic rounding keyed by
+``step_seed(run_seed, step, -1)``), which reproduces the weights bit for bit.
+
+File format (one safetensors file; ``.seedlog`` by convention):
+
+* tensors ``steps`` (int64, [n]), ``coefs`` (float64, [n, q]), ``decay`` (float64, [n]);
+* metadata key ``zo2``: a JSON header ``{"format": "zo2-seedlog", "version": 1, "base",
+  "seed", "direction", "rounding", "trainable", "dtype", "q"}``, ``base`` being the
+  base model's :func:`zo2.models.model_identity`.
+
+Bit-exact replay needs the base weights in the dtype the run updated them in
+(``dtype``, checked), the same ``trainable`` globs, and updates applied in that dtype:
+an offloaded run with ``offload.host_dtype`` other than the model's dtype keeps its
+masters in the host dtype and is not reproduced exactly.
+
+Command line::
+
+    python -m zo2.seedlog info run.seedlog
+    python -m zo2.seedlog replay --base <folder | model name> --log run.seedlog --out <folder>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from zo2.engine import step_seed
+from zo2.errors import CheckpointError, ZO2Error
+from zo2.models import model_identity
+from zo2.noise import DISTS, ROUNDINGS
+from zo2.perturb import PendingUpdate, Update
+from zo2.units import find_units, unique_params
+
+FORMAT = "zo2-seedlog"
+VERSION = 1
+HEADER_KEY = "zo2"
+
+
+@dataclass(kw_only=True)
+class SeedLog:
+    """The updates of one fine-tune, one record per applied (non-skipped) step.
+
+    Args:
+        base: the base model's :func:`~zo2.models.model_identity`.
+        seed: the run seed; the seeds of step t are ``step_seed(seed, t, j)``.
+        direction: distribution of ``z`` (``gaussian`` | ``rademacher``).
+        rounding: rounding of the updated bf16/fp16 weights (``nearest`` | ``stochastic``).
+        trainable: the glob patterns over parameter names that were trained.
+        steps: the step index of each record, strictly increasing.
+        coefs: each record's q coefficients.
+        decay: each record's weight-decay factor (applied to matrices only).
+        dtype: the trained parameters' dtype (``"float32"``...); None: not checked.
+    """
+
+    base: dict[str, Any]
+    seed: int
+    direction: str = "gaussian"
+    rounding: str = "nearest"
+    trainable: list[str] = field(default_factory=lambda: ["*"])
+    steps: list[int] = field(default_factory=list)
+    coefs: list[tuple[float, ...]] = field(default_factory=list)
+    decay: list[float] = field(default_factory=list)
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self.trainable = list(self.trainable)
+        self.steps = [int(s) for s in self.steps]
+        self.coefs = [tuple(float(c) for c in cs) for cs in self.coefs]
+        self.decay = [float(d) for d in self.decay]
+        if self.direction not in DISTS:
+            raise ValueError(f"direction must be one of {DISTS}, got {self.direction!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if not len(self.steps) == len(self.coefs) == len(self.decay):
+            raise ValueError(f"{len(self.steps)} steps, {len(self.coefs)} coefs and "
+                             f"{len(self.decay)} decays: one of each per record")
+        if len({len(cs) for cs in self.coefs}) > 1:
+            raise ValueError("every record must have the same number of coefficients (q)")
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:])):
+            raise ValueError("steps must be strictly increasing")
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def q(self) -> int:
+        """Directions per step (0 for an empty log)."""
+        return len(self.coefs[0]) if self.coefs else 0
+
+    def updates(self) -> Iterator[Update]:
+        """The records as :class:`~zo2.perturb.Update` objects, in order."""
+        for step, coefs, decay in zip(self.steps, self.coefs, self.decay):
+            seeds = tuple(step_seed(self.seed, step, j) for j in range(len(coefs)))
+            yield Update(seeds, coefs, decay, round_seed=step_seed(self.seed, step, -1))
+
+    # ---- building ---------------------------------------------------------------------
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping], *, base: dict[str, Any], seed: int,
+                     **settings: Any) -> SeedLog:
+        """From ``{"step", "seeds", "coefs", "decay"}`` records (:attr:`ZOEngine.log`).
+
+        Raises ValueError when a record's seeds are not ``step_seed(seed, step, j)``
+        (a log of another run seed, or records edited by hand). ``settings`` are the
+        remaining fields (direction, rounding, trainable, dtype).
+        """
+        steps, coefs, decay = [], [], []
+        for record in records:
+            step = int(record["step"])
+            expected = [step_seed(seed, step, j) for j in range(len(record["coefs"]))]
+            if [int(s) for s in record["seeds"]] != expected:
+                raise ValueError(f"record of step {step}: its seeds are not those of run "
+                                 f"seed {seed} (step_seed(seed, step, j))")
+            steps.append(step)
+            coefs.append(tuple(record["coefs"]))
+            decay.append(record["decay"])
+        return cls(base=base, seed=seed, steps=steps, coefs=coefs, decay=decay, **settings)
+
+    @classmethod
+    def from_engine(cls, engine: Any, trainable: Sequence[str] = ("*",)) -> SeedLog:
+        """The seed log of a :class:`~zo2.engine.ZOEngine` run so far.
+
+        ``trainable`` must be the globs the engine was built with (it does not keep
+        them); ValueError when they select other parameters than the engine trains, or
+        when the engine's log lacks updates it made (a run resumed from a checkpoint
+        that did not restore :attr:`ZOEngine.log`).
+        """
+        missing = engine.step_index - engine.skipped_steps - len(engine.log)
+        if missing:
+            raise ValueError(f"the engine's log lacks {missing} of its updates (resumed from "
+                             "a checkpoint without its log?): it cannot describe the run")
+        chosen = [p.name for p in unique_params(find_units(engine.model, tuple(trainable)))]
+        if chosen != [p.name for p in engine.params]:
+            raise ValueError(f"trainable={list(trainable)} selects other parameters than "
+                             "the engine trains; pass the globs the engine was built with")
+        dtype = str(engine.params[0].param.dtype).removeprefix("torch.")
+        return cls.from_records(engine.log, base=model_identity(engine.model), seed=engine.seed,
+                                direction=engine.optim.direction,
+                                rounding=engine.optim.rounding, trainable=list(trainable),
+                                dtype=dtype)
+
+    # ---- the file ---------------------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        """Everything but the per-record tensors, as stored in the file's metadata."""
+        return {"format": FORMAT, "version": VERSION, "base": self.base, "seed": self.seed,
+                "direction": self.direction, "rounding": self.rounding,
+                "trainable": self.trainable, "dtype": self.dtype, "q": self.q}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the log to ``path`` (one safetensors file; replaced atomically)."""
+        path = Path(path)
+        n = len(self)
+        tensors = {
+            "steps": torch.tensor(self.steps, dtype=torch.int64).reshape(n),
+            "coefs": torch.tensor(self.coefs, dtype=torch.float64).reshape(n, self.q),
+            "decay": torch.tensor(self.decay, dtype=torch.float64).reshape(n),
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(self.header())})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SeedLog:
+        """Read a file written by :meth:`save`; CheckpointError naming the file otherwise."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"seed log {path} not found")
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a zo2 seed log or is corrupt ({err})") from None
+        try:
+            header = json.loads(meta[HEADER_KEY])
+            fmt = header["format"]
+        except (KeyError, TypeError, json.JSONDecodeError):
+            fmt = None
+        if fmt != FORMAT:
+            raise CheckpointError(f"{path} is not a zo2 seed log (no {FORMAT!r} header)")
+        if header.get("version") != VERSION:
+            raise CheckpointError(f"{path}: seed log version {header.get('version')!r}; "
+                                  f"this zo2 reads version {VERSION}")
+        try:
+            return cls(base=header["base"], seed=int(header["seed"]),
+                       direction=header["direction"], rounding=header["rounding"],
+                       trainable=header["trainable"], dtype=header.get("dtype"),
+                       steps=tensors["steps"].tolist(),
+                       coefs=[tuple(row) for row in tensors["coefs"].tolist()],
+                       decay=tensors["decay"].tolist())
+        except (KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{path}: corrupt zo2 seed log ({err!r})") from None
+
+
+# ---- replay -----------------------------------------------------------------------------
+def check_base(model: nn.Module, log: SeedLog) -> None:
+    """Raise CheckpointError unless ``model`` is the base model ``log`` was made from."""
+    have = model_identity(model)
+    want = log.base
+    if (have["config_hash"], have["num_params"]) != (want["config_hash"], want["num_params"]):
+        raise CheckpointError(
+            f"the seed log was made from another model: it expects {want.get('name')!r} "
+            f"(config {want['config_hash']}, {want['num_params']} parameters), got "
+            f"{have['name']!r} (config {have['config_hash']}, {have['num_params']} parameters)")
+
+
+@torch.no_grad()
+def replay(model: nn.Module, log: SeedLog, *,
+           device: torch.device | str | None = None) -> nn.Module:
+    """Apply every update of ``log`` to ``model`` in place (its base weights); returns it.
+
+    Each parameter gets the records in order; parameters are independent, so they are
+    replayed one after another (for cache locality). The model is not wrapped or
+    otherwise changed. ``device``: move the model there first (CPU or CUDA kernels give
+    the same bits). Raises CheckpointError for another base model or another dtype.
+    """
+    check_base(model, log)
+    if device is not None:
+        model.to(device)
+    params = unique_params(find_units(model, tuple(log.trainable)))
+    for p in params:
+        if p.param.device.type == "meta":
+            raise CheckpointError(f"{p.name} has no weights (on meta): load the base first")
+        dtype = str(p.param.dtype).removeprefix("torch.")
+        if log.dtype is not None and dtype != log.dtype:
+            raise CheckpointError(f"the run updated {log.dtype} weights but {p.name} is "
+                                  f"{dtype}: load the base with dtype={log.dtype}")
+    updates = list(log.updates())
+    pending = PendingUpdate(log.direction, log.rounding)
+    for p in params:
+        for update in updates:
+            pending.set(update)
+            pending.apply(p, p.param.data)
+    return model
+
+
+# ---- command line -----------------------------------------------------------------------
+def _info(path: str) -> None:
+    log = SeedLog.load(path)
+    print(json.dumps(log.header(), indent=2))
+    span = f" (steps {log.steps[0]}..{log.steps[-1]})" if len(log) else ""
+    print(f"records: {len(log)}{span}")
+    print(f"file size: {Path(path).stat().st_size} bytes")
+
+
+def _replay(base: str, log_path: str, out: str, dtype: str | None) -> None:
+    from zo2.models import load_model
+
+    log = SeedLog.load(log_path)
+    model, tokenizer = load_model(base, dtype=dtype or log.dtype or "float32")
+    replay(model, log)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"replayed {len(log)} updates onto {base}; wrote {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m zo2.seedlog {info,replay}``; user errors exit 2 with one line."""
+    parser = argparse.ArgumentParser(prog="python -m zo2.seedlog", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print a seed log's header, records and file size")
+    info.add_argument("file", help="the .seedlog file")
+    rep = sub.add_parser("replay", help="rebuild the fine-tuned model from base + seed log")
+    rep.add_argument("--base", required=True, help="the base: a HF folder or a zo2 model name")
+    rep.add_argument("--log", required=True, help="the .seedlog file")
+    rep.add_argument("--out", required=True, help="folder for the save_pretrained output")
+    rep.add_argument("--dtype", default=None,
+                     help="load the base in this dtype (default: the dtype the run trained)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            _info(args.file)
+        else:
+            _replay(args.base, args.log, args.out, args.dtype)
+    except ZO2Error as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
