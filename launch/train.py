@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import datetime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -27,6 +28,19 @@ from zo2.config import register  # noqa: E402
 from zo2.errors import ZO2Error  # noqa: E402
 
 register()
+
+
+def _run_dir() -> str:
+    """Hydra's run directory: ``runs/<date>/<time>``; under torchrun one directory per
+    job, ``runs/torchrun-<run id>``, shared by every rank and by every elastic restart
+    (``--max-restarts``), so a restarted job finds its checkpoints and resumes."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's --rdzv-id
+    if run_id != "none":
+        return f"runs/torchrun-{run_id}"
+    return datetime.now().strftime("runs/%Y-%m-%d/%H-%M-%S")
+
+
+OmegaConf.register_new_resolver("zo2_run_dir", _run_dir, replace=True)
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train")

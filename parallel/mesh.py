@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from zo2.config import ParallelConfig
-from zo2.errors import ConfigError
+from zo2.errors import ConfigError, ZO2Error
 
 
 def resolve_degrees(dp: int, pp: int, world: int) -> tuple[int, int]:
@@ -64,6 +64,21 @@ class LaunchEnv:
                          # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE
                          local_world=int(env.get("LOCAL_WORLD_SIZE",
                                                  env.get("LOCAL_SIZE", world))))
+
+
+def _attempt_store(timeout: timedelta) -> dict:
+    """Under an elastic restart, the launcher's key-value store with a prefix per attempt.
+
+    torchrun's agent keeps one store for the whole job; the restarted workers would
+    otherwise read the dead workers' addresses for every group after the first (a
+    "connection refused" on restart). With the attempt in every key they cannot.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
+        return {}
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    return {"store": dist.PrefixStore(f"zo2/attempt-{attempt}", store), "rank": rank,
+            "world_size": world}
 
 
 class Mesh:
@@ -110,7 +125,7 @@ class Mesh:
         if not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group(self.backend, timeout=timeout)
+            dist.init_process_group(self.backend, timeout=timeout, **_attempt_store(timeout))
         self.device_mesh = init_device_mesh(self.device.type, (self.dp, self.pp),
                                             mesh_dim_names=("dp", "pp"))
         self.dp_group = self.device_mesh.get_group("dp")
@@ -139,6 +154,26 @@ class Mesh:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=self.host_group)
         return box[0]
+
+    def on_main(self, fn):
+        """``fn()`` run on rank 0; its result, or the user error it raised, on every rank.
+
+        So a check that only the main rank can make (it owns the output directory)
+        ends every rank with the same message instead of leaving them waiting.
+        """
+        if not self.distributed:
+            return fn()
+        box = [None]
+        if self.is_main:
+            try:
+                box = [(True, fn())]
+            except ZO2Error as err:
+                box = [(False, err)]
+        dist.broadcast_object_list(box, src=0, group=self.host_group)
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def close(self) -> None:
         """Leave the process group (at the end of a run)."""

@@ -1,10 +1,13 @@
-"""The same 2-rank DDP job through torchrun and through the deepspeed launcher.
+"""The same 2-rank DDP job through torchrun, the deepspeed launcher and a Ray cluster job.
 
-Both launchers only start processes and set the environment (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR/PORT); the job itself is the same code with the same sharding, so the two end
-bitwise equal, and equal to the single-process run with the same global batch up to float
-rounding. The deepspeed run compiles nothing: zo2 creates its gloo process group through
-torch.distributed, so DeepSpeed's CPU communication extension is never built.
+The launchers only start processes and set the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT; Ray also builds the gloo process group); the job itself is the same
+code with the same sharding, so all three end bitwise equal, and equal to the
+single-process run with the same global batch up to float rounding. The deepspeed run
+compiles nothing: zo2 creates its gloo process group through torch.distributed, so
+DeepSpeed's CPU communication extension is never built. The Ray job is submitted with
+``ray job submit`` to a local cluster (``ray start --head --num-cpus=2``) whose files
+all live in the test's temporary folders.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,9 +52,10 @@ def _steps(out: Path) -> list[dict]:
 
 
 def _weights(out: Path) -> dict:
+    """The final weights: the checkpoint of the last step."""
     from safetensors.torch import load_file
 
-    return load_file(out / "best" / "model.safetensors")
+    return load_file(out / "checkpoints" / "step-00000003" / "model.safetensors")
 
 
 def launch(launcher: str, out: Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -65,7 +71,36 @@ def launch(launcher: str, out: Path, cwd: Path) -> subprocess.CompletedProcess:
         return _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                      "--master_port", str(_free_port()), "--no_local_rank", "--module",
                      "zo2.launch.train", *args], cwd)
+    if launcher == "ray":
+        return _ray_job(args, cwd)
     raise ValueError(launcher)
+
+
+def _ray_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``ray start --head`` (2 CPUs), ``ray job submit`` the job, ``ray stop``."""
+    ray = str(Path(sys.executable).parent / "ray")
+    temp = Path(tempfile.mkdtemp(prefix="ray"))  # short: Ray's socket paths have a limit
+    env = dict(_env(), RAY_TMPDIR=str(temp), RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    dashboard = _free_port()
+    start = [ray, "start", "--head", "--num-cpus=2", f"--temp-dir={temp}",
+             f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+             f"--dashboard-agent-listen-port={_free_port()}", "--include-dashboard=true",
+             "--disable-usage-stats"]
+    try:
+        up = subprocess.run(start, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+        assert up.returncode == 0, up.stderr[-3000:]
+        proc = subprocess.run(
+            [ray, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--",
+             "python", "-m", "zo2.launch.ray_job", "--workers=2",
+             f"--storage={cwd / 'ray-storage'}", "--name=ddp", "--", *args],
+            cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-3000:])
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +112,9 @@ def runs(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in done:
             proc = launch(name, root / name, root)
-            if name != "single":
+            if name in ("torchrun", "deepspeed"):
                 assert proc.stdout.count("tuned test acc") == 1  # the main rank reports
+            if name != "single":
                 par = json.loads((root / name / "summary.json").read_text())["parallel"]
                 assert par["world"] == 2 and par["local_world"] == 2
             done[name] = root / name
@@ -87,6 +123,8 @@ def runs(tmp_path_factory):
     return get
 
 
+needs_ray = pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None,
+                               reason="ray is not installed (pip install '.[dist]')")
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (pip install '.[dist]')")
 
@@ -102,11 +140,26 @@ def test_deepspeed_launcher_matches_torchrun_bitwise(runs):
     assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
+@needs_ray
+def test_ray_job_matches_torchrun_bitwise(runs):
+    torchrun, ray = runs("torchrun"), runs("ray")
+    a, b = _steps(torchrun), _steps(ray)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x["grads"] == y["grads"] and x["loss"] == y["loss"]
+    wa, wb = _weights(torchrun), _weights(ray)
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+    # Ray holds the job's checkpoints too (a failure restart resumes from them).
+    reported = sorted(p for p in (ray.parent / "ray-storage" / "ddp").glob("checkpoint_*")
+                      if p.is_dir())
+    assert reported and (reported[-1] / "MANIFEST.json").is_file()
+
+
 @pytest.mark.slow  # adds the single-process reference: ~95 s with the test above on 2 cores
 @needs_deepspeed
 def test_both_launchers_match_the_single_process_run(runs):
     ref = _steps(runs("single"))
-    for name in ("torchrun", "deepspeed"):
+    for name in ("torchrun", "deepspeed", "ray"):
         ours = _steps(runs(name))
         assert len(ours) == len(ref) == 3
         for x, r in zip(ours, ref, strict=True):  # the global batch split over two ranks

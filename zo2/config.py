@@ -114,6 +114,15 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Periodic run checkpoints (``<output_dir>/checkpoints/step-*``) and resuming."""
+
+    every: int = 50  # steps between checkpoints, and the last step (0: no checkpoints)
+    keep: int = 2  # complete checkpoints kept (older ones are deleted after a save)
+    resume: str = "auto"  # auto: from the newest valid checkpoint if any | never | a path
+
+
+@dataclass
 class TrainConfig:
     """A whole run."""
 
@@ -123,6 +132,7 @@ class TrainConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32
@@ -173,6 +183,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     validate_offload(cfg.offload)
     validate_parallel(cfg.parallel)
     _one_of(cfg.logging.wandb, ("auto", "online", "offline", "off"), "logging.wandb")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _require(bool(cfg.checkpoint.resume), "checkpoint.resume",
+             "must be 'auto', 'never' or a checkpoint folder")
     _require(cfg.steps >= 0, "steps", "must be >= 0")
     _require(cfg.eval_every >= 0, "eval_every", "must be >= 0")
     _require(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")

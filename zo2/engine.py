@@ -266,7 +266,7 @@ class ZOEngine:
         """Everything besides the weights that determines the future of the run."""
         self.flush()
         return {"step": self.step_index, "seed": self.seed, "skipped_steps": self.skipped_steps,
-                "optim": asdict(self.optim), "total_steps": self.total_steps}
+                "optim": asdict(self.optim), "total_steps": self.total_steps, "log": self.log}
 
     def load_state_dict(self, state: Mapping) -> None:
         if state["seed"] != self.seed:
@@ -275,6 +275,7 @@ class ZOEngine:
         self.pending.set(None)
         self.step_index = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.log = list(state.get("log", []))
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""

@@ -26,9 +26,11 @@ class Tracker:
         out: the run's output directory.
         run_config: the run's whole configuration (a plain dict), stored with the run.
         main: whether this is the main rank (the others track nothing).
+        run_id: continue this wandb run (a resumed training run).
     """
 
-    def __init__(self, config: LoggingConfig, out: Path, run_config: dict, main: bool) -> None:
+    def __init__(self, config: LoggingConfig, out: Path, run_config: dict, main: bool,
+                 run_id: str | None = None) -> None:
         self.run = None
         if not main or config.wandb == "off":
             return
@@ -42,7 +44,13 @@ class Tracker:
             return
         self.run = wandb.init(project=config.project, name=config.name or out.name,
                               dir=str(out), mode=mode, config=run_config,
+                              id=run_id, resume="allow" if run_id else None,
                               settings=wandb.Settings(silent=True, console="off"))
+
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run's id (a resumed run continues it), None when not tracking."""
+        return self.run.id if self.run is not None else None
 
     def log(self, record: dict, step: int) -> None:
         """Log the numeric fields of ``record`` (nested dicts flattened with ``/``)."""

@@ -10,7 +10,12 @@ reported for that checkpoint. Files written to the output directory:
 * ``curves.png``: training loss and dev accuracy against step (``logging.plot``);
 * ``wandb/``: an offline wandb run unless ``logging.wandb`` says otherwise;
 * ``best/``: the best-dev checkpoint, a ``save_pretrained`` folder
-  (``from_pretrained`` loads it) with the engine state.
+  (``from_pretrained`` loads it) with the engine state;
+* ``checkpoints/step-*``: the newest ``checkpoint.keep`` run checkpoints (every
+  ``checkpoint.every`` steps and the last): weights, engine state with the seed log,
+  data position, best-so-far (:mod:`zo2.checkpoints`: atomic, verified on load).
+  A run started again in the same directory continues from the newest valid one
+  and ends with exactly the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,17 +23,19 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from zo2.checkpoints import CheckpointManager, replace_dir, verify
 from zo2.config import OffloadConfig, TrainConfig, to_dict, validate
 from zo2.data.batching import BatchIterator, encode, label_word_ids
 from zo2.data.tasks import load_task
 from zo2.engine import ZOEngine
-from zo2.errors import ConfigError
+from zo2.errors import CheckpointError, ConfigError
 from zo2.loss import Objective
 from zo2.models import load_model, model_identity, weights_folder
 from zo2.offload.checkpoint import SafetensorsWeights
@@ -36,6 +43,8 @@ from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
 from zo2.tracking import Tracker, plot_curves
 
 log = logging.getLogger("zo2")
+
+RUN_STATE = "run_state.json"
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -90,8 +99,13 @@ def _batches(tokenizer, examples, spec, batch_size: int, max_length: int) -> lis
             for i in range(0, len(examples), batch_size)]
 
 
-def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
-    """Fine-tune as configured; returns the summary (also written to summary.json)."""
+def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = None) -> dict:
+    """Fine-tune as configured; returns the summary (also written to summary.json).
+
+    With ``cfg.checkpoint.resume`` (default ``auto``) a run whose output directory
+    holds checkpoints continues from the newest valid one, exactly where it stopped.
+    ``reporter`` (e.g. Ray Train's) receives each evaluation and checkpoint.
+    """
     validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -104,6 +118,10 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     out = Path(mesh.agree(str(output_dir)))  # rank 0's directory (launch times differ)
     if not comm.is_main:
         log.setLevel(logging.WARNING)  # one rank reports progress
+    checkpoints = CheckpointManager(out / "checkpoints", keep=cfg.checkpoint.keep, comm=comm)
+    # Decided before anything is written: a bad resume request ends here.
+    resume = mesh.on_main(lambda: _resume_point(cfg, out, checkpoints))
+    resumed = _read_run_state(cfg, resume) if resume else None
     out.mkdir(parents=True, exist_ok=True)
     # Offloaded: build the model empty and stream its checkpoint into the block store,
     # so a model larger than host memory never has to be loaded whole.
@@ -122,20 +140,39 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     test = _batches(tokenizer, task.test, task.spec, cfg.eval_batch_size, t.max_length)
     train = BatchIterator(tokenizer, task.train, task.spec, batch_size=cfg.optim.batch_size,
                           seed=cfg.seed, max_length=t.max_length)
-    tracker = Tracker(cfg.logging, out, to_dict(cfg), main=comm.is_main)
+    if comm.is_main:
+        _keep_metrics(out / "metrics.jsonl", upto=resumed["step"] if resumed else None)
+    tracker = Tracker(cfg.logging, out, to_dict(cfg), main=comm.is_main,
+                      run_id=resumed.get("wandb_id") if resumed else None)
     metrics = MetricsFile(out / "metrics.jsonl" if comm.is_main else None, tracker)
-    metrics.write(event="config", config=to_dict(cfg), model=model_identity(model),
-                  parallel=mesh.describe())
+    reporter = reporter or Reporter()
 
-    zero_dev, zero_test = engine.evaluate(dev), engine.evaluate(test)
-    metrics.write(event="eval", step=0, dev=zero_dev, test=zero_test)
-    log.info("zero-shot: dev acc %.4f, test acc %.4f", zero_dev["accuracy"], zero_test["accuracy"])
-    best = {"step": 0, "dev": zero_dev}
-    engine.save(out / "best", tokenizer)
+    if resumed:
+        engine.load(resume)
+        train.load_state_dict(resumed["data"])
+        zero, best = resumed["zero_shot"], resumed["best"]
+        metrics.write(event="resume", step=engine.step_index, checkpoint=str(resume))
+        log.info("resumed from %s at step %d", resume, engine.step_index)
+    else:
+        metrics.write(event="config", config=to_dict(cfg), model=model_identity(model),
+                      parallel=mesh.describe())
+        zero = {"dev": engine.evaluate(dev), "test": engine.evaluate(test)}
+        metrics.write(event="eval", step=0, **zero)
+        log.info("zero-shot: dev acc %.4f, test acc %.4f", zero["dev"]["accuracy"],
+                 zero["test"]["accuracy"])
+        best = {"step": 0, "dev": zero["dev"]}
+        _save_best(engine, out, tokenizer)
 
-    progress = _progress(cfg) if comm.is_main else None
+    def write_checkpoint(folder: Path) -> None:
+        engine.save(folder)
+        if comm.is_main:
+            state = {"step": engine.step_index, "data": train.state_dict(), "best": best,
+                     "zero_shot": zero, "config": to_dict(cfg), "wandb_id": tracker.run_id}
+            (folder / RUN_STATE).write_text(json.dumps(state, indent=1))
+
+    progress = _progress(cfg, initial=engine.step_index) if comm.is_main else None
     tokens, last = 0, time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    for step in range(engine.step_index + 1, cfg.steps + 1):
         batch = next(train)
         result = engine.step(batch)
         tokens += int(batch["attention_mask"].sum()) * len(result.losses)
@@ -151,13 +188,21 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
                                      tok_s=f"{rate:.0f}")
         if progress is not None:
             progress.update(1)
+        record = {"step": step, "loss": result.loss}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             dev_metrics = engine.evaluate(dev)
             metrics.write(event="eval", step=step, dev=dev_metrics)
             log.info("step %d: dev acc %.4f", step, dev_metrics["accuracy"])
+            record["dev_accuracy"] = dev_metrics["accuracy"]
             if dev_metrics["accuracy"] > best["dev"]["accuracy"]:
                 best = {"step": step, "dev": dev_metrics}
-                engine.save(out / "best", tokenizer)
+                _save_best(engine, out, tokenizer)
+        every = cfg.checkpoint.every
+        saved = None
+        if every and (step % every == 0 or step == cfg.steps):
+            saved = checkpoints.save(step, write_checkpoint)
+        if saved is not None or "dev_accuracy" in record:
+            reporter.report(record, saved if comm.is_main else None)
     if progress is not None:
         progress.close()
 
@@ -167,11 +212,11 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     tuned_test = engine.evaluate(test)
     summary = {
         "model": cfg.model.name, "task": t.name, "steps": cfg.steps,
-        "zero_shot_dev": zero_dev["accuracy"], "zero_shot_test": zero_test["accuracy"],
+        "zero_shot_dev": zero["dev"]["accuracy"], "zero_shot_test": zero["test"]["accuracy"],
         "best_step": best["step"], "best_dev": best["dev"]["accuracy"],
         "tuned_test": tuned_test["accuracy"], "skipped_steps": engine.skipped_steps,
         "minutes": (time.perf_counter() - started) / 60, "peak_rss_mb": peak_rss_mb(),
-        "checkpoint": str(out / "best"),
+        "checkpoint": str(out / "best"), "resumed_from": str(resume) if resume else None,
         "parallel": {k: v for k, v in mesh.describe().items() if "rank" not in k},
     }
     metrics.write(event="summary", **summary)
@@ -183,6 +228,95 @@ def run(cfg: TrainConfig, output_dir: str | Path) -> dict:
     engine.close()
     mesh.close()
     return summary
+
+
+class Reporter:
+    """Receives each evaluation and checkpoint of a run (Ray Train reports them to Ray).
+
+    ``report`` is called on every rank with the same record; ``checkpoint`` is the
+    published checkpoint folder on the main rank and None elsewhere.
+    """
+
+    def report(self, record: dict, checkpoint: Path | None) -> None:
+        pass
+
+
+# Run settings that may change on resume: they do not change the trajectory.
+RESUMABLE_CHANGES = ("offload", "parallel", "logging", "checkpoint", "eval_batch_size",
+                     "log_every", "output_dir", "threads", "progress")
+
+
+def _resume_point(cfg: TrainConfig, out: Path, checkpoints: CheckpointManager) -> str | None:
+    """The checkpoint folder to resume from, or None for a fresh start (main rank)."""
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never"):
+        verify(resume)  # an explicit folder must be whole
+        return str(resume)
+    published = checkpoints.all()
+    if resume == "never":
+        if published or (out / "metrics.jsonl").exists():
+            raise ConfigError(f"checkpoint.resume=never, but {out} already holds a run "
+                              "(use checkpoint.resume=auto to continue it, or another "
+                              "output_dir)")
+        return None
+    latest = checkpoints.latest()
+    if latest is None and published:
+        raise CheckpointError(f"every checkpoint in {checkpoints.root} fails verification "
+                              "(see the warnings above); move them away to start afresh")
+    return str(latest) if latest is not None else None
+
+
+def _read_run_state(cfg: TrainConfig, folder: str) -> dict:
+    """The run state saved with a checkpoint; ConfigError if the config changed what
+    the run computes (the model, task, optimizer, seed or number of steps)."""
+    path = Path(folder) / RUN_STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read the run state {path}: {err}") from None
+    saved, now = state["config"], to_dict(cfg)
+    changed = [f"{key} ({saved.get(key)} -> {now[key]})" for key in now
+               if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
+    if changed:
+        raise ConfigError(f"cannot resume from {folder}: the config changed "
+                          f"{'; '.join(changed)[:600]} (use another output_dir, or "
+                          "checkpoint.resume=never there)")
+    return state
+
+
+def _keep_metrics(path: Path, upto: int | None) -> None:
+    """Make ``metrics.jsonl`` end at step ``upto`` before a resumed run appends to it.
+
+    Records of steps after the checkpoint (redone by the resumed run) are dropped; for
+    a fresh start (``upto=None``) an old file is kept aside as ``metrics.jsonl.old``.
+    """
+    if not path.exists():
+        return
+    if upto is None:
+        path.replace(path.with_name(path.name + ".old"))
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the crash
+        if record.get("event") != "summary" and record.get("step", 0) <= upto:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _save_best(engine: ZOEngine, out: Path, tokenizer) -> None:
+    """Write ``best/`` (a collective with several ranks): atomically replaced."""
+    tmp = out / ".best.tmp"
+    if engine.comm.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    engine.save(tmp, tokenizer)
+    if engine.comm.is_main:
+        replace_dir(tmp, out / "best")
+    engine.comm.barrier()
 
 
 def _offload(cfg: TrainConfig, out: Path, mesh: Mesh) -> OffloadConfig:
@@ -198,9 +332,9 @@ def _offload(cfg: TrainConfig, out: Path, mesh: Mesh) -> OffloadConfig:
     return offload
 
 
-def _progress(cfg: TrainConfig):
+def _progress(cfg: TrainConfig, initial: int = 0):
     if not cfg.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, desc="zo2", unit="step", dynamic_ncols=True)
+    return tqdm(total=cfg.steps, initial=initial, desc="zo2", unit="step", dynamic_ncols=True)

@@ -1,0 +1,156 @@
+"""Kill a training run (SIGKILL) and start it again: it ends with exactly the weights of
+an uninterrupted run. Single process, offloaded, and a 2-rank torchrun job restarted by
+torchrun itself (``--max-restarts``), in the directory torchrun's run id names.
+
+Perturbation parallelism and offloading are bit-identical to the single resident
+process, so one uninterrupted reference serves every case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+STEPS = 8
+ARGS = ["model=tiny-llama", f"steps={STEPS}", "eval_every=3", "log_every=1", "optim.lr=1e-3",
+        "checkpoint.every=2", "checkpoint.keep=2", "task.n_train=24", "task.n_dev=12",
+        "task.n_test=12", "task.max_length=48", "optim.batch_size=4", "eval_batch_size=12",
+        "progress=false", "logging=none"]
+ENTRY = [sys.executable, "-m", "zo2.launch.train"]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def _run(cmd: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=_env(), timeout=600)
+    if ok:
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc
+
+
+def _start(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for(root: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0]
+        assert proc.poll() is None, "the run ended before the point where it was to be killed"
+        time.sleep(0.02)
+    raise TimeoutError(f"{root}/{pattern} did not appear")
+
+
+def _final(out: Path) -> dict:
+    return load_file(out / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].equal(b[name]), name
+
+
+def _events(out: Path) -> list[tuple[str, int]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["event"], r.get("step", -1)) for r in records if r["event"] in ("step", "eval")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    _run([*ENTRY, *ARGS, f"output_dir={out}"], out.parent)
+    return out
+
+
+@pytest.mark.parametrize("extra,kill_after", [
+    ([], "step-00000004"),  # killed between steps, right after a checkpoint
+    (["offload=cpu", "offload.ring=1"], "step-00000002"),  # offloaded, killed mid-run
+])
+def test_killed_run_resumes_exactly(reference, tmp_path, extra, kill_after):
+    out = tmp_path / "run"
+    cmd = [*ENTRY, *ARGS, *extra, f"output_dir={out}"]
+    proc = _start(cmd, tmp_path)
+    _wait_for(out, f"checkpoints/{kill_after}", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    done = _run(cmd, tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] is not None, done.stderr[-2000:]
+    _assert_same(_final(out), _final(reference))
+    _assert_same(load_file(out / "best" / "model.safetensors"),
+                 load_file(reference / "best" / "model.safetensors"))
+    # The metrics read as one run: every step and evaluation once, in order.
+    assert _events(out) == _events(reference)
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    for key in ("zero_shot_test", "best_step", "best_dev", "tuned_test"):
+        assert summary[key] == ref_summary[key], key
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for name in ("summary.json",):
+        (out / name).unlink()
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step-00000006", f"step-{STEPS:08d}"]
+    weights = checkpoints[-1] / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte
+    weights.write_bytes(bytes(blob))
+    done = _run([*ENTRY, *ARGS, f"output_dir={out}"], tmp_path)
+    assert "fails its SHA-256 check" in done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-00000006")
+    _assert_same(_final(out), _final(reference))  # step 8 redone, and the same
+
+
+def test_resume_refuses_a_changed_config_and_touches_nothing(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = (out / "metrics.jsonl").read_bytes()
+    proc = _run([*ENTRY, *ARGS, "optim.lr=5e-4", f"output_dir={out}"], tmp_path, ok=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: cannot resume") and "optim" in proc.stderr
+    proc = _run([*ENTRY, *ARGS, "checkpoint.resume=never", f"output_dir={out}"], tmp_path,
+                ok=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes(reference, tmp_path):
+    """2 ranks of perturbation parallelism under ``torchrun --max-restarts=1``; one
+    worker is killed; torchrun restarts both, they resume from the newest checkpoint in
+    ``runs/torchrun-<run id>`` (no output_dir given) and end bitwise equal."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--max-restarts=1", "--monitor-interval=0.2", "-m", "zo2.launch.train", *ARGS,
+           "parallel=pertp"]
+    proc = _start(cmd, tmp_path)
+    first = _wait_for(tmp_path, "runs/torchrun-*/checkpoints/step-00000004", proc)
+    out = first.parent.parent
+    import psutil
+
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "zo2.launch.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[1].kill()
+    assert proc.wait(timeout=600) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] is not None
+    _assert_same(_final(out), _final(reference))
+    assert _events(out) == _events(reference)
