@@ -100,6 +100,20 @@ def test_killed_run_resumes_exactly(reference, tmp_path, extra, kill_after):
     ref_summary = json.loads((reference / "summary.json").read_text())
     for key in ("zero_shot_test", "best_step", "best_dev", "tuned_test"):
         assert summary[key] == ref_summary[key], key
+    # The seed log survives the kill too: the same file as the uninterrupted run's.
+    assert (out / "run.seedlog").read_bytes() == (reference / "run.seedlog").read_bytes()
+
+
+def test_the_seed_log_replays_onto_the_base_to_the_final_weights(reference):
+    from zo2.models import load_model
+    from zo2.seedlog import SeedLog, replay
+
+    log = SeedLog.load(reference / "run.seedlog")
+    assert len(log) == STEPS
+    model, _ = load_model("tiny-llama")  # the same seeded random base
+    replay(model, log)
+    _assert_same({k: v.contiguous() for k, v in model.state_dict().items()
+                  if k in _final(reference)}, _final(reference))
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path):

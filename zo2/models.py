@@ -97,6 +97,7 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
         "torch_dtype",
         "transformers_version",
         "use_cache",
+        "architectures",  # save_pretrained fills it in: the same model before and after
     ):
         cfg.pop(key, None)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -11,6 +11,9 @@ reported for that checkpoint. Files written to the output directory:
 * ``wandb/``: an offline wandb run unless ``logging.wandb`` says otherwise;
 * ``best/``: the best-dev checkpoint, a ``save_pretrained`` folder
   (``from_pretrained`` loads it) with the engine state;
+* ``run.seedlog``: the seed log (:mod:`zo2.seedlog`), every update of the run in a
+  few bytes a step; ``python -m zo2.seedlog replay`` rebuilds the final weights from
+  the base model bit for bit;
 * ``checkpoints/step-*``: the newest ``checkpoint.keep`` run checkpoints (every
   ``checkpoint.every`` steps and the last): weights, engine state with the seed log,
   data position, best-so-far (:mod:`zo2.checkpoints`: atomic, verified on load).
@@ -40,6 +43,7 @@ from zo2.loss import Objective
 from zo2.models import load_model, model_identity, weights_folder
 from zo2.offload.checkpoint import SafetensorsWeights
 from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
+from zo2.seedlog import SeedLog
 from zo2.tracking import Tracker, plot_curves
 
 log = logging.getLogger("zo2")
@@ -207,6 +211,9 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
         progress.close()
 
     final_step = engine.step_index
+    seedlog = out / "run.seedlog"
+    if comm.is_main:  # every update of the run: replayed onto the base, the last weights
+        SeedLog.from_engine(engine, cfg.model.trainable).save(seedlog)
     if best["step"] != final_step:
         engine.load_weights(out / "best")
     tuned_test = engine.evaluate(test)
@@ -217,6 +224,7 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
         "tuned_test": tuned_test["accuracy"], "skipped_steps": engine.skipped_steps,
         "minutes": (time.perf_counter() - started) / 60, "peak_rss_mb": peak_rss_mb(),
         "checkpoint": str(out / "best"), "resumed_from": str(resume) if resume else None,
+        "seedlog": str(seedlog), "seedlog_bytes": seedlog.stat().st_size if comm.is_main else None,
         "parallel": {k: v for k, v in mesh.describe().items() if "rank" not in k},
     }
     metrics.write(event="summary", **summary)
