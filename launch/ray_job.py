@@ -30,21 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def compose(overrides: list[str]):
-    """The :class:`~zo2.config.TrainConfig` that ``zo2-train <overrides>`` would run."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    import zo2.configs
-    from zo2.config import register
-
-    register()
-    folder = str(Path(zo2.configs.__file__).parent)
-    with initialize_config_dir(config_dir=folder, version_base=None):
-        return OmegaConf.to_object(hydra_compose("train", overrides=overrides))
-
-
 class RayReporter:
     """Evaluations as Ray metrics; zo2 checkpoints as Ray checkpoints (main rank)."""
 
@@ -98,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from zo2.config import validate
+    from zo2.config import compose, validate
     from zo2.errors import ZO2Error
 
     try:

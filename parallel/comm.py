@@ -140,4 +140,5 @@ class Comm(LocalComm):
 
     def _all_reduce(self, buf: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
         self.bytes_sent += buf.numel() * buf.element_size()
-        dist.all_reduce(buf, op=op, group=self.mesh.host_group)
+        with self.mesh.collective("all-reduce of the losses"):
+            dist.all_reduce(buf, op=op, group=self.mesh.host_group)

@@ -20,6 +20,7 @@ with the same clear message everywhere instead of a hang.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,7 +28,26 @@ import torch
 import torch.distributed as dist
 
 from zo2.config import ParallelConfig
-from zo2.errors import ConfigError, ZO2Error
+from zo2.errors import ConfigError, DistributedError, ZO2Error
+
+
+@contextmanager
+def collective(what: str, timeout_s: float):
+    """Turn a failed collective into one clear DistributedError.
+
+    gloo and NCCL raise when a peer's connection closes (it died) or when the operation
+    waits longer than the process group's timeout (it hangs); either way this rank
+    stops with a message naming the operation, and the launcher ends or restarts the
+    job (``torchrun --max-restarts`` resumes it from the last checkpoint).
+    """
+    try:
+        yield
+    except RuntimeError as err:  # torch.distributed.DistError and backend errors
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        raise DistributedError(
+            f"rank {rank}: {what} failed: another rank died or hung longer than "
+            f"parallel.timeout_s={timeout_s:g} s ({first})") from err
 
 
 def resolve_degrees(dp: int, pp: int, world: int) -> tuple[int, int]:
@@ -143,16 +163,22 @@ class Mesh:
         else:
             self.slice_host_group, _ = dist.new_subgroups(group_size=local, backend="gloo")
 
+    def collective(self, what: str):
+        """Context for one collective: a dead or hung peer becomes a DistributedError."""
+        return collective(what, self.config.timeout_s)
+
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier(group=self.host_group)
+            with self.collective("barrier"):
+                dist.barrier(group=self.host_group)
 
     def agree(self, value):
         """Rank 0's ``value`` on every rank (e.g. a run directory named by a timestamp)."""
         if not self.distributed:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.host_group)
+        with self.collective("broadcast"):
+            dist.broadcast_object_list(box, src=0, group=self.host_group)
         return box[0]
 
     def on_main(self, fn):
@@ -169,7 +195,8 @@ class Mesh:
                 box = [(True, fn())]
             except ZO2Error as err:
                 box = [(False, err)]
-        dist.broadcast_object_list(box, src=0, group=self.host_group)
+        with self.collective("broadcast"):
+            dist.broadcast_object_list(box, src=0, group=self.host_group)
         ok, value = box[0]
         if not ok:
             raise value

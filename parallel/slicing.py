@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from zo2.parallel.mesh import collective
+
 
 @dataclass
 class SliceGroup:
@@ -40,21 +42,24 @@ class SliceGroup:
     group: object
     host_group: object
     gathered_bytes: int = 0  # received from the other ranks (NVLink on a GPU node)
+    timeout_s: float = 300.0  # a gather waiting longer: a peer died or hangs
 
     def all_gather(self, full: torch.Tensor) -> None:
         """Fill every slice of ``full`` (a flat device buffer) from its owner."""
         chunk = full.numel() // self.size
         parts = list(full.split(chunk))
         self.gathered_bytes += (self.size - 1) * chunk * full.element_size()
-        if full.device.type == "cuda":
-            dist.all_gather_into_tensor(full, parts[self.rank], group=self.group)
-        else:
-            dist.all_gather(parts, parts[self.rank].clone(), group=self.group)
+        with collective("all-gather of an offloaded block", self.timeout_s):
+            if full.device.type == "cuda":
+                dist.all_gather_into_tensor(full, parts[self.rank], group=self.group)
+            else:
+                dist.all_gather(parts, parts[self.rank].clone(), group=self.group)
 
     def all_gather_host(self, mine: torch.Tensor) -> torch.Tensor:
         """Every rank's host slice, concatenated (on every rank)."""
         parts = [torch.empty_like(mine) for _ in range(self.size)]
-        dist.all_gather(parts, mine.contiguous(), group=self.host_group)
+        with collective("all-gather of host slices", self.timeout_s):
+            dist.all_gather(parts, mine.contiguous(), group=self.host_group)
         return torch.cat(parts)
 
 
@@ -70,4 +75,4 @@ def slice_group(mesh, offloading: bool) -> SliceGroup | None:
         if not Device(mesh.device).peers_connected(local):
             return None
     return SliceGroup(rank=mesh.env.local_rank, size=local, group=mesh.slice_group,
-                      host_group=mesh.slice_host_group)
+                      host_group=mesh.slice_host_group, timeout_s=mesh.config.timeout_s)

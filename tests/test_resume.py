@@ -168,3 +168,34 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(reference, tmp_path):
     assert summary["resumed_from"] is not None
     _assert_same(_final(out), _final(reference))
     assert _events(out) == _events(reference)
+
+
+def test_a_hung_rank_is_detected_within_the_timeout_and_the_job_resumes(reference, tmp_path):
+    """One of two ranks stops (SIGSTOP: alive but silent). The other's next collective
+    gives up after ``parallel.timeout_s`` with a clear message; torchrun restarts the
+    job, which resumes from the newest checkpoint and ends bitwise equal."""
+    import psutil
+
+    timeout = 10
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--max-restarts=1", "--monitor-interval=0.2", "-m", "zo2.launch.train", *ARGS,
+           "parallel=pertp", f"parallel.timeout_s={timeout}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = _wait_for(tmp_path, "runs/torchrun-*/checkpoints/step-00000004", proc)
+    out = first.parent.parent
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "zo2.launch.train" in " ".join(p.cmdline())]
+    hung, other = workers[1], workers[0]
+    hung.suspend()
+    stopped_at = time.monotonic()
+    other.wait(timeout=timeout + 60)  # it gives up on its own
+    detected = time.monotonic() - stopped_at
+    hung.resume()  # lets torchrun's SIGTERM end it now rather than after its grace period
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    assert detected < timeout + 30, detected
+    assert "another rank died or hung longer than parallel.timeout_s=10 s" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] is not None
+    _assert_same(_final(out), _final(reference))

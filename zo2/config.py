@@ -141,6 +141,7 @@ class TrainConfig:
     output_dir: str = ""  # empty: Hydra's run directory
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: bool = True
+    nonfinite_limit: int = 20  # steps in a row with a NaN/inf loss before the run stops
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -192,6 +193,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
     _require(cfg.log_every >= 1, "log_every", "must be >= 1")
     _require(cfg.threads >= 0, "threads", "must be >= 0")
+    _require(cfg.nonfinite_limit >= 1, "nonfinite_limit", "must be >= 1")
     return cfg
 
 
@@ -232,6 +234,23 @@ def register() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="zo2_schema", node=TrainConfig)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The :class:`TrainConfig` that ``zo2-train <overrides>`` runs (Hydra's compose API),
+    for launchers that start the run themselves (Ray) and for tests."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import zo2.configs
+
+    register()
+    folder = str(Path(zo2.configs.__file__).parent)
+    with initialize_config_dir(config_dir=folder, version_base=None):
+        return OmegaConf.to_object(hydra_compose("train", overrides=list(overrides)))
 
 
 def to_dict(obj: Any) -> Any:

@@ -25,3 +25,11 @@ class DataError(ZO2Error):
 
 class CheckpointError(ZO2Error):
     """A checkpoint is missing, corrupt, or belongs to another model."""
+
+
+class TrainingError(ZO2Error):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class DistributedError(ZO2Error):
+    """Another rank died, hung longer than the timeout, or diverged."""

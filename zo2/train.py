@@ -38,7 +38,7 @@ from zo2.config import OffloadConfig, TrainConfig, to_dict, validate
 from zo2.data.batching import BatchIterator, encode, label_word_ids
 from zo2.data.tasks import load_task
 from zo2.engine import ZOEngine
-from zo2.errors import CheckpointError, ConfigError
+from zo2.errors import CheckpointError, ConfigError, TrainingError
 from zo2.loss import Objective
 from zo2.models import load_model, model_identity, weights_folder
 from zo2.offload.checkpoint import SafetensorsWeights
@@ -176,9 +176,22 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
 
     progress = _progress(cfg, initial=engine.step_index) if comm.is_main else None
     tokens, last = 0, time.perf_counter()
+    nonfinite = 0  # steps in a row whose loss was NaN or inf (skipped: no update)
     for step in range(engine.step_index + 1, cfg.steps + 1):
         batch = next(train)
         result = engine.step(batch)
+        nonfinite = nonfinite + 1 if result.skipped else 0
+        if nonfinite:
+            log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", step,
+                        result.losses, nonfinite)
+        if nonfinite >= cfg.nonfinite_limit:
+            metrics.write(event="stopped", step=step, reason="non-finite losses")
+            metrics.close()
+            last_good = checkpoints.latest() if comm.is_main else None
+            raise TrainingError(
+                f"{nonfinite} steps in a row (to step {step}) had a non-finite loss: stopping "
+                f"(nonfinite_limit={cfg.nonfinite_limit}); the last good checkpoint is "
+                f"{last_good or 'none'} (lower optim.lr or optim.eps and resume from it)")
         tokens += int(batch["attention_mask"].sum()) * len(result.losses)
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
@@ -202,8 +215,8 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
                 best = {"step": step, "dev": dev_metrics}
                 _save_best(engine, out, tokenizer)
         every = cfg.checkpoint.every
-        saved = None
-        if every and (step % every == 0 or step == cfg.steps):
+        saved = None  # none while losses are non-finite: the last good one is kept
+        if every and (step % every == 0 or step == cfg.steps) and not nonfinite:
             saved = checkpoints.save(step, write_checkpoint)
         if saved is not None or "dev_accuracy" in record:
             reporter.report(record, saved if comm.is_main else None)
