@@ -20,6 +20,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,8 +78,10 @@ def launch(launcher: str, out: Path, cwd: Path) -> subprocess.CompletedProcess:
     raise ValueError(launcher)
 
 
-def _ray_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``ray start --head`` (2 CPUs), ``ray job submit`` the job, ``ray stop``."""
+@contextmanager
+def ray_cluster(cwd: Path):
+    """A local Ray cluster (``ray start --head``, 2 CPUs) whose files all live in a
+    temporary folder; yields the environment and dashboard address for ``ray job``."""
     ray = str(Path(sys.executable).parent / "ray")
     temp = Path(tempfile.mkdtemp(prefix="ray"))  # short: Ray's socket paths have a limit
     env = dict(_env(), RAY_TMPDIR=str(temp), RAY_AUTH_MODE="disabled",
@@ -91,14 +95,23 @@ def _ray_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     try:
         up = subprocess.run(start, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
         assert up.returncode == 0, up.stderr[-3000:]
-        proc = subprocess.run(
-            [ray, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--",
-             "python", "-m", "zo2.launch.ray_job", "--workers=2",
-             f"--storage={cwd / 'ray-storage'}", "--name=ddp", "--", *args],
-            cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+        yield env, f"http://127.0.0.1:{dashboard}"
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_submit(address: str, name: str, args: list[str], cwd: Path) -> list[str]:
+    """The ``ray job submit`` command line of the zo2 Ray Train job (2 workers)."""
+    return [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={address}",
+            "--", "python", "-m", "zo2.launch.ray_job", "--workers=2",
+            f"--storage={cwd / 'ray-storage'}", f"--name={name}", "--", *args]
+
+
+def _ray_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    with ray_cluster(cwd) as (env, address):
+        proc = subprocess.run(ray_submit(address, "ddp", args, cwd), cwd=cwd,
+                              capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-3000:])
     return proc
 
@@ -164,3 +177,37 @@ def test_both_launchers_match_the_single_process_run(runs):
         assert len(ours) == len(ref) == 3
         for x, r in zip(ours, ref, strict=True):  # the global batch split over two ranks
             assert x["grads"] == pytest.approx(r["grads"], abs=2e-3)
+
+
+@pytest.mark.slow  # ~2 min: a Ray cluster, a killed worker, a restarted worker group
+@needs_ray
+def test_ray_restarts_a_killed_worker_from_its_last_checkpoint(tmp_path):
+    """Ray's FailureConfig restarts the worker group after a worker is killed; the new
+    workers resume from the checkpoint reported to Ray (PertP: bitwise the single run)."""
+    import psutil
+    from safetensors.torch import load_file
+
+    args = [*COMMON, "steps=8", "checkpoint.every=2", "logging=none", "parallel=pertp"]
+    single = tmp_path / "single"
+    _run([sys.executable, *ENTRY, *args, f"output_dir={single}"], tmp_path)
+    out = tmp_path / "ray-out"
+    with ray_cluster(tmp_path) as (env, address):
+        proc = subprocess.Popen(ray_submit(address, "restart", [*args, f"output_dir={out}"],
+                                           tmp_path), cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        storage = tmp_path / "ray-storage" / "restart"
+        deadline = time.monotonic() + 300
+        while not [p for p in storage.glob("checkpoint_*") if p.is_dir()]:
+            assert proc.poll() is None and time.monotonic() < deadline, "no Ray checkpoint"
+            time.sleep(0.1)
+        workers = [p for p in psutil.process_iter(["cmdline"])
+                   if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        assert workers, "no Ray Train worker process found"
+        workers[-1].kill()
+        output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] is not None, output[-4000:]
+    final = "checkpoints/step-00000008/model.safetensors"
+    a, b = load_file(out / final), load_file(single / final)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
