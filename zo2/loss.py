@@ -6,11 +6,18 @@ target token of each position and -100 where there is none; logits at position
 so the engine asks the model for the last ``k`` positions (``logits_to_keep``) and
 the loss never materialises (2B, T, V) logits for a classification task.
 
-Two objectives:
+Three objectives:
 
 * ``"label_words"`` (MeZO's train-as-classification): cross-entropy over the logits
   of the candidate label words only, at the labelled positions.
 * ``"lm"``: ordinary next-token cross-entropy over the whole vocabulary.
+* ``"choice"`` (MeZO's multiple choice as classification, COPA / ReCoRD): the batch
+  holds ``choices`` consecutive rows per example, one candidate continuation each,
+  the right one first, padding rows (no label) after the real candidates
+  (:func:`zo2.data.choices.encode_choices`). A row's score is its candidate's
+  log-likelihood (mean over its tokens with ``length_normalised``, else the sum; -inf
+  for a padding row); the loss is cross-entropy over each example's scores and an
+  example is right when its first candidate scores strictly highest.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch.nn.functional as F
 
 from zo2.errors import ConfigError
 
-OBJECTIVES = ("label_words", "lm")
+OBJECTIVES = ("label_words", "lm", "choice")
 
 
 def positions_to_keep(labels: torch.Tensor) -> int:
@@ -46,12 +53,30 @@ class Objective:
 
     kind: str = "label_words"
     candidates: torch.Tensor | None = None  # (C,) token ids of the label words
+    choices: int = 0  # "choice": rows per example (candidates, padded to a fixed count)
+    length_normalised: bool = True  # "choice": mean token log-likelihood, else the sum
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
             raise ConfigError(f"objective={self.kind!r} is not one of {list(OBJECTIVES)}")
         if self.kind == "label_words" and self.candidates is None:
             raise ConfigError("objective 'label_words' needs the label words' token ids")
+        if self.kind == "choice" and self.choices < 2:
+            raise ConfigError(f"objective 'choice' needs choices >= 2, got {self.choices}")
+
+    def _choice_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each candidate row's log-likelihood, (examples, choices); -inf for padding rows."""
+        logits, targets = _aligned(logits, labels)  # (R, k-1, V), (R, k-1)
+        if targets.shape[0] % self.choices:
+            raise ValueError(f"{targets.shape[0]} rows are not groups of {self.choices}")
+        mask = targets != -100
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        token = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (R, k-1)
+        total = (token * mask).sum(dim=1)
+        count = mask.sum(dim=1)
+        score = total / count.clamp(min=1) if self.length_normalised else total
+        score = score.masked_fill(count == 0, float("-inf"))
+        return score.view(-1, self.choices)
 
     def _restricted(self, logits: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,11 +93,20 @@ class Objective:
         return logits[:, cand], match.float().argmax(dim=1)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the labelled positions (a 0-dim float32 tensor)."""
+        """Mean cross-entropy over the labelled positions (a 0-dim float32 tensor);
+        for ``choice``, over the examples' candidate scores."""
+        if self.kind == "choice":
+            scores = self._choice_scores(logits, labels)
+            return F.cross_entropy(scores, scores.new_zeros(scores.shape[0], dtype=torch.long))
         scores, targets = self._restricted(logits, labels)
         return F.cross_entropy(scores, targets)
 
     def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-        """(number of labelled positions predicted right, number of labelled positions)."""
+        """(number of labelled positions predicted right, number of labelled positions);
+        for ``choice``, (examples whose right candidate scores highest, examples)."""
+        if self.kind == "choice":
+            scores = self._choice_scores(logits, labels)
+            right = scores[:, 0] > scores[:, 1:].max(dim=1).values
+            return int(right.sum()), int(scores.shape[0])
         scores, targets = self._restricted(logits, labels)
         return int((scores.argmax(dim=1) == targets).sum()), int(targets.numel())

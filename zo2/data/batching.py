@@ -159,9 +159,11 @@ class BatchIterator:
         start = self.position * self.batch_size
         indices = self._epoch_order()[start : start + self.batch_size]
         self.position += 1
-        return encode(
-            self.tokenizer, [self.examples[i] for i in indices], self.spec, self.max_length
-        )
+        return self._encode([self.examples[i] for i in indices])
+
+    def _encode(self, examples: list) -> dict[str, torch.Tensor]:
+        """One batch of ``examples`` (subclasses encode other kinds of example)."""
+        return encode(self.tokenizer, examples, self.spec, self.max_length)
 
     def state_dict(self) -> dict[str, int]:
         """Where the iterator stands: the next batch is batch ``position`` of ``epoch``."""
