@@ -161,8 +161,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(m.device in ("auto", "cpu") or m.device.startswith("cuda"), "model.device",
              f"{m.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
     _require(len(m.trainable) > 0, "model.trainable", "needs at least one pattern")
-    _require(t.name in ("tweets", "drugs", "jsonl", "csv"), "task.name",
-             f"{t.name!r} is not one of ['tweets', 'drugs', 'jsonl', 'csv']")
+    from zo2.data.tasks import TASK_NAMES
+
+    _require(t.name in TASK_NAMES, "task.name", f"{t.name!r} is not one of {list(TASK_NAMES)}")
     if t.name in ("jsonl", "csv"):
         _require(bool(t.path), "task.path", f"task {t.name!r} needs a data file path")
     for key in ("n_train", "n_dev", "n_test"):
