@@ -1,0 +1,284 @@
+"""MeZO's task suite: release readers, prompts, k-shot sampling, the choice objective,
+continuation batches, generation F1 / EM, and a classification task through zo2-train."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from zo2.config import OptimConfig, compose, validate  # noqa: E402
+from zo2.data.batching import encode, label_word_ids  # noqa: E402
+from zo2.data.continuations import encode_answers, encode_choices  # noqa: E402
+from zo2.data.examples import AnswerExample, ChoiceExample  # noqa: E402
+from zo2.data.mezo import MEZO_TASKS, read_mezo  # noqa: E402
+from zo2.data.tasks import load_task  # noqa: E402
+from zo2.engine import ZOEngine  # noqa: E402
+from zo2.errors import ConfigError, DataError  # noqa: E402
+from zo2.evaluation import (  # noqa: E402
+    best_over_golds,
+    evaluate_generation,
+    exact_match,
+    f1_score,
+    normalize_answer,
+)
+from zo2.loss import Objective  # noqa: E402
+from zo2.models import embedded_tokenizer, load_model  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mezo"
+
+# (task, fixture, training pool size, validation size or None for a single file)
+CASES = [
+    ("sst2", "sst2", 5, 2), ("sst2", "sst2_saved", 4, 2), ("rte", "rte", 8, 3),
+    ("cb", "cb", 4, 2), ("boolq", "boolq", 4, 2), ("wsc", "wsc", 3, 2), ("wic", "wic", 3, 2),
+    ("multirc", "multirc", 5, 2), ("copa", "copa", 4, 2), ("record", "record", 4, 1),
+    ("squad", "squad", 3, 1), ("squad", "squad_flat.jsonl", 3, None), ("drop", "drop", 3, 1),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return embedded_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama")
+
+
+@pytest.mark.parametrize("name,fixture,n_pool,n_val", CASES)
+def test_every_task_parses_its_release_format(name, fixture, n_pool, n_val):
+    task, pool, validation = read_mezo(name, str(FIXTURES / fixture))
+    assert task.name == name and len(pool) == n_pool
+    assert (None if validation is None else len(validation)) == n_val
+    if task.kind == "label_words":
+        assert {ex.label for ex in pool} <= set(range(len(task.label_words)))
+
+
+def test_every_suite_task_is_covered():
+    assert {case[0] for case in CASES} == set(MEZO_TASKS)
+
+
+def test_prompts_are_mezos():
+    _, rte, _ = read_mezo("rte", str(FIXTURES / "rte"))
+    assert rte[0].text == (
+        "The bakery on Elm Street opened in 1921 and is still run by the same family.\n"
+        'Does this mean that "The bakery on Elm Street is over a century old." is true? '
+        "Yes or No?\n")
+    assert rte[0].label == 0 and MEZO_TASKS["rte"].label_words[0] == "Yes"
+    _, sst2, _ = read_mezo("sst2", str(FIXTURES / "sst2"))
+    assert sst2[1].text == "the plot drags and the jokes fall flat It was" and sst2[1].label == 0
+    _, boolq, _ = read_mezo("boolq", str(FIXTURES / "boolq"))
+    assert boolq[1].text.endswith("into flippers for swimming. can penguins fly?")
+    _, copa, _ = read_mezo("copa", str(FIXTURES / "copa"))
+    assert copa[1] == ChoiceExample("The girl wore a heavy coat because",
+                                    (" it was sunny.", " it was freezing outside."), 1)
+    _, record, _ = read_mezo("record", str(FIXTURES / "record"))
+    assert record[0].context.endswith("\n- Oslo bans cars from its centre\n"
+                                      "- Mayor Ingrid Berg backs the plan\n-")
+    assert record[0].candidates == (" The ban was supported by Oslo, the mayor.",
+                                    " The ban was supported by Ingrid Berg, the mayor.")
+    assert record[0].label == 1
+    _, _, squad = read_mezo("squad", str(FIXTURES / "squad"))
+    assert squad[0] == AnswerExample(
+        "Title: Tea\nContext: Tea was first drunk in China, where it was used as a medicine "
+        "before it became an everyday drink.\nQuestion: Where was tea first drunk?\nAnswer:",
+        ("China", "in China"))
+    _, drop, _ = read_mezo("drop", str(FIXTURES / "drop"))
+    assert drop[1].prompt.startswith("Passage: The census") and drop[1].answers == ("900",)
+
+
+def test_kshot_follows_mezo_train_dev_from_train_test_from_validation():
+    task = load_task("rte", path=str(FIXTURES / "rte"), n_train=4, n_dev=2, n_test=1000, seed=3)
+    _, pool, validation = read_mezo("rte", str(FIXTURES / "rte"))
+    assert (len(task.train), len(task.dev), len(task.test)) == (4, 2, 3)  # all of validation
+    assert set(task.test) == set(validation) and not set(task.train) & set(task.dev)
+    assert set(task.train) | set(task.dev) <= set(pool)
+    again = load_task("rte", path=str(FIXTURES / "rte"), n_train=4, n_dev=2, n_test=1000, seed=3)
+    assert (again.train, again.dev, again.test) == (task.train, task.dev, task.test)
+    single = load_task("squad", path=str(FIXTURES / "squad_flat.jsonl"), n_train=1, n_dev=1,
+                       n_test=1)
+    assert single.spec.kind == "lm" and len({*single.train, *single.dev, *single.test}) == 3
+    copa = load_task("copa", path=str(FIXTURES / "copa"), n_train=2, n_dev=2, n_test=2)
+    assert copa.spec.kind == "choice" and copa.choices == 2
+    with pytest.raises(DataError, match="n_train 8"):
+        load_task("rte", path=str(FIXTURES / "rte"), n_train=8, n_dev=2, n_test=2)
+
+
+@pytest.mark.parametrize("name", [n for n, t in MEZO_TASKS.items() if t.kind == "label_words"])
+def test_classification_label_words_encode(name, tokenizer):
+    task = load_task(name, path=str(FIXTURES / name), n_train=2, n_dev=1, n_test=1)
+    ids = label_word_ids(tokenizer, task.spec)
+    assert len(set(ids.tolist())) == len(MEZO_TASKS[name].label_words)
+    batch = encode(tokenizer, task.train, task.spec, max_length=64)
+    assert set(batch["labels"][:, -1].tolist()) <= set(ids.tolist())
+
+
+def _choice_logits(scores: list[list[float]], vocab: int = 4) -> tuple[torch.Tensor, ...]:
+    """Rows of one-token candidates (token 1) whose log-probability is the given score;
+    None: a padding row. Logits (R, 2, V) over the kept positions, labels (R, 2)."""
+    rows = [s for group in scores for s in group]
+    logits = torch.zeros(len(rows), 2, vocab)
+    labels = torch.full((len(rows), 2), -100)
+    for i, score in enumerate(rows):
+        if score is None:
+            continue
+        labels[i, 1] = 1
+        # log_softmax at token 1 equals ``score`` when the other V-1 logits share the rest
+        rest = torch.log1p(-torch.tensor(score).exp()) - torch.log(torch.tensor(vocab - 1.0))
+        logits[i, 0] = rest
+        logits[i, 0, 1] = score
+    return logits, labels
+
+
+def test_choice_objective_on_hand_built_logits():
+    # example 1: right candidate (first) most likely; example 2: the second one wins
+    logits, labels = _choice_logits([[-0.5, -2.0, None], [-1.5, -0.2, -3.0]])
+    objective = Objective("choice", choices=3)
+    assert objective.correct(logits, labels) == (1, 2)
+    first = torch.log_softmax(torch.tensor([-0.5, -2.0]), 0)[0]
+    second = torch.log_softmax(torch.tensor([-1.5, -0.2, -3.0]), 0)[0]
+    expected = -(first + second) / 2
+    assert torch.allclose(objective.loss(logits, labels), expected, atol=1e-5)
+    tie, tie_labels = _choice_logits([[-1.0, -1.0]])
+    assert Objective("choice", choices=2).correct(tie, tie_labels) == (0, 1)  # ties are wrong
+    with pytest.raises(ConfigError):
+        Objective("choice", choices=1)
+
+
+def test_choice_batches_group_candidates_right_one_first(tokenizer):
+    examples = [ChoiceExample("The sky was", (" blue", " loud"), 1),
+                ChoiceExample("She ate the", (" apple", " chair", " idea"), 0)]
+    batch = encode_choices(tokenizer, examples, choices=3, max_length=32)
+    labels = batch["labels"]
+    assert labels.shape[0] == 6 and (labels[2] == -100).all()  # the padding row
+    loud = tokenizer(" loud", add_special_tokens=False)["input_ids"]
+    assert labels[0][labels[0] != -100].tolist() == loud  # label 1 ("loud") comes first
+    assert batch["attention_mask"][2].sum() == 1
+
+
+def test_choice_and_answer_tasks_train_with_the_engine_unchanged(tiny):
+    model, tokenizer = tiny
+    copa = load_task("copa", path=str(FIXTURES / "copa"), n_train=2, n_dev=2, n_test=2)
+    engine = ZOEngine(model, OptimConfig(lr=1e-3), Objective("choice", choices=copa.choices))
+    result = engine.step(encode_choices(tokenizer, copa.train, copa.choices, max_length=48))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    metrics = engine.evaluate([encode_choices(tokenizer, copa.dev, copa.choices, 48)])
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    engine.close()
+    squad = load_task("squad", path=str(FIXTURES / "squad"), n_train=2, n_dev=1, n_test=1)
+    engine = ZOEngine(model, OptimConfig(lr=1e-3), Objective("lm"))
+    batch = encode_answers(tokenizer, squad.train, max_length=96)
+    answer = tokenizer(squad.train[0].target, add_special_tokens=False)["input_ids"]
+    assert batch["labels"][0][batch["labels"][0] != -100].tolist() == answer
+    assert all(torch.isfinite(torch.tensor(engine.step(batch).losses)))
+    engine.flush()
+    scores = evaluate_generation(engine.model, tokenizer, squad.test, max_new_tokens=8)
+    assert 0.0 <= scores["f1"] <= 1.0 and len(scores["predictions"]) == 1
+    assert "\n" not in scores["predictions"][0]
+    engine.close()
+
+
+def test_squad_normalisation_f1_and_exact_match():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert normalize_answer("an apple, a pear") == "apple pear"
+    assert exact_match("the Eiffel tower.", "Eiffel Tower") == 1.0
+    assert f1_score("in the city of Paris", "Paris") == pytest.approx(2 * 0.25 / 1.25)
+    assert f1_score("cat sat", "the cat sat on a mat") == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert f1_score("dog", "cat") == 0.0 and f1_score("the", "a") == 1.0  # both empty
+    assert best_over_golds("China", ["in China", "China"]) == (1.0, 1.0)
+
+
+class _Echo:
+    """A stand-in model whose greedy generation appends fixed tokens."""
+
+    def __init__(self, tail: list[int]) -> None:
+        self.tail = tail
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        extra = torch.tensor([self.tail[:max_new_tokens]] * input_ids.shape[0])
+        return torch.cat([input_ids, extra], dim=1)
+
+
+def test_generation_scores_cut_at_the_newline(tokenizer):
+    tail = tokenizer(" The China\nmore text", add_special_tokens=False)["input_ids"]
+    examples = [AnswerExample("Q: where?\nAnswer:", ("China",)),
+                AnswerExample("Q: who?\nAnswer:", ("Ada Lovelace",))]
+    scores = evaluate_generation(_Echo(tail), tokenizer, examples, max_new_tokens=len(tail))
+    assert scores["predictions"] == ["The China", "The China"]
+    assert scores["exact_match"] == 0.5 and scores["f1"] == 0.5
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_bad_files_name_the_cause(tmp_path):
+    row = json.loads((FIXTURES / "rte" / "train.jsonl").read_text().splitlines()[0])
+    with pytest.raises(DataError, match="not found"):
+        load_task("rte", path=str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="empty"):
+        read_mezo("rte", _write(tmp_path / "empty.jsonl", "\n"))
+    bad = _write(tmp_path / "bad.jsonl", json.dumps(row) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 2: malformed JSON"):
+        read_mezo("rte", bad)
+    missing = _write(tmp_path / "missing.jsonl", json.dumps({**row, "hypothesis": None}) + "\n")
+    with pytest.raises(DataError, match=r"missing\.jsonl: line 1: missing field 'hypothesis'"):
+        read_mezo("rte", missing)
+    label = _write(tmp_path / "label.jsonl", json.dumps({**row, "label": "maybe"}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: field 'label' has 'maybe'"):
+        read_mezo("rte", label)
+    nested = json.loads((FIXTURES / "squad" / "dev-v1.1.json").read_text())
+    del nested["data"][0]["paragraphs"][0]["qas"][0]["question"]
+    squad = _write(tmp_path / "dev.json", json.dumps(nested))
+    with pytest.raises(DataError, match=r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing field "
+                                        "'question'"):
+        read_mezo("squad", squad)
+    with pytest.raises(DataError, match=r"row 0: missing field 'passage'"):
+        read_mezo("drop", _parquet_without_passage(tmp_path))
+    with pytest.raises(DataError, match="no training split"):
+        read_mezo("rte", str(tmp_path))
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_mezo("rte", _write(tmp_path / "data.xml", "<a/>"))
+    with pytest.raises(ConfigError, match="task.path"):
+        load_task("copa")
+
+
+def _parquet_without_passage(folder: Path) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / "drop.parquet"
+    pq.write_table(pa.table({"question": ["How many?"]}), path)
+    return str(path)
+
+
+def test_presets_compose_and_validate():  # tests/test_configs.py validates every preset
+    for name in ("rte", "copa", "squad"):
+        cfg = compose([f"task={name}", f"task.path={FIXTURES / name}"])
+        assert cfg.task.name == name and validate(cfg)
+
+
+def test_rte_trains_through_the_cli(tmp_path):
+    out = tmp_path / "run"
+    args = ["model=tiny-llama", "task=rte", f"task.path={FIXTURES / 'rte'}", "steps=2",
+            "task.n_train=4", "task.n_dev=2", "task.n_test=2", "task.max_length=64",
+            "optim.batch_size=2", "eval_batch_size=4", "progress=false", "logging=none",
+            f"output_dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "zo2.launch.train", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "rte" and summary["steps"] == 2
