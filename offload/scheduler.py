@@ -22,7 +22,9 @@ Timeline of block i in a step (K >= 2, a GPU)::
   is cast into a working buffer of the compute dtype.
 * Write-back. After the unit ran, a slot holding an updated block is copied back to
   host memory on the write-back stream, once the compute stream's event says the
-  unit is done with it. Clean blocks (eval, ``lr=0``) are not written back.
+  unit is done with it: only the block's trainable prefix (:attr:`Block.trained_end`;
+  with LoRA the adapters, never the frozen base weights). Clean blocks (eval,
+  ``lr=0``, no trainable parameter) are not written back.
 
 *Compressed wire with an fp32 master* (``wire_dtype`` narrower than ``host_dtype``):
 the host keeps fp32 masters and applies the update there (CPU kernels, while the
@@ -129,8 +131,11 @@ class Offloader:
             raise ConfigError("offload: offloaded units must share one dtype")
         host = _dtype(host_dtype) or (compute.pop() if compute else None)
         wire = _dtype(wire_dtype) or host
-        self.master_on_host = wire != host
-        if self.master_on_host and host != torch.float32:
+        # The update is applied to the host copy (which is then the master) for a wire
+        # narrower than the host copy, and for a rule with per-parameter state, which
+        # lives on the host next to the master (zo2.rules): upload only, no write-back.
+        self.master_on_host = wire != host or pending.stateful
+        if wire != host and host != torch.float32:
             raise ConfigError(f"offload.wire_dtype: {wire} differs from the host copy "
                               f"({host}); set offload.host_dtype=float32")
         self._holders: dict[torch.dtype, torch.Tensor] = {}
@@ -465,17 +470,21 @@ class Offloader:
         self.stats.add("wait", 0, before, self.device.record(compute, True))
 
     def _write_back(self, block: Block, slot: _Slot) -> None:
+        """Slot -> host: the trainable prefix of this rank's slice (frozen parts never)."""
+        slot.dirty = False
+        lo, hi = block.lo, min(block.hi, block.trained_end)
+        if hi <= lo:
+            return  # this rank's slice holds frozen parameters only
         stream = self._down_stream
         self.device.wait(stream, slot.free)
         with self.device.on(stream):
             start = self.device.record(stream, self.timing)
-            block.host.copy_(slot.store[block.lo: block.hi], non_blocking=True)
+            block.host[: hi - lo].copy_(slot.store[lo:hi], non_blocking=True)
             done = self.device.record(stream, self.timing)
         slot.free = done
-        slot.dirty = False
         self._written[id(block)] = done
         if self.timing:
-            self.stats.add("down", (block.hi - block.lo) * slot.store.element_size(), start, done)
+            self.stats.add("down", (hi - lo) * slot.store.element_size(), start, done)
 
     def _update_on_host(self, block: Block) -> None:
         """Apply the pending update to the fp32 host master (compressed-wire mode)."""

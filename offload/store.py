@@ -3,8 +3,10 @@
 A *block* is the host-side home of one unit (a decoder layer, or any other unit
 chosen for offloading): every parameter the unit's module owns, trainable or
 frozen, laid out back to back (offsets aligned to 64 elements) in one flat buffer of
-the host dtype. Units that share a parameter (an LM head tied to the input
-embedding) share one block. The flat buffer is page-locked host memory when there
+the host dtype, trainable parameters first: they form one prefix of the buffer, the
+only part an update changes and the only part written back (parameter-efficient
+fine-tuning, e.g. LoRA, writes back its adapters and never the frozen base weights).
+Units that share a parameter (an LM head tied to the input embedding) share one block. The flat buffer is page-locked host memory when there
 is a GPU, or a memory-mapped safetensors file on disk (:mod:`zo2.offload.disk`) for
 blocks beyond the host-memory budget.
 
@@ -64,7 +66,7 @@ class Block:
 
     def add(self, name: str, param: nn.Parameter, trainable: TrainableParam | None) -> None:
         self.entries.append(Entry(name, param, self.numel, param.shape, trainable))
-        self.numel += -(-param.numel() // ALIGN) * ALIGN
+        self.numel += _aligned(param.numel())
         self.hi = self.numel
 
     def view(self, flat: torch.Tensor, entry: Entry) -> torch.Tensor:
@@ -74,6 +76,18 @@ class Block:
     @property
     def trainable(self) -> list[Entry]:
         return [e for e in self.entries if e.trainable is not None]
+
+    @property
+    def trained_end(self) -> int:
+        """Flat elements ``[0, trained_end)`` hold every trainable parameter.
+
+        Trainable entries come first (:func:`group_units`), so an update changes this
+        prefix only; the whole (padded) buffer when every entry is trainable, 0 when none.
+        """
+        trained = self.trainable
+        if len(trained) == len(self.entries):
+            return self.numel
+        return max((e.offset + _aligned(e.numel) for e in trained), default=0)
 
     def shard(self, rank: int, size: int) -> None:
         """Keep slice ``rank`` of ``size`` equal slices (the flat buffer is padded)."""
@@ -141,17 +155,19 @@ def group_units(model: nn.Module, units: Sequence[Unit], offload: Sequence[bool]
         block.units.append(unit)
     trainable = {id(p.param): p for unit in units for p in unit.params}
     for block in blocks.values():
-        seen: set[int] = set()
-        for unit in block.units:
-            for param in unit.module.parameters():
-                if id(param) not in seen:
-                    seen.add(id(param))
-                    block.add(named[id(param)][0], param, trainable.get(id(param)))
+        params = {id(p): p for unit in block.units for p in unit.module.parameters()}
+        ordered = sorted(params.values(), key=lambda p: id(p) not in trainable)  # stable
+        for param in ordered:
+            block.add(named[id(param)][0], param, trainable.get(id(param)))
         dtypes = {e.param.dtype for e in block.entries}
         if len(dtypes) != 1:
             raise ConfigError(f"offload: unit {block.name} mixes dtypes {sorted(map(str, dtypes))}")
         block.compute_dtype = dtypes.pop()
     return list(blocks.values()), resident
+
+
+def _aligned(numel: int) -> int:
+    return -(-numel // ALIGN) * ALIGN
 
 
 def _file_name(name: str) -> str:
