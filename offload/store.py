@@ -6,9 +6,10 @@ frozen, laid out back to back (offsets aligned to 64 elements) in one flat buffe
 the host dtype, trainable parameters first: they form one prefix of the buffer, the
 only part an update changes and the only part written back (parameter-efficient
 fine-tuning, e.g. LoRA, writes back its adapters and never the frozen base weights).
-Units that share a parameter (an LM head tied to the input embedding) share one block. The flat buffer is page-locked host memory when there
-is a GPU, or a memory-mapped safetensors file on disk (:mod:`zo2.offload.disk`) for
-blocks beyond the host-memory budget.
+Units that share a parameter (an LM head tied to the input embedding) share one
+block. The flat buffer is page-locked host memory when there is a GPU, or a
+memory-mapped safetensors file on disk (:mod:`zo2.offload.disk`) for blocks beyond
+the host-memory budget.
 
 Between uses an offloaded parameter holds a *placeholder*: a one-element tensor
 expanded to the parameter's shape, on the compute device and in its dtype, so
