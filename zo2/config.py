@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+from zo2.adapters import AdapterConfig, validate_adapter
 from zo2.errors import ConfigError
 from zo2.loss import OBJECTIVES
 from zo2.schedule import SCHEDULES
@@ -31,6 +32,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     trainable: list[str] = field(default_factory=lambda: ["*"])  # globs over param names
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # LoRA / prefix (peft)
 
 
 @dataclass
@@ -161,6 +163,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(m.device in ("auto", "cpu") or m.device.startswith("cuda"), "model.device",
              f"{m.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
     _require(len(m.trainable) > 0, "model.trainable", "needs at least one pattern")
+    validate_adapter(m.adapter, m.trainable)
     from zo2.data.tasks import TASK_NAMES
 
     _require(t.name in TASK_NAMES, "task.name", f"{t.name!r} is not one of {list(TASK_NAMES)}")
