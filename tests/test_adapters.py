@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_batch, make_model
+from safetensors.torch import load_file
 
-from zo2.adapters import AdapterConfig, save_adapter, validate_adapter, wrap
+from zo2.adapters import (
+    AdapterConfig,
+    from_peft_format,
+    is_peft_folder,
+    save_adapter,
+    validate_adapter,
+    wrap,
+)
 from zo2.config import OffloadConfig, OptimConfig
 from zo2.engine import ZOEngine
 from zo2.errors import ConfigError
@@ -108,7 +116,9 @@ def test_exported_adapter_loads_in_peft(tmp_path, adapter, offload):
         engine.step(BATCH)
     save_adapter(engine, tmp_path)  # before close: the pending update must be in it
     assert (tmp_path / "adapter_config.json").is_file()
-    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter_model.safetensors").is_file() and is_peft_folder(tmp_path)
+    renamed = from_peft_format(engine.model, load_file(tmp_path / "adapter_model.safetensors"))
+    assert sorted(renamed) == sorted(p.name for p in engine.params)  # loadable by name
     engine.close()
     loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path).eval()
     mine = {n: p for n, p in engine.model.named_parameters() if is_adapter(n)}

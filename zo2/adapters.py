@@ -158,3 +158,35 @@ def save_adapter(source, path: str | Path) -> Path:
 def _is_adapter_key(name: str, model: nn.Module) -> bool:
     """A parameter peft saves: one whose name carries an adapter's name."""
     return any(f".{adapter}." in f".{name}." for adapter in model.peft_config)
+
+
+def is_peft_folder(path: str | Path) -> bool:
+    """A folder written by peft's ``save_pretrained`` (:func:`save_adapter`, engine.save)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def from_peft_format(model: nn.Module, tensors: dict[str, torch.Tensor],
+                     adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Rename the tensors of peft's ``adapter_model.safetensors`` to ``model``'s names.
+
+    peft saves adapter weights without the adapter's name (``...lora_A.weight``) and a
+    prefix as ``prompt_embeddings``; the model's own names carry it
+    (``...lora_A.default.weight``, ``prompt_encoder.default.embedding.weight``). The
+    result can be loaded like a full state dict whose base weights are all missing.
+    """
+    from peft import get_peft_model_state_dict
+
+    config = model.peft_config[adapter]
+    if config.is_prompt_learning:
+        if getattr(config, "prefix_projection", False):
+            raise ValueError("prefix_projection saves the projected prefix: not loadable")
+        names = {"prompt_embeddings": f"prompt_encoder.{adapter}.embedding.weight"}
+    else:
+        own = model.state_dict(keep_vars=True)
+        by_id = {id(v): k for k, v in own.items()}
+        saved = get_peft_model_state_dict(model, state_dict=own, adapter_name=adapter)
+        names = {k: by_id[id(v)] for k, v in saved.items() if id(v) in by_id}
+    unknown = sorted(tensors.keys() - names.keys())
+    if unknown:
+        raise KeyError(f"tensors not in adapter {adapter!r} of this model: {unknown[:3]}")
+    return {names[k]: v for k, v in tensors.items()}
