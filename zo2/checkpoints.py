@@ -71,8 +71,11 @@ def verify(folder: str | Path) -> dict:
     """Check ``folder`` against its manifest; return the manifest or raise CheckpointError."""
     folder = Path(folder)
     path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} not found (no such folder)")
     if not path.is_file():
-        raise CheckpointError(f"{folder} is incomplete: no {MANIFEST} (a write was cut short?)")
+        raise CheckpointError(f"{folder} is incomplete: no {MANIFEST} (not a zo2 checkpoint, "
+                              "or its write was cut short)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -110,6 +110,34 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+# Config keys that hold a model's context length (the position encoding's range), by family.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's positions cover, from its config (None: not stated)."""
+    for key in CONTEXT_KEYS:
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: torch.nn.Module, max_length: int) -> None:
+    """Raise ConfigError when ``task.max_length`` exceeds the model's context length.
+
+    Called before anything is written: longer sequences would index past the
+    position embeddings (an IndexError deep in the forward) or silently extrapolate.
+    """
+    limit = context_length(model)
+    if limit is not None and max_length > limit:
+        name = getattr(model, "zo2_name", None) or model_identity(model)["name"]
+        raise ConfigError(
+            f"task.max_length: {max_length} exceeds the context length of model {name!r} "
+            f"({limit} positions); set task.max_length <= {limit}"
+        )
+
+
 def embedded_tokenizer(cache_dir: str | os.PathLike | None = None) -> Any:
     """Return the SmolLM2 tokenizer (cached; converted from the GGUF on first use), left-padded."""
     return _prepare_tokenizer(_embedded_tokenizer_raw(cache_root(cache_dir)))

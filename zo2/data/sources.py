@@ -201,4 +201,10 @@ def load_file(
     examples = loader(path, text_field or "text", label_field or "label", label_names)
     if not examples:
         raise DataError(f"data file {path} has no rows")
-    return dedupe(examples, str(path))
+    kept = dedupe(examples, str(path))
+    if not kept:  # else kshot_split would ask to lower the split sizes, which cannot help
+        raise DataError(
+            f"data file {path}: no usable rows: each of its {len(examples)} rows has an empty "
+            "text or a text that other rows give another label"
+        )
+    return kept
