@@ -17,8 +17,8 @@ from zo2.loss import OBJECTIVES
 from zo2.schedule import SCHEDULES
 
 DIRECTIONS = ("gaussian", "rademacher")
-ESTIMATORS = ("two-sided", "one-sided")
-METHODS = ("zo-sgd",)
+ESTIMATORS = ("two-sided", "one-sided", "one-point")
+METHODS = ("zo-sgd", "zo-momentum", "zo-adam", "zo-sign")
 DTYPES = ("float32", "bfloat16", "float16")
 WIRE_DTYPES = DTYPES + ("float8_e4m3fn", "float8_e5m2")
 ROUNDINGS = ("nearest", "stochastic")
@@ -68,6 +68,12 @@ class OptimConfig:
     q: int = 1  # perturbations per step (n-SPSA)
     batch_size: int = 16
     rounding: str = "nearest"  # update rounding into bf16/fp16 weights: nearest | stochastic
+    momentum: float = 0.9  # zo-momentum
+    history: int = 0  # zo-momentum: 0 keeps a momentum buffer; k > 0 rebuilds it from k steps
+    beta1: float = 0.9  # zo-adam
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    state_dtype: str = "float32"  # zo-momentum / zo-adam buffers: float32 | bfloat16
 
 
 @dataclass
@@ -185,6 +191,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(o.q >= 1, "optim.q", "must be >= 1")
     _require(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
     _one_of(o.rounding, ROUNDINGS, "optim.rounding")
+    _require(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+    _require(o.history >= 0, "optim.history", "must be >= 0")
+    _require(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, "optim.beta1",
+             "beta1 and beta2 must be in [0, 1)")
+    _require(o.adam_eps > 0, "optim.adam_eps", "must be > 0")
+    _one_of(o.state_dtype, ("float32", "bfloat16"), "optim.state_dtype")
+    if o.estimator == "one-point":
+        _require(o.q == 1, "optim.q", "the one-point estimator takes q=1")
     validate_offload(cfg.offload)
     validate_parallel(cfg.parallel)
     _one_of(cfg.logging.wandb, ("auto", "online", "offline", "off"), "logging.wandb")

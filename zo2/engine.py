@@ -35,11 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zo2.config import OffloadConfig, OptimConfig
-from zo2.errors import CheckpointError
+from zo2.errors import CheckpointError, ConfigError
 from zo2.loss import Objective, positions_to_keep
 from zo2.perturb import (
     BatchShape,
@@ -47,13 +47,14 @@ from zo2.perturb import (
     PerturbationContext,
     Plan,
     Resident,
-    Update,
     Wrapped,
 )
+from zo2.rules import make_rule
 from zo2.schedule import learning_rate
 from zo2.units import find_units, unique_params
 
 STATE_FILE = "zo2_state.json"
+RULE_STATE_FILE = "zo2_rule_state.safetensors"
 
 
 def step_seed(run_seed: int, step: int, direction: int) -> int:
@@ -112,7 +113,13 @@ class ZOEngine:
             device = self.params[0].param.device
             device = torch.device("cpu") if device.type == "meta" else device
         self.device = torch.device(device)
-        self.pending = PendingUpdate(optim.direction, optim.rounding)
+        self.rule = make_rule(optim)
+        self.pending = PendingUpdate(optim.direction, optim.rounding,
+                                     rule=None if self.rule.fused else self.rule)
+        if self.rule.stateful and self.comm.slicing() is not None and offload is not None \
+                and offload.enabled:
+            raise ConfigError(f"optim.method={optim.method} keeps per-parameter state, which "
+                              "offload slicing does not shard yet: set parallel.slicing=off")
         if offload is not None and offload.enabled:
             from zo2.offload import Device, Offloader
 
@@ -135,12 +142,15 @@ class ZOEngine:
         self.step_index = 0
         self.skipped_steps = 0
         self.log: list[dict] = []  # seed log: one record per applied update
+        self.prev_loss: float | None = None  # the one-point estimator's baseline
 
     # ---- training ---------------------------------------------------------------------
     def plan(self, step: int) -> Plan:
         seeds = [step_seed(self.seed, step, j) for j in range(self.optim.q)]
         if self.optim.estimator == "one-sided":
             return Plan.one_sided(seeds, self.optim.eps)
+        if self.optim.estimator == "one-point":
+            return Plan.one_point_plan(seeds, self.optim.eps)
         return Plan.two_sided(seeds, self.optim.eps)
 
     def lr(self, step: int) -> float:
@@ -170,12 +180,16 @@ class ZOEngine:
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
                             losses=losses, telemetry=self._telemetry())
         if all(math.isfinite(g) for g in grads):
+            if plan.one_point:
+                self.prev_loss = losses[0]
             seeds = tuple(sl.seed for sl in plan.slices if sl.seed is not None and sl.sign == 1)
             coefs = tuple(-lr * g / len(grads) for g in grads)
             decay = 1.0 - lr * self.optim.weight_decay
-            self.pending.set(Update(seeds, coefs, decay, round_seed=step_seed(self.seed, t, -1)))
             self.log.append({"step": t, "seeds": list(seeds), "coefs": list(coefs),
-                             "decay": decay})
+                             "decay": decay, "grads": [g / len(grads) for g in grads],
+                             "lr": lr})
+            self.pending.set(self.rule.update(self.log, lr, decay,
+                                              round_seed=step_seed(self.seed, t, -1)))
         else:
             result.skipped = True
             self.skipped_steps += 1
@@ -225,6 +239,8 @@ class ZOEngine:
 
     def _projected_grads(self, losses: list[float], plan: Plan) -> list[float]:
         eps = plan.eps
+        if plan.one_point:  # residual feedback: the previous step's perturbed loss
+            return [0.0 if self.prev_loss is None else (losses[0] - self.prev_loss) / eps]
         if plan.slices[0].sign == 0:  # one-sided
             return [(loss - losses[0]) / eps for loss in losses[1:]]
         return [(losses[i] - losses[i + 1]) / (2 * eps) for i in range(0, len(losses), 2)]
@@ -266,7 +282,8 @@ class ZOEngine:
         """Everything besides the weights that determines the future of the run."""
         self.flush()
         return {"step": self.step_index, "seed": self.seed, "skipped_steps": self.skipped_steps,
-                "optim": asdict(self.optim), "total_steps": self.total_steps, "log": self.log}
+                "optim": asdict(self.optim), "total_steps": self.total_steps, "log": self.log,
+                "prev_loss": self.prev_loss}
 
     def load_state_dict(self, state: Mapping) -> None:
         if state["seed"] != self.seed:
@@ -276,6 +293,7 @@ class ZOEngine:
         self.step_index = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.log = list(state.get("log", []))
+        self.prev_loss = state.get("prev_loss")
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""
@@ -286,6 +304,9 @@ class ZOEngine:
             if tokenizer is not None:
                 tokenizer.save_pretrained(path)
             (path / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
+            if self.rule.stateful:  # the rule's moments (zo-momentum / zo-adam buffers)
+                save_file({k: v.contiguous() for k, v in self.rule.state().items()},
+                          path / RULE_STATE_FILE)
         self.comm.barrier()  # the folder is complete before any rank reads it
         return path
 
@@ -301,6 +322,12 @@ class ZOEngine:
             raise CheckpointError(f"{state_file} is corrupt: {err}") from None
         self.load_weights(path)
         self.load_state_dict(state)
+        if self.rule.stateful:
+            rule_file = path / RULE_STATE_FILE
+            if not rule_file.is_file():
+                raise CheckpointError(f"{path} has no {RULE_STATE_FILE}: it was not made with "
+                                      f"optim.method={self.optim.method}")
+            self.rule.load_state(load_file(rule_file))
 
     @torch.no_grad()
     def load_weights(self, path: str | Path) -> None:
@@ -311,7 +338,8 @@ class ZOEngine:
         checkpoint of another model). Tied weights saved once are fine.
         """
         path = Path(path)
-        files = sorted(path.glob("*.safetensors"))
+        files = [f for f in sorted(path.glob("*.safetensors"))
+                 if f.name != RULE_STATE_FILE]  # the rule's moments are not weights
         if not files:
             raise CheckpointError(f"no .safetensors weights in {path}")
         loaded: dict[str, torch.Tensor] = {}

@@ -61,6 +61,16 @@ class Plan:
         """MeZO / n-SPSA: ``+eps`` and ``-eps`` for each seed."""
         return Plan(tuple(Slice(s, sign) for s in seeds for sign in (1, -1)), eps)
 
+    @property
+    def one_point(self) -> bool:
+        """Only ``+eps`` slices: the one-point estimator (baseline from the last step)."""
+        return all(sl.sign == 1 for sl in self.slices)
+
+    @staticmethod
+    def one_point_plan(seeds: Sequence[int], eps: float) -> Plan:
+        """``+eps`` for each seed only (one forward per direction)."""
+        return Plan(tuple(Slice(s, 1) for s in seeds), eps)
+
     @staticmethod
     def one_sided(seeds: Sequence[int], eps: float) -> Plan:
         """An unperturbed baseline slice, then ``+eps`` for each seed."""
@@ -78,6 +88,11 @@ class Update:
     coefs: tuple[float, ...]
     decay: float  # applied to parameters with ``TrainableParam.decay``
     round_seed: int = 0
+    # Rules that are not a pure seed update (:mod:`zo2.rules`): ``g_j / q`` per seed,
+    # the learning rate, and how many updates have been made including this one.
+    grads: tuple[float, ...] = ()
+    lr: float = 0.0
+    count: int = 0
 
 
 class PendingUpdate:
@@ -87,13 +102,20 @@ class PendingUpdate:
         dist: distribution of ``z`` (``gaussian`` | ``rademacher``).
         rounding: how the updated value is rounded into a bf16 / fp16 tensor
             (``nearest`` | ``stochastic``; fp32 tensors are always exact-rounded).
+        rule: the update rule (:mod:`zo2.rules`) when it is not the fused seed update.
     """
 
-    def __init__(self, dist: str = "gaussian", rounding: str = "nearest") -> None:
+    def __init__(self, dist: str = "gaussian", rounding: str = "nearest", rule=None) -> None:
         self.dist = dist
         self.rounding = rounding
+        self.rule = rule  # a non-fused update rule (zo2.rules); None: the fused kernel
         self.update: Update | None = None
         self._applied: set[int] = set()
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the rule keeps per-parameter state (kept where updates are applied)."""
+        return self.rule is not None and self.rule.stateful
 
     def set(self, update: Update | None) -> None:
         self.update = update
@@ -110,6 +132,10 @@ class PendingUpdate:
         """
         update = self.update
         if update is None or id(p) in self._applied:
+            return
+        if self.rule is not None and not self.rule.fused:
+            self.rule.apply(p, target.view(-1), start, update, self.dist)
+            self._applied.add(id(p))
             return
         extra = {}
         if self.rounding != "nearest":

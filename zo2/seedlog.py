@@ -142,6 +142,9 @@ class SeedLog:
         when the engine's log lacks updates it made (a run resumed from a checkpoint
         that did not restore :attr:`ZOEngine.log`).
         """
+        if engine.optim.method != "zo-sgd":
+            raise ValueError(f"optim.method={engine.optim.method}: a seed log replays ZO-SGD "
+                             "updates only (the other rules' updates depend on their state)")
         missing = engine.step_index - engine.skipped_steps - len(engine.log)
         if missing:
             raise ValueError(f"the engine's log lacks {missing} of its updates (resumed from "

@@ -152,6 +152,9 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
     reporter = reporter or Reporter()
 
     if resumed:
+        source_best = Path(resume).parent.parent / "best"  # <run>/checkpoints/step-N
+        if comm.is_main and not (out / "best").exists() and source_best.is_dir():
+            shutil.copytree(source_best, out / "best")  # resumed into another directory
         engine.load(resume)
         train.load_state_dict(resumed["data"])
         zero, best = resumed["zero_shot"], resumed["best"]
@@ -224,20 +227,27 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
         progress.close()
 
     final_step = engine.step_index
-    seedlog = out / "run.seedlog"
-    if comm.is_main:  # every update of the run: replayed onto the base, the last weights
-        SeedLog.from_engine(engine, cfg.model.trainable).save(seedlog)
+    seedlog = out / "run.seedlog" if cfg.optim.method == "zo-sgd" else None
+    if comm.is_main and seedlog:  # every update of the run: replayed onto the base, the
+        SeedLog.from_engine(engine, cfg.model.trainable).save(seedlog)  # last weights
+    tested = "best"
     if best["step"] != final_step:
-        engine.load_weights(out / "best")
+        if (out / "best").is_dir():
+            engine.load_weights(out / "best")
+        else:  # resumed into another directory from a checkpoint without its run's best/
+            log.warning("no best/ (step %d) in %s: testing the final weights", best["step"], out)
+            tested = "final"
     tuned_test = engine.evaluate(test)
     summary = {
         "model": cfg.model.name, "task": t.name, "steps": cfg.steps,
         "zero_shot_dev": zero["dev"]["accuracy"], "zero_shot_test": zero["test"]["accuracy"],
         "best_step": best["step"], "best_dev": best["dev"]["accuracy"],
-        "tuned_test": tuned_test["accuracy"], "skipped_steps": engine.skipped_steps,
+        "tuned_test": tuned_test["accuracy"], "tested": tested,
+        "skipped_steps": engine.skipped_steps,
         "minutes": (time.perf_counter() - started) / 60, "peak_rss_mb": peak_rss_mb(),
         "checkpoint": str(out / "best"), "resumed_from": str(resume) if resume else None,
-        "seedlog": str(seedlog), "seedlog_bytes": seedlog.stat().st_size if comm.is_main else None,
+        "seedlog": str(seedlog) if seedlog else None,
+        "seedlog_bytes": seedlog.stat().st_size if comm.is_main and seedlog else None,
         "parallel": {k: v for k, v in mesh.describe().items() if "rank" not in k},
     }
     metrics.write(event="summary", **summary)

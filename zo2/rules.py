@@ -1,0 +1,228 @@
+"""ZO update rules: how each step's projected gradients become a weight update.
+
+A step estimates projected gradients ``g_j`` along directions ``z_j`` (``j < q``), so
+the gradient estimate is ``G = (1/q) * sum_j g_j z_j``, with ``z_j`` regenerated from
+its seed whenever it is needed (:mod:`zo2.noise`). A rule turns the estimates into the
+update the engine applies lazily, parameter by parameter, while the unit is resident
+(:class:`zo2.perturb.PendingUpdate`):
+
+==================  ==========================================  =====================
+rule                update                                      per-parameter state
+==================  ==========================================  =====================
+``zo-sgd``          ``w -= lr*G``                               none
+``zo-momentum``     ``m = beta*m + G; w -= lr*m``               one buffer; or none
+                                                                with ``history=k``
+``zo-adam``         ``m, v`` (Adam moments of ``G``);           two buffers
+                    ``w -= lr * m_hat / (sqrt(v_hat) + eps)``
+``zo-sign``         ``w -= lr * sign(G)`` (ZO-signSGD)          none
+==================  ==========================================  =====================
+
+State costs what it says: one (momentum) or two (Adam) model-sized buffers in
+``optim.state_dtype`` (float32: 4 bytes a parameter each; bfloat16 halves it). Two
+memory-light variants:
+
+* ``zo-momentum`` with ``optim.history=k``: the momentum rebuilt from the last ``k``
+  steps' seeds, ``w -= lr * sum_{i<k} beta^i G_{t-i}``: exact momentum truncated
+  after ``k`` steps (the dropped tail weighs ``beta^k``), no state at all, at the
+  cost of ``k`` regenerations of ``z`` per step instead of one. Being a pure seed
+  update it runs on the fused update kernel, so it works wherever ZO-SGD does.
+* ``optim.state_dtype=bfloat16`` for the moments of ``zo-momentum`` / ``zo-adam``.
+
+Rules with state keep it where the update is applied: on the device for resident
+weights, next to the host master when offloading (the offloader then applies updates
+on the host and uploads, see :mod:`zo2.offload.scheduler`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from zo2 import noise
+from zo2.config import OptimConfig
+from zo2.errors import ConfigError
+from zo2.perturb import Update
+from zo2.units import TrainableParam
+
+RULES = ("zo-sgd", "zo-momentum", "zo-adam", "zo-sign")
+
+
+class Rule:
+    """ZO-SGD; the base of the other rules.
+
+    ``fused``: the update is a pure seed update ``w = w*decay + sum c_j z_j`` applied by
+    the fused kernel (:func:`zo2.noise.add_`); otherwise :meth:`apply` runs per
+    parameter. ``stateful``: the rule keeps per-parameter tensors (:meth:`state`).
+    """
+
+    name = "zo-sgd"
+    fused = True
+    stateful = False
+
+    def update(self, history: Sequence[Mapping], lr: float, decay: float,
+               round_seed: int) -> Update:
+        """The update after the newest record of ``history`` (the engine's seed log:
+        ``seeds`` and ``grads`` = ``g_j / q`` of each applied step)."""
+        last = history[-1]  # its coefs are -lr * g_j / q
+        return Update(tuple(last["seeds"]), tuple(last["coefs"]), decay, round_seed=round_seed)
+
+    def apply(self, p: TrainableParam, target: torch.Tensor, start: int, update: Update,
+              dist: str) -> None:
+        raise NotImplementedError  # fused rules never get here
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Per-parameter state tensors by name (checkpoints); empty for stateless rules."""
+        return {}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+
+class HistoryMomentum(Rule):
+    """Momentum rebuilt from the last ``k`` steps' seeds: no state, ``k`` regenerations."""
+
+    name = "zo-momentum"
+
+    def __init__(self, beta: float, k: int) -> None:
+        self.beta, self.k = beta, k
+
+    def update(self, history, lr, decay, round_seed) -> Update:
+        seeds, coefs = [], []
+        for age, record in enumerate(reversed(history[-self.k:])):
+            weight = -lr * self.beta ** age
+            seeds += record["seeds"]
+            coefs += [weight * g for g in record["grads"]]
+        return Update(tuple(seeds), tuple(coefs), decay, round_seed=round_seed)
+
+
+class _Materialized(Rule):
+    """A rule that needs ``G`` as a tensor: it is built in a float32 scratch buffer."""
+
+    fused = False
+
+    def __init__(self) -> None:
+        self._scratch: dict[torch.device, torch.Tensor] = {}
+
+    def update(self, history, lr, decay, round_seed) -> Update:
+        last = history[-1]
+        return Update(tuple(last["seeds"]), (), decay, round_seed=round_seed,
+                      grads=tuple(last["grads"]), lr=lr, count=len(history))
+
+    def estimate(self, p: TrainableParam, n: int, device: torch.device, start: int,
+                 update: Update, dist: str) -> torch.Tensor:
+        """``G`` for elements ``[start, start+n)`` of ``p``, float32 (scratch-owned)."""
+        buf = self._scratch.get(device)
+        if buf is None or buf.numel() < 2 * n:
+            buf = self._scratch[device] = torch.empty(2 * n, dtype=torch.float32, device=device)
+        total, z = buf[:n], buf[n: 2 * n]
+        total.zero_()
+        for seed, g in zip(update.seeds, update.grads):
+            noise.fill(z, seed, p.key, start, dist)
+            total.add_(z, alpha=g)
+        return total
+
+    @staticmethod
+    def step(p: TrainableParam, target: torch.Tensor, direction: torch.Tensor,
+             update: Update) -> None:
+        """``target = target*decay - lr*direction`` (computed in float32, rounded once)."""
+        w = target.float()
+        if p.decay and update.decay != 1.0:
+            w.mul_(update.decay)
+        w.add_(direction, alpha=-update.lr)
+        target.copy_(w)
+
+
+class Sign(_Materialized):
+    name = "zo-sign"
+
+    def apply(self, p, target, start, update, dist) -> None:
+        estimate = self.estimate(p, target.numel(), target.device, start, update, dist)
+        self.step(p, target, estimate.sign_(), update)
+
+
+class _Stateful(_Materialized):
+    stateful = True
+    buffers: tuple[str, ...] = ()
+
+    def __init__(self, state_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.state_dtype = state_dtype
+        self._state: dict[str, torch.Tensor] = {}
+
+    def buffer(self, p: TrainableParam, which: str, target: torch.Tensor,
+               start: int) -> torch.Tensor:
+        key = f"{p.name}.{which}"
+        if key not in self._state:
+            self._state[key] = torch.zeros(p.numel, dtype=self.state_dtype, device=target.device)
+        return self._state[key][start: start + target.numel()]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self._state)
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._state = {k: v.to(self.state_dtype) for k, v in tensors.items()}
+
+
+class Momentum(_Stateful):
+    name = "zo-momentum"
+    buffers = ("momentum",)
+
+    def __init__(self, beta: float, state_dtype: torch.dtype) -> None:
+        super().__init__(state_dtype)
+        self.beta = beta
+
+    def apply(self, p, target, start, update, dist) -> None:
+        estimate = self.estimate(p, target.numel(), target.device, start, update, dist)
+        m = self.buffer(p, "momentum", target, start)
+        moment = m.float().mul_(self.beta).add_(estimate)
+        m.copy_(moment)
+        self.step(p, target, moment, update)
+
+
+class Adam(_Stateful):
+    name = "zo-adam"
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, beta1: float, beta2: float, eps: float,
+                 state_dtype: torch.dtype) -> None:
+        super().__init__(state_dtype)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+
+    def apply(self, p, target, start, update, dist) -> None:
+        g = self.estimate(p, target.numel(), target.device, start, update, dist)
+        m, v = self.buffer(p, "exp_avg", target, start), self.buffer(p, "exp_avg_sq", target, start)
+        # float32 buffers are updated in place (.float() is the buffer itself); others
+        # through a float32 copy, rounded once on the way back
+        m32 = m.float().mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+        v32 = v.float().mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        m.copy_(m32)
+        v.copy_(v32)
+        t = update.count
+        denom = v32.div(1 - self.beta2 ** t).sqrt_().add_(self.eps)  # new tensors: the
+        direction = m32.div(1 - self.beta1 ** t).div_(denom)  # moments stay as they are
+        self.step(p, target, direction, update)
+
+
+def make_rule(optim: OptimConfig) -> Rule:
+    """The rule ``optim.method`` names, with its settings."""
+    state_dtype = getattr(torch, optim.state_dtype)
+    if optim.method == "zo-sgd":
+        return Rule()
+    if optim.method == "zo-momentum":
+        if optim.history > 0:
+            return HistoryMomentum(optim.momentum, optim.history)
+        return Momentum(optim.momentum, state_dtype)
+    if optim.method == "zo-adam":
+        return Adam(optim.beta1, optim.beta2, optim.adam_eps, state_dtype)
+    if optim.method == "zo-sign":
+        return Sign()
+    raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(RULES)}")
+
+
+def state_bytes(rule: Rule, numel: int) -> int:
+    """Bytes of per-parameter state the rule keeps for ``numel`` trainable elements."""
+    if not rule.stateful:
+        return 0
+    size = torch.empty((), dtype=rule.state_dtype).element_size()
+    return len(rule.buffers) * numel * size
