@@ -131,8 +131,11 @@ class Offloader:
             raise ConfigError("offload: offloaded units must share one dtype")
         host = _dtype(host_dtype) or (compute.pop() if compute else None)
         wire = _dtype(wire_dtype) or host
-        self.master_on_host = wire != host
-        if self.master_on_host and host != torch.float32:
+        # The update is applied to the host copy (which is then the master) for a wire
+        # narrower than the host copy, and for a rule with per-parameter state, which
+        # lives on the host next to the master (zo2.rules): upload only, no write-back.
+        self.master_on_host = wire != host or pending.stateful
+        if wire != host and host != torch.float32:
             raise ConfigError(f"offload.wire_dtype: {wire} differs from the host copy "
                               f"({host}); set offload.host_dtype=float32")
         self._holders: dict[torch.dtype, torch.Tensor] = {}
