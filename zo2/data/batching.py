@@ -37,6 +37,9 @@ def _bos(tokenizer: Any) -> list[int]:
 
 def label_word_ids(tokenizer: Any, spec: TaskSpec) -> torch.Tensor:
     """First token id of each label word, by label index: LongTensor (C,); they must differ."""
+    if spec.kind != "label_words":
+        raise ConfigError(f"task {spec.name!r} has no label words: it trains with objective "
+                          f"{spec.kind!r}")
     ids = []
     for word in spec.label_words:
         tokens = _ids(tokenizer, word)
