@@ -282,3 +282,20 @@ def test_rte_trains_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "rte" and summary["steps"] == 2
+
+
+def test_flattened_hugging_face_rows(tmp_path):
+    multirc = {"paragraph": "Omar baked bread.", "question": "What did Omar bake?",
+               "answer": "Bread", "idx": {"paragraph": 0, "question": 0, "answer": 0},
+               "label": 1}
+    [ex] = read_mezo("multirc", _write(tmp_path / "m.jsonl", json.dumps(multirc)))[1]
+    assert ex.label == 1 and ex.text.endswith('I found this answer "Bread". '
+                                              "Is that correct? Yes or No?\n")
+    record = {"passage": "Ana met Ben in Rome.\n@highlight\nA trip", "query": "@placeholder "
+              "was the city.", "entities": ["Ana", "Ben", "Rome"], "answers": ["Rome"]}
+    [ex] = read_mezo("record", _write(tmp_path / "r.jsonl", json.dumps(record)))[1]
+    assert ex.context == "Ana met Ben in Rome.\n- A trip\n-" and ex.label == 2
+    assert ex.candidates[2] == " Rome was the city."
+    with pytest.raises(ConfigError, match="objective 'choice'"):
+        label_word_ids(embedded_tokenizer(), load_task(
+            "copa", path=str(FIXTURES / "copa"), n_train=1, n_dev=1, n_test=1).spec)
