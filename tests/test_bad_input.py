@@ -96,11 +96,6 @@ CASES = [
 ]
 
 
-def context_checked() -> bool:
-    """Whether run() calls models.check_context yet (the lead wires it into zo2/train.py)."""
-    return "check_context" in (Path(__file__).parents[1] / "zo2" / "train.py").read_text()
-
-
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "zo2.launch.train", *args], cwd=cwd,
@@ -156,14 +151,12 @@ def results(tmp_path_factory) -> dict[str, Future]:
         ckpt = pool.submit(_checkpoint, tmp)  # first: the cases that need it wait on it
         futures = {case.id: pool.submit(run_case, case, ckpt if "{ckpt}" in
                                         " ".join(case.args) else None)
-                   for case in CASES if case.id != "context" or context_checked()}
+                   for case in CASES}
         return futures
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_one_clear_message_and_nothing_is_lost(case: Case, results) -> None:
-    if case.id == "context" and not context_checked():
-        pytest.xfail("models.check_context is not yet called from zo2/train.py run()")
     proc, before, after, ckpt = results[case.id].result()
     stderr = proc.stderr.strip()
     shown = f"status {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"

@@ -40,7 +40,7 @@ from zo2.data.tasks import load_task
 from zo2.engine import ZOEngine
 from zo2.errors import CheckpointError, ConfigError, TrainingError
 from zo2.loss import Objective
-from zo2.models import load_model, model_identity, weights_folder
+from zo2.models import check_context, load_model, model_identity, weights_folder
 from zo2.offload.checkpoint import SafetensorsWeights
 from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
 from zo2.seedlog import SeedLog
@@ -133,6 +133,7 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, empty=folder is not None)
     weights = SafetensorsWeights(folder) if folder is not None else None
     t = cfg.task
+    check_context(model, t.max_length)  # before any earlier output is touched
     task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
                      path=t.path, text_field=t.text_field, label_field=t.label_field,
                      balanced=t.balanced)
