@@ -136,7 +136,8 @@ def save_adapter(source, path: str | Path) -> Path:
     format: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     From an engine, the values are the current ones: the pending update is applied and
-    offloaded parameters are read from their host blocks.
+    offloaded parameters are read from their host blocks. With several ranks every rank
+    calls it (reading sliced blocks is a collective) and the main rank writes.
     """
     from peft import PeftModel
 
@@ -151,7 +152,9 @@ def save_adapter(source, path: str | Path) -> Path:
     state = engine.export_state_dict()  # flushed; offloaded values from host memory
     own = {n for n, _ in model.named_parameters()} & set(state)
     adapter = {k: state[k].clone() for k in own if _is_adapter_key(k, model)}
-    model.save_pretrained(path, state_dict=adapter)
+    if engine.comm.is_main:
+        model.save_pretrained(path, state_dict=adapter)
+    engine.comm.barrier()
     return path
 
 
