@@ -270,10 +270,15 @@ def test_presets_compose_and_validate():  # tests/test_configs.py validates ever
         assert cfg.task.name == name and validate(cfg)
 
 
-def test_rte_trains_through_the_cli(tmp_path):
+@pytest.mark.parametrize("task,sizes", [
+    ("rte", ["task.n_train=4", "task.n_dev=2", "task.n_test=2"]),  # label words
+    ("copa", ["task.n_train=2", "task.n_dev=1", "task.n_test=4"]),  # candidate choice
+    ("squad", ["task.n_train=2", "task.n_dev=1", "task.n_test=4"]),  # generation, F1
+])
+def test_each_kind_trains_through_the_cli(tmp_path, task, sizes):
     out = tmp_path / "run"
-    args = ["model=tiny-llama", "task=rte", f"task.path={FIXTURES / 'rte'}", "steps=2",
-            "task.n_train=4", "task.n_dev=2", "task.n_test=2", "task.max_length=64",
+    args = ["model=tiny-llama", f"task={task}", f"task.path={FIXTURES / task}", "steps=2",
+            *sizes, "task.max_length=64", "eval_every=1",
             "optim.batch_size=2", "eval_batch_size=4", "progress=false", "logging=none",
             f"output_dir={out}"]
     proc = subprocess.run([sys.executable, "-m", "zo2.launch.train", *args], cwd=tmp_path,
@@ -281,7 +286,12 @@ def test_rte_trains_through_the_cli(tmp_path):
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == "rte" and summary["steps"] == 2
+    assert summary["task"] == task and summary["steps"] == 2
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    if task == "squad":
+        assert {"f1", "exact_match"} <= evals[0]["dev"].keys()
 
 
 def test_flattened_hugging_face_rows(tmp_path):

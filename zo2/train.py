@@ -35,11 +35,10 @@ import torch
 
 from zo2.checkpoints import CheckpointManager, replace_dir, verify
 from zo2.config import OffloadConfig, TrainConfig, to_dict, validate
-from zo2.data.batching import BatchIterator, encode, label_word_ids
+from zo2.data import pipeline
 from zo2.data.tasks import load_task
 from zo2.engine import ZOEngine
 from zo2.errors import CheckpointError, ConfigError, TrainingError
-from zo2.loss import Objective
 from zo2.models import check_context, load_model, model_identity, weights_folder
 from zo2.offload.checkpoint import SafetensorsWeights
 from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
@@ -96,13 +95,6 @@ class MetricsFile:
             self.tracker.finish()
 
 
-def _batches(tokenizer, examples, spec, batch_size: int, max_length: int) -> list[dict]:
-    """Evaluation batches, examples sorted by length so that little padding is computed."""
-    examples = sorted(examples, key=lambda e: len(e.text))
-    return [encode(tokenizer, examples[i: i + batch_size], spec, max_length=max_length)
-            for i in range(0, len(examples), batch_size)]
-
-
 def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = None) -> dict:
     """Fine-tune as configured; returns the summary (also written to summary.json).
 
@@ -127,24 +119,23 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
     resume = mesh.on_main(lambda: _resume_point(cfg, out, checkpoints))
     resumed = _read_run_state(cfg, resume) if resume else None
     out.mkdir(parents=True, exist_ok=True)
+    t = cfg.task  # the data first: a bad file is reported before a big model loads
+    task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
+                     path=t.path, text_field=t.text_field, label_field=t.label_field,
+                     balanced=t.balanced)
     # Offloaded: build the model empty and stream its checkpoint into the block store,
     # so a model larger than host memory never has to be loaded whole.
     folder = weights_folder(cfg.model.name) if cfg.offload.enabled else None
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, empty=folder is not None)
     weights = SafetensorsWeights(folder) if folder is not None else None
-    t = cfg.task
     check_context(model, t.max_length)  # before any earlier output is touched
-    task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
-                     path=t.path, text_field=t.text_field, label_field=t.label_field,
-                     balanced=t.balanced)
-    objective = Objective(t.objective, candidates=label_word_ids(tokenizer, task.spec))
-    engine = ZOEngine(model, cfg.optim, objective, seed=cfg.seed, total_steps=cfg.steps,
+    pipe = pipeline.build(task, tokenizer, objective=t.objective,
+                          batch_size=cfg.optim.batch_size, eval_batch_size=cfg.eval_batch_size,
+                          seed=cfg.seed, max_length=t.max_length, offloaded=cfg.offload.enabled)
+    engine = ZOEngine(model, cfg.optim, pipe.objective, seed=cfg.seed, total_steps=cfg.steps,
                       trainable=cfg.model.trainable, offload=_offload(cfg, out, mesh),
                       device=device, weights=weights, comm=comm)
-    dev = _batches(tokenizer, task.dev, task.spec, cfg.eval_batch_size, t.max_length)
-    test = _batches(tokenizer, task.test, task.spec, cfg.eval_batch_size, t.max_length)
-    train = BatchIterator(tokenizer, task.train, task.spec, batch_size=cfg.optim.batch_size,
-                          seed=cfg.seed, max_length=t.max_length)
+    train = pipe.train
     if comm.is_main:
         _keep_metrics(out / "metrics.jsonl", upto=resumed["step"] if resumed else None)
     tracker = Tracker(cfg.logging, out, to_dict(cfg), main=comm.is_main,
@@ -164,7 +155,7 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
     else:
         metrics.write(event="config", config=to_dict(cfg), model=model_identity(model),
                       parallel=mesh.describe())
-        zero = {"dev": engine.evaluate(dev), "test": engine.evaluate(test)}
+        zero = {"dev": pipe.evaluate(engine, "dev"), "test": pipe.evaluate(engine, "test")}
         metrics.write(event="eval", step=0, **zero)
         log.info("zero-shot: dev acc %.4f, test acc %.4f", zero["dev"]["accuracy"],
                  zero["test"]["accuracy"])
@@ -211,7 +202,7 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
             progress.update(1)
         record = {"step": step, "loss": result.loss}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            dev_metrics = engine.evaluate(dev)
+            dev_metrics = pipe.evaluate(engine, "dev")
             metrics.write(event="eval", step=step, dev=dev_metrics)
             log.info("step %d: dev acc %.4f", step, dev_metrics["accuracy"])
             record["dev_accuracy"] = dev_metrics["accuracy"]
@@ -238,7 +229,7 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
         else:  # resumed into another directory from a checkpoint without its run's best/
             log.warning("no best/ (step %d) in %s: testing the final weights", best["step"], out)
             tested = "final"
-    tuned_test = engine.evaluate(test)
+    tuned_test = pipe.evaluate(engine, "test")
     summary = {
         "model": cfg.model.name, "task": t.name, "steps": cfg.steps,
         "zero_shot_dev": zero["dev"]["accuracy"], "zero_shot_test": zero["test"]["accuracy"],
