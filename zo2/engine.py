@@ -138,7 +138,8 @@ class ZOEngine:
             self.residency = Resident(self.pending, self.params)
         self.context = PerturbationContext(self.pending, self.residency)
         self._wrapped = Wrapped(self.units, self.context)
-        self._takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+        self._takes_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
         self.step_index = 0
         self.skipped_steps = 0
         self.log: list[dict] = []  # seed log: one record per applied update
@@ -348,10 +349,18 @@ class ZOEngine:
                 loaded.update(load_file(file))
             except Exception as err:  # safetensors raises its own error types
                 raise CheckpointError(f"cannot read {file}: {err}") from None
+        adapter_only = (path / "adapter_config.json").is_file()  # peft's format
+        if adapter_only:
+            from zo2.adapters import from_peft_format
+
+            loaded = from_peft_format(self.model, loaded)
         own = self.model.state_dict(keep_vars=True)
         unexpected = sorted(loaded.keys() - own.keys())
         loaded_ids = {id(own[k]) for k in loaded.keys() & own.keys()}
         missing = sorted(k for k in own.keys() - loaded.keys() if id(own[k]) not in loaded_ids)
+        if adapter_only:  # the frozen base weights are the model's own
+            trained = {id(p.param) for p in self.params}
+            missing = [k for k in missing if id(own[k]) in trained]
         wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in loaded.items()
                  if k in own and v.shape != own[k].shape]
         if unexpected or missing or wrong:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from zo2.adapters import wrap
 from zo2.checkpoints import CheckpointManager, replace_dir, verify
 from zo2.config import OffloadConfig, TrainConfig, to_dict, validate
 from zo2.data import pipeline
@@ -124,16 +125,21 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
                      path=t.path, text_field=t.text_field, label_field=t.label_field,
                      balanced=t.balanced)
     # Offloaded: build the model empty and stream its checkpoint into the block store,
-    # so a model larger than host memory never has to be loaded whole.
-    folder = weights_folder(cfg.model.name) if cfg.offload.enabled else None
+    # so a model larger than host memory never has to be loaded whole (not with an
+    # adapter: peft initialises adapters on real weights).
+    adapter = cfg.model.adapter
+    lazy = cfg.offload.enabled and adapter.kind == "none"
+    folder = weights_folder(cfg.model.name) if lazy else None
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, empty=folder is not None)
     weights = SafetensorsWeights(folder) if folder is not None else None
+    # LoRA / prefix tuning (peft): only the adapter's parameters are trained.
+    model, trainable = wrap(model, adapter, cfg.model.trainable, seed=cfg.seed)
     check_context(model, t.max_length)  # before any earlier output is touched
     pipe = pipeline.build(task, tokenizer, objective=t.objective,
                           batch_size=cfg.optim.batch_size, eval_batch_size=cfg.eval_batch_size,
                           seed=cfg.seed, max_length=t.max_length, offloaded=cfg.offload.enabled)
     engine = ZOEngine(model, cfg.optim, pipe.objective, seed=cfg.seed, total_steps=cfg.steps,
-                      trainable=cfg.model.trainable, offload=_offload(cfg, out, mesh),
+                      trainable=trainable, offload=_offload(cfg, out, mesh),
                       device=device, weights=weights, comm=comm)
     train = pipe.train
     if comm.is_main:
@@ -221,7 +227,7 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
     final_step = engine.step_index
     seedlog = out / "run.seedlog" if cfg.optim.method == "zo-sgd" else None
     if comm.is_main and seedlog:  # every update of the run: replayed onto the base, the
-        SeedLog.from_engine(engine, cfg.model.trainable).save(seedlog)  # last weights
+        SeedLog.from_engine(engine, trainable).save(seedlog)  # last weights
     tested = "best"
     if best["step"] != final_step:
         if (out / "best").is_dir():
