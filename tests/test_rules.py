@@ -115,3 +115,29 @@ def test_resume_from_a_checkpoint_is_exact(name, tmp_path):
         resumed.step(b)
     wa, wb = _params(full), _params(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_conservative_steps_never_raise_the_loss_on_their_batch():
+    """Conservative ZO keeps w, the SGD step or its opposite, whichever has the least
+    loss: on one fixed batch the loss cannot go up (up to the rounding of the update)."""
+    batch = make_batch(batch=8)
+    engine = _engine(make_model("llama"), OptimConfig(lr=5e-2, conservative=True))
+    plain = _engine(make_model("llama"), OptimConfig(lr=5e-2))
+    losses, plain_losses, taken = [engine.evaluate([batch])["loss"]], [], []
+    for _ in range(12):
+        taken.append(engine.step(batch).telemetry["conservative_coef"])
+        losses.append(engine.evaluate([batch])["loss"])
+        plain.step(batch)
+        plain_losses.append(plain.evaluate([batch])["loss"])
+    assert all(b <= a + 1e-5 for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0]
+    assert any(c != 0.0 for c in taken)
+    # at this large lr plain ZO-SGD is not monotone on the batch; conservative ends lower
+    assert losses[-1] <= min(plain_losses) + 1e-5
+
+
+def test_conservative_needs_a_single_seed_sgd_step():
+    from zo2.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.conservative"):
+        _engine(make_model("llama"), OptimConfig(conservative=True, q=2))

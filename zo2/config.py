@@ -74,6 +74,7 @@ class OptimConfig:
     beta2: float = 0.999
     adam_eps: float = 1e-8
     state_dtype: str = "float32"  # zo-momentum / zo-adam buffers: float32 | bfloat16
+    conservative: bool = False  # keep w, w - lr*g*z or w + lr*g*z, whichever has less loss
 
 
 @dataclass

@@ -47,6 +47,7 @@ from zo2.perturb import (
     PerturbationContext,
     Plan,
     Resident,
+    Slice,
     Wrapped,
 )
 from zo2.rules import make_rule
@@ -116,6 +117,10 @@ class ZOEngine:
         self.rule = make_rule(optim)
         self.pending = PendingUpdate(optim.direction, optim.rounding,
                                      rule=None if self.rule.fused else self.rule)
+        if optim.conservative and (optim.method != "zo-sgd" or optim.q != 1
+                                   or optim.estimator == "one-point" or self.comm.pp != 1):
+            raise ConfigError("optim.conservative needs optim.method=zo-sgd, optim.q=1, a "
+                              "two- or one-sided estimator and parallel.pp=1")
         if self.rule.stateful and self.comm.slicing() is not None and offload is not None \
                 and offload.enabled:
             raise ConfigError(f"optim.method={optim.method} keeps per-parameter state, which "
@@ -168,14 +173,7 @@ class ZOEngine:
         batch = self._on_device(self.comm.shard(batch))  # this rank's rows (data parallel)
         t = self.step_index
         plan = self.plan(t)
-        mine = self.comm.my_slices(plan.n)  # this rank's slices (perturbation parallel)
-        local = Plan(tuple(plan.slices[i] for i in mine), plan.eps)
-        logits = self._stacked_logits(batch, local)  # (len(mine)*B, k, V)
-        labels = batch["labels"]
-        count = int((labels != -100).sum())
-        own = {i: (float(self.objective.loss(part, labels)), count)
-               for i, part in zip(mine, logits.chunk(local.n))}
-        losses = self.comm.combine_losses(plan.n, own)  # every slice, global batch
+        losses = self._losses(batch, plan)
         grads = self._projected_grads(losses, plan)
         lr = self.lr(t)
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
@@ -185,6 +183,9 @@ class ZOEngine:
                 self.prev_loss = losses[0]
             seeds = tuple(sl.seed for sl in plan.slices if sl.seed is not None and sl.sign == 1)
             coefs = tuple(-lr * g / len(grads) for g in grads)
+            if self.optim.conservative:
+                coefs = self._conservative(batch, seeds[0], coefs[0])
+                result.telemetry["conservative_coef"] = coefs[0]
             decay = 1.0 - lr * self.optim.weight_decay
             self.log.append({"step": t, "seeds": list(seeds), "coefs": list(coefs),
                              "decay": decay, "grads": [g / len(grads) for g in grads],
@@ -199,6 +200,31 @@ class ZOEngine:
         if every and self.step_index % every == 0:
             self.comm.check_in_sync(self.residency.replicated_tensors())
         return result
+
+    def _losses(self, batch: Mapping[str, torch.Tensor], plan: Plan) -> list[float]:
+        """Every slice's loss over the global batch; this rank runs its own slices
+        (perturbation parallel) on its own rows (data parallel)."""
+        mine = self.comm.my_slices(plan.n)
+        local = Plan(tuple(plan.slices[i] for i in mine), plan.eps)
+        logits = self._stacked_logits(batch, local)  # (len(mine)*B, k, V)
+        labels = batch["labels"]
+        count = int((labels != -100).sum())
+        own = {i: (float(self.objective.loss(part, labels)), count)
+               for i, part in zip(mine, logits.chunk(local.n))}
+        return self.comm.combine_losses(plan.n, own)
+
+    def _conservative(self, batch: Mapping[str, torch.Tensor], seed: int,
+                      coef: float) -> tuple[float]:
+        """Conservative ZO: of ``w``, ``w + |c| z`` and ``w - |c| z`` (the SGD step and its
+        opposite), keep the one with the lowest loss on this batch: one more stacked
+        forward of three slices; returns the coefficient taken (0: no step)."""
+        if coef == 0.0 or not math.isfinite(coef):
+            return (coef,)
+        size = abs(coef)
+        plan = Plan((Slice(None, 0), Slice(seed, 1), Slice(seed, -1)), size)
+        base, plus, minus = self._losses(batch, plan)
+        best = min((base, 0.0), (plus, size), (minus, -size))  # ties: the smaller coef
+        return (best[1],)
 
     def _telemetry(self) -> dict:
         """The residency's transfer figures, and GPU memory / utilisation on a GPU."""
