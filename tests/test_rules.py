@@ -28,6 +28,7 @@ RULES = {
     # eps, so it needs lr << eps / g^2 (at eps=1e-3 and lr=1e-3 it diverges)
     "one-point": ({"estimator": "one-point", "eps": 1e-2}, 3e-4),
     "n-spsa-q4": ({"q": 4}, 5e-3),
+    "conservative": ({"conservative": True}, 5e-3),
 }
 
 
@@ -58,7 +59,8 @@ def test_every_rule_lowers_the_loss(name):
     assert engine.evaluate([batch])["loss"] < start - 1e-3, name
 
 
-@pytest.mark.parametrize("name", ["zo-momentum", "zo-adam", "zo-sign", "zo-momentum-history"])
+@pytest.mark.parametrize("name", ["zo-momentum", "zo-adam", "zo-sign", "zo-momentum-history",
+                                  "one-point", "conservative"])
 def test_offloaded_equals_resident(name):
     batches = [make_batch(seed=i) for i in range(3)]
     results = []
