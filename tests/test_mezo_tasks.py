@@ -76,7 +76,7 @@ def test_prompts_are_mezos():
     _, sst2, _ = read_mezo("sst2", str(FIXTURES / "sst2"))
     assert sst2[1].text == "the plot drags and the jokes fall flat It was" and sst2[1].label == 0
     _, boolq, _ = read_mezo("boolq", str(FIXTURES / "boolq"))
-    assert boolq[1].text.endswith("into flippers for swimming. can penguins fly?")
+    assert boolq[1].text.endswith("into flippers for swimming. Can penguins fly?\n")
     _, copa, _ = read_mezo("copa", str(FIXTURES / "copa"))
     assert copa[1] == ChoiceExample("The girl wore a heavy coat because",
                                     (" it was sunny.", " it was freezing outside."), 1)
@@ -309,3 +309,14 @@ def test_flattened_hugging_face_rows(tmp_path):
     with pytest.raises(ConfigError, match="objective 'choice'"):
         label_word_ids(embedded_tokenizer(), load_task(
             "copa", path=str(FIXTURES / "copa"), n_train=1, n_dev=1, n_test=1).spec)
+
+
+def test_copa_choices_continue_the_sentence_as_mezo_writes_them():
+    from zo2.data.mezo.choice import copa
+
+    row = {"premise": "My body cast a shadow over the grass.", "choice1": "I stood up.",
+           "choice2": "The sun was rising.", "question": "cause", "label": 1}
+    (example,) = copa("row", row)
+    assert example.context == "My body cast a shadow over the grass because"
+    assert example.candidates == (" I stood up.", " the sun was rising.")
+    assert example.label == 1

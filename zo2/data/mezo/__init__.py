@@ -43,7 +43,7 @@ MEZO_TASKS: dict[str, MezoTask] = {t.name: t for t in (
              ("negative", "positive")),
     MezoTask("rte", "label_words", classify.rte, YES_NO, classify.RTE_LABELS),
     MezoTask("cb", "label_words", classify.cb, ("Yes", "No", "Maybe"), classify.CB_LABELS),
-    MezoTask("boolq", "label_words", classify.boolq, (" No", " Yes"), classify.BINARY),
+    MezoTask("boolq", "label_words", classify.boolq, NO_YES, classify.BINARY),
     MezoTask("wsc", "label_words", classify.wsc, NO_YES, classify.BINARY),
     MezoTask("wic", "label_words", classify.wic, NO_YES, classify.BINARY),
     MezoTask("multirc", "label_words", classify.multirc, NO_YES, classify.BINARY),

@@ -18,7 +18,10 @@ from zo2.errors import DataError
 
 
 def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:]
+    """The choice continues the sentence: its first word lower-cased, except "I"."""
+    first, _, rest = text.partition(" ")
+    first = first if first == "I" else first.lower()
+    return f"{first} {rest}" if rest else first
 
 
 def copa(where: str, row: dict[str, Any]) -> list[ChoiceExample]:
@@ -28,7 +31,8 @@ def copa(where: str, row: dict[str, Any]) -> list[ChoiceExample]:
         raise DataError(f"{where}: field 'question' is {question!r}, not 'cause' or 'effect'")
     connector = "so" if question == "effect" else "because"
     choices = (need(row, "choice1", where, str), need(row, "choice2", where, str))
-    return [ChoiceExample(f"{premise[:-1]} {connector}",
+    premise = premise[:-1] if premise.endswith(".") else premise
+    return [ChoiceExample(f"{premise} {connector}",
                           tuple(" " + _lower_first(c.strip()) for c in choices),
                           label_index(need(row, "label", where), ("0", "1"), where))]
 

@@ -65,8 +65,12 @@ def cb(where: str, row: dict[str, Any]) -> list[Example]:
 
 
 def boolq(where: str, row: dict[str, Any]) -> list[Example]:
+    """MeZO's BoolQ prompt for OPT: the question capitalised, with one question mark,
+    on the passage's line, and the answer word on the next line."""
     passage, question = need(row, "passage", where, str), need(row, "question", where, str)
-    return [Example(f"{passage} {question}?",
+    question = question if question.endswith("?") else question + "?"
+    question = question[:1].upper() + question[1:]
+    return [Example(f"{passage} {question}\n",
                     label_index(need(row, "label", where), BINARY, where))]
 
 
