@@ -1,0 +1,320 @@
+"""ZO methods on the embedded default at a fixed budget of forward passes.
+
+Real SmolLM2-135M (fp32, CPU), tweet sentiment (label words), batch 16. Every method
+gets the same budget of ``--budget`` forward passes of batch 16 and the same training
+batches (same order); test accuracy on one fixed balanced test subset is taken at 0 and
+at four points along the budget. Methods:
+
+* ``zo_sgd``: MeZO (configs/optim/mezo.yaml, tuned for this default);
+* ``momentum``, ``zo_adam``, ``nspsa_q4``: configs/optim/momentum.yaml, adam.yaml,
+  nspsa.yaml as shipped (untuned);
+* ``lora_zo``, ``prefix_zo``: ZO-SGD on a LoRA / prefix adapter (:mod:`zo2.adapters`)
+  with a larger lr and eps (untuned guesses, see ``METHODS``);
+* ``adam_fo``: first-order AdamW with autograd, the reference.
+
+Forward passes counted: two-sided ZO spends ``2 q`` forwards of batch 16 per step
+(q=1: 2, n-SPSA q=4: 8); a first-order step (one forward + one backward) is counted as
+3 forward-equivalents (backward ~ 2 forwards).
+
+Each method runs in its own process (``--method X``), so ``ru_maxrss`` is its own peak.
+
+    python bench/methods.py [--budget 120] [--n-test 200] [--only zo_sgd,adam_fo]
+
+Writes bench/results/methods.json and methods.png; last line: each method's final test
+accuracy as ``key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "configs" / "optim"
+
+# name: (preset yaml, overrides of the preset, adapter kind or None); adam_fo: first order
+METHODS: dict[str, tuple[str | None, dict, str | None]] = {
+    "zo_sgd": ("mezo", {}, None),
+    "momentum": ("momentum", {}, None),
+    "zo_adam": ("adam", {}, None),
+    "nspsa_q4": ("nspsa", {}, None),
+    "lora_zo": ("mezo", {"lr": 5e-3, "eps": 1e-2}, "lora"),
+    "prefix_zo": ("mezo", {"lr": 1e-2, "eps": 1e-1}, "prefix"),
+    "adam_fo": (None, {"lr": 1e-5}, None),
+}
+FO_FORWARDS_PER_STEP = 3  # one forward + one backward, counted as 3 forward-equivalents
+
+
+def optim_config(name: str, overrides: dict):
+    import yaml
+
+    from zo2.config import OptimConfig
+
+    fields = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+    fields.update(overrides)
+    return OptimConfig(**fields)
+
+
+def eval_steps(steps: int, points: int = 4) -> list[int]:
+    """Steps after which test accuracy is taken: ~evenly along the budget, the last one."""
+    return sorted({max(1, round(steps * k / points)) for k in range(1, points + 1)})
+
+
+class _PlainEval:
+    """Duck-types ``engine.evaluate`` for the pipeline: accuracy of a plain (autograd) model."""
+
+    def __init__(self, model, objective) -> None:
+        self.model, self.objective = model, objective
+
+    def evaluate(self, batches) -> dict:
+        import torch
+
+        from zo2.loss import positions_to_keep
+
+        right = seen = 0
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for b in batches:
+                labels = b["labels"]
+                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                    logits_to_keep=positions_to_keep(labels),
+                                    use_cache=False).logits
+                k = int((labels != -100).sum())
+                total += float(self.objective.loss(logits, labels)) * k
+                n += k
+                r, s = self.objective.correct(logits, labels)
+                right, seen = right + r, seen + s
+        return {"loss": total / max(n, 1), "accuracy": right / max(seen, 1)}
+
+
+def run_method(method: str, budget: int, n_train: int, n_test: int,
+               acc0: float | None, deadline: float | None = None) -> dict:
+    """One method in this process: the accuracy curve, peak RSS, wall time."""
+    import torch
+
+    from zo2.adapters import AdapterConfig, wrap
+    from zo2.data.pipeline import build
+    from zo2.data.tasks import load_task
+    from zo2.engine import ZOEngine
+    from zo2.models import load_model
+    from zo2.rules import state_bytes
+    from zo2.train import peak_rss_mb
+
+    started = time.perf_counter()
+    preset, overrides, adapter = METHODS[method]
+    model, tok = load_model("smollm2-135m")
+    task = load_task("tweets", seed=42, n_train=n_train, n_dev=32, n_test=n_test, balanced=True)
+    pipe = build(task, tok, objective="label_words", batch_size=16, eval_batch_size=32, seed=0,
+                 max_length=128, offloaded=False)
+    out: dict = {"method": method}
+    if preset is None:  # first-order AdamW, the reference
+        steps = budget // FO_FORWARDS_PER_STEP
+        per_step = FO_FORWARDS_PER_STEP
+        model.requires_grad_(True)
+        opt = torch.optim.AdamW(model.parameters(), lr=overrides["lr"], weight_decay=0.0)
+        numel = sum(p.numel() for p in model.parameters())
+        out["settings"] = {"optimizer": "torch.optim.AdamW", "lr": overrides["lr"],
+                           "weight_decay": 0.0, "schedule": "constant", "batch_size": 16}
+        out["trainable_params"] = numel
+        out["state_bytes"] = 2 * numel * 4  # exp_avg, exp_avg_sq (fp32)
+        out["grad_bytes"] = numel * 4
+        evaluator = _PlainEval(model, pipe.objective)
+
+        def train_step() -> float:
+            from zo2.loss import positions_to_keep
+
+            b = next(pipe.train)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                           logits_to_keep=positions_to_keep(b["labels"]),
+                           use_cache=False).logits
+            loss = pipe.objective.loss(logits, b["labels"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+    else:
+        optim = optim_config(preset, overrides)
+        per_step = 2 * optim.q  # two-sided
+        steps = budget // per_step
+        globs: list[str] = ["*"]
+        if adapter is not None:
+            model, globs = wrap(model, AdapterConfig(kind=adapter), seed=0)
+        engine = ZOEngine(model, optim, pipe.objective, seed=0, total_steps=steps,
+                          trainable=globs)
+        numel = sum(p.numel for p in engine.params)
+        out["settings"] = {k: getattr(optim, k) for k in (
+            "method", "lr", "eps", "schedule", "min_lr_ratio", "q", "estimator", "direction",
+            "momentum", "history", "beta1", "beta2", "state_dtype", "batch_size")}
+        out["settings"]["preset"] = f"configs/optim/{preset}.yaml"
+        if overrides:
+            out["settings"]["overrides"] = overrides
+        if adapter is not None:
+            a = AdapterConfig(kind=adapter)
+            out["settings"]["adapter"] = ({"kind": "lora", "r": a.r, "alpha": a.alpha,
+                                           "target_modules": "peft default (q_proj, v_proj)"}
+                                          if adapter == "lora" else
+                                          {"kind": "prefix",
+                                           "num_virtual_tokens": a.num_virtual_tokens})
+        out["trainable_params"] = numel
+        out["state_bytes"] = state_bytes(engine.rule, numel)
+        evaluator = engine
+
+        def train_step() -> float:
+            return engine.step(next(pipe.train)).loss
+
+    checkpoints = eval_steps(steps)
+    curve = []
+    evals_s = 0.0
+    if acc0 is None:
+        t0 = time.perf_counter()
+        acc0 = pipe.evaluate(evaluator, "test")["accuracy"]
+        evals_s += time.perf_counter() - t0
+        print(f"{method} step 0: test acc {acc0:.4f}", file=sys.stderr, flush=True)
+        out["acc0_measured"] = True
+    else:
+        out["acc0_measured"] = False  # the same initial weights as a measured method
+    curve.append({"step": 0, "forward_passes": 0, "test_accuracy": acc0})
+    losses = []
+    train_s = 0.0
+    eval_s_last = evals_s
+    done = 0
+    for step in range(1, steps + 1):
+        if deadline is not None and done and time.time() + 1.5 * (
+                train_s / done + eval_s_last) > deadline:
+            break  # this method's share of the run's wall limit is spent
+        t0 = time.perf_counter()
+        losses.append(train_step())
+        train_s += time.perf_counter() - t0
+        done = step
+        if step in checkpoints:
+            t0 = time.perf_counter()
+            acc = pipe.evaluate(evaluator, "test")["accuracy"]
+            eval_s_last = time.perf_counter() - t0
+            evals_s += eval_s_last
+            curve.append({"step": step, "forward_passes": step * per_step, "test_accuracy": acc})
+            print(f"{method} step {step}: test acc {acc:.4f} (train {train_s:.0f} s)",
+                  file=sys.stderr, flush=True)
+    if curve[-1]["step"] != done:  # stopped early: evaluate where it stopped
+        t0 = time.perf_counter()
+        acc = pipe.evaluate(evaluator, "test")["accuracy"]
+        evals_s += time.perf_counter() - t0
+        curve.append({"step": done, "forward_passes": done * per_step, "test_accuracy": acc})
+    out["truncated_by_deadline"] = done < steps
+    steps = done
+    out.update({
+        "steps": steps, "forward_passes_per_step": per_step,
+        "forward_passes": steps * per_step, "curve": curve,
+        "final_test_accuracy": curve[-1]["test_accuracy"],
+        "train_loss_first_last": [losses[0], losses[-1]] if losses else [],
+        "train_s": train_s, "train_s_per_step": train_s / max(steps, 1), "eval_s": evals_s,
+        "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+    })
+    return out
+
+
+def plot(results: dict, budget: int, n_test: int, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        xs = [p["forward_passes"] for p in r["curve"]]
+        ys = [p["test_accuracy"] for p in r["curve"]]
+        ax.plot(xs, ys, marker="o", label=f"{name} ({r['final_test_accuracy']:.3f})")
+    ax.set_xlabel("forward passes of batch 16 (first order: 3 per step)")
+    ax.set_ylabel(f"test accuracy ({n_test} balanced examples)")
+    ax.set_title(f"SmolLM2-135M, tweet sentiment: budget {budget} forward passes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", type=int, default=32, help="forward passes per method")
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--n-test", type=int, default=96)
+    parser.add_argument("--only", default=",".join(METHODS), help="comma-separated methods")
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # child: run one method
+    parser.add_argument("--acc0", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--max-minutes", type=float, default=42.0,
+                        help="wall limit of the whole run, shared equally by the methods left")
+    args = parser.parse_args()
+    if args.method:
+        print(json.dumps(run_method(args.method, args.budget, args.n_train, args.n_test,
+                                    args.acc0, args.deadline)))
+        return
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    acc0 = None
+    names = args.only.split(",")
+    end = time.time() + 60 * args.max_minutes - 30  # 30 s for the plot and the JSON
+    for i, name in enumerate(names):
+        deadline = time.time() + (end - time.time()) / (len(names) - i)
+        cmd = [sys.executable, __file__, "--method", name, "--budget", str(args.budget),
+               "--n-train", str(args.n_train), "--n-test", str(args.n_test),
+               "--deadline", repr(deadline)]
+        if acc0 is not None and METHODS[name][2] != "prefix":  # prefix changes the init
+            cmd += ["--acc0", repr(acc0)]
+        proc = subprocess.run(cmd, check=True, env=env, stdout=subprocess.PIPE, text=True)
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[name]
+        print(f"{name}: acc {r['final_test_accuracy']:.4f} peak {r['peak_rss_mb']:.0f} MiB "
+              f"wall {r['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        if acc0 is None and METHODS[name][2] != "prefix":
+            acc0 = results[name]["curve"][0]["test_accuracy"]
+    total_s = time.perf_counter() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(results, args.budget, args.n_test, RESULTS / "methods.png")
+    figures = {name: round(r["final_test_accuracy"], 4) for name, r in results.items()}
+    record_extra = {
+        "setup": {
+            "model": "smollm2-135m (embedded, fp32, CPU)", "task": "tweets, label_words",
+            "n_train": args.n_train, "n_test": args.n_test, "test_balanced": True,
+            "batch_size": 16, "eval_batch_size": 32, "max_length": 128, "seed": 0,
+            "budget_forward_passes": args.budget,
+            "forward_pass_accounting": "two-sided ZO: 2*q forwards of batch 16 per step; "
+                                       "first-order AdamW: 1 forward + 1 backward counted as "
+                                       f"{FO_FORWARDS_PER_STEP} forward-equivalents per step",
+            "eval_points": "test accuracy at 0 and after ~1/4, 1/2, 3/4, 1 of the budget",
+            "acc0": "measured once for the base weights and reused for methods that start "
+                    "from them (all but prefix_zo, whose random prefix changes the model)",
+            "peak_rss": "ru_maxrss of each method's own process (load + train + eval)",
+            "lr_choice": "zo_sgd: mezo.yaml (tuned for this default); momentum, zo_adam, "
+                         "nspsa_q4: shipped presets, untuned; lora_zo, prefix_zo: untuned "
+                         "guesses (no probe run); adam_fo: lr 1e-5 as bench/quality.py",
+            "total_wall_s": total_s,
+            "wall_limit": f"{args.max_minutes} min for the whole run, each method given an "
+                          "equal share of what is left; a method whose share runs out stops "
+                          "early (truncated_by_deadline) and is evaluated where it stopped",
+            "budget_note": "the default budget (32) and test subset (96) are shrunk to fit a "
+                           "45-min wall limit on 2 shared cores; see truncated_by_deadline and "
+                           "forward_passes for what each method actually spent",
+            "machine_note": "2 shared CPU cores, run under nice -n 10 alongside other jobs: "
+                            "wall times are noisy",
+        },
+        "methods": results,
+    }
+    report("methods", figures)  # prints the last line
+    path = RESULTS / "methods.json"
+    record = json.loads(path.read_text())
+    record.update(record_extra)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
