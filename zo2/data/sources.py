@@ -125,7 +125,7 @@ def _row_example(
     return Example(clean_text(text), parse_label(row[label_field], label_names, where))
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """Read a user data file as UTF-8 (BOM allowed); DataError if missing, empty or not UTF-8."""
     if not path.exists():
         raise DataError(f"data file {path} not found")
@@ -150,7 +150,7 @@ def load_jsonl(
     """Load a JSON-lines file with one object per line; blank lines are skipped."""
     path = Path(path).expanduser()
     examples = []
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}: row {number}"
@@ -167,7 +167,7 @@ def load_csv(
 ) -> list[Example]:
     """Load a CSV file with a header row; data rows are numbered from 1 after the header."""
     path = Path(path).expanduser()
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     header = reader.fieldnames or []
     missing = [f for f in (text_field, label_field) if f not in header]
     if missing:

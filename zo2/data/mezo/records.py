@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from zo2.data.sources import read_text
 from zo2.errors import DataError
 
 Record = tuple[str, dict[str, Any]]
@@ -51,19 +52,9 @@ def need(row: dict[str, Any], dotted: str, where: str, kind: type | tuple = obje
     return value
 
 
-def _text(path: Path) -> str:
-    try:
-        content = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 (byte offset {exc.start})") from None
-    if not content.strip():
-        raise DataError(f"data file {path} is empty")
-    return content
-
-
 def _jsonl(path: Path) -> list[Record]:
     records = []
-    for number, line in enumerate(_text(path).split("\n"), start=1):
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}: line {number}"
@@ -101,7 +92,7 @@ def _squad_nested(path: Path, data: Any) -> list[Record]:
 
 def _json(path: Path) -> list[Record]:
     try:
-        data = json.loads(_text(path))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from None
     if isinstance(data, dict) and "data" in data:
@@ -116,7 +107,7 @@ def _json(path: Path) -> list[Record]:
 
 
 def _tsv(path: Path) -> list[Record]:
-    lines = _text(path).split("\n")
+    lines = read_text(path).split("\n")
     reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader)
     records = []
