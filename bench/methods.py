@@ -18,7 +18,12 @@ Forward passes counted: two-sided ZO spends ``2 q`` forwards of batch 16 per ste
 
 Each method runs in its own process (``--method X``), so ``ru_maxrss`` is its own peak.
 
-    python bench/methods.py [--budget 120] [--n-test 200] [--only zo_sgd,adam_fo]
+``--probe``: before its run, each method whose lr is not tuned for this default (all but
+``zo_sgd`` and ``adam_fo``) tries its lr times 1/3, 1 and 3 for ``--probe-budget`` forward
+passes in a separate process and keeps the one with the lowest dev loss (64 dev examples,
+drawn from the training pool as MeZO's dev is); the test set is never seen by the probe.
+
+    python bench/methods.py [--budget 120] [--n-test 200] [--probe] [--only zo_sgd,adam_fo]
 
 Writes bench/results/methods.json and methods.png; last line: each method's final test
 accuracy as ``key=value``.
@@ -51,6 +56,9 @@ METHODS: dict[str, tuple[str | None, dict, str | None]] = {
     "adam_fo": (None, {"lr": 1e-5}, None),
 }
 FO_FORWARDS_PER_STEP = 3  # one forward + one backward, counted as 3 forward-equivalents
+TUNED = {"zo_sgd", "adam_fo"}  # lrs tuned for this default; the others are probed with --probe
+PROBE_FACTORS = (1 / 3, 1.0, 3.0)
+N_DEV = 64
 
 
 def optim_config(name: str, overrides: dict):
@@ -95,9 +103,9 @@ class _PlainEval:
         return {"loss": total / max(n, 1), "accuracy": right / max(seen, 1)}
 
 
-def run_method(method: str, budget: int, n_train: int, n_test: int,
-               acc0: float | None, deadline: float | None = None) -> dict:
-    """One method in this process: the accuracy curve, peak RSS, wall time."""
+def setup(method: str, budget: int, n_train: int, n_test: int, lr: float | None = None):
+    """Model, data, a one-step function and an evaluator for ``method`` (``lr`` overrides
+    its preset's). Returns (pipeline, train_step, evaluator, steps, forwards per step, info)."""
     import torch
 
     from zo2.adapters import AdapterConfig, wrap
@@ -106,26 +114,26 @@ def run_method(method: str, budget: int, n_train: int, n_test: int,
     from zo2.engine import ZOEngine
     from zo2.models import load_model
     from zo2.rules import state_bytes
-    from zo2.train import peak_rss_mb
 
-    started = time.perf_counter()
     preset, overrides, adapter = METHODS[method]
+    overrides = dict(overrides) if lr is None else {**overrides, "lr": lr}
     model, tok = load_model("smollm2-135m")
-    task = load_task("tweets", seed=42, n_train=n_train, n_dev=32, n_test=n_test, balanced=True)
+    task = load_task("tweets", seed=42, n_train=n_train, n_dev=N_DEV, n_test=n_test,
+                     balanced=True)
     pipe = build(task, tok, objective="label_words", batch_size=16, eval_batch_size=32, seed=0,
                  max_length=128, offloaded=False)
-    out: dict = {"method": method}
+    info: dict = {}
     if preset is None:  # first-order AdamW, the reference
         steps = budget // FO_FORWARDS_PER_STEP
         per_step = FO_FORWARDS_PER_STEP
         model.requires_grad_(True)
         opt = torch.optim.AdamW(model.parameters(), lr=overrides["lr"], weight_decay=0.0)
         numel = sum(p.numel() for p in model.parameters())
-        out["settings"] = {"optimizer": "torch.optim.AdamW", "lr": overrides["lr"],
-                           "weight_decay": 0.0, "schedule": "constant", "batch_size": 16}
-        out["trainable_params"] = numel
-        out["state_bytes"] = 2 * numel * 4  # exp_avg, exp_avg_sq (fp32)
-        out["grad_bytes"] = numel * 4
+        info["settings"] = {"optimizer": "torch.optim.AdamW", "lr": overrides["lr"],
+                            "weight_decay": 0.0, "schedule": "constant", "batch_size": 16}
+        info["trainable_params"] = numel
+        info["state_bytes"] = 2 * numel * 4  # exp_avg, exp_avg_sq (fp32)
+        info["grad_bytes"] = numel * 4
         evaluator = _PlainEval(model, pipe.objective)
 
         def train_step() -> float:
@@ -150,25 +158,61 @@ def run_method(method: str, budget: int, n_train: int, n_test: int,
         engine = ZOEngine(model, optim, pipe.objective, seed=0, total_steps=steps,
                           trainable=globs)
         numel = sum(p.numel for p in engine.params)
-        out["settings"] = {k: getattr(optim, k) for k in (
+        info["settings"] = {k: getattr(optim, k) for k in (
             "method", "lr", "eps", "schedule", "min_lr_ratio", "q", "estimator", "direction",
             "momentum", "history", "beta1", "beta2", "state_dtype", "batch_size")}
-        out["settings"]["preset"] = f"configs/optim/{preset}.yaml"
+        info["settings"]["preset"] = f"configs/optim/{preset}.yaml"
         if overrides:
-            out["settings"]["overrides"] = overrides
+            info["settings"]["overrides"] = overrides
         if adapter is not None:
             a = AdapterConfig(kind=adapter)
-            out["settings"]["adapter"] = ({"kind": "lora", "r": a.r, "alpha": a.alpha,
-                                           "target_modules": "peft default (q_proj, v_proj)"}
-                                          if adapter == "lora" else
-                                          {"kind": "prefix",
-                                           "num_virtual_tokens": a.num_virtual_tokens})
-        out["trainable_params"] = numel
-        out["state_bytes"] = state_bytes(engine.rule, numel)
+            info["settings"]["adapter"] = ({"kind": "lora", "r": a.r, "alpha": a.alpha,
+                                            "target_modules": "peft default (q_proj, v_proj)"}
+                                           if adapter == "lora" else
+                                           {"kind": "prefix",
+                                            "num_virtual_tokens": a.num_virtual_tokens})
+        info["trainable_params"] = numel
+        info["state_bytes"] = state_bytes(engine.rule, numel)
         evaluator = engine
 
         def train_step() -> float:
             return engine.step(next(pipe.train)).loss
+
+    return pipe, train_step, evaluator, steps, per_step, info
+
+
+def base_lr(method: str) -> float:
+    preset, overrides, _ = METHODS[method]
+    return overrides["lr"] if "lr" in overrides else optim_config(preset, overrides).lr
+
+
+def probe(method: str, budget: int, n_train: int, n_test: int) -> dict:
+    """Short runs at the base lr times ``PROBE_FACTORS``; dev loss after each picks the lr."""
+    grid = []
+    for factor in PROBE_FACTORS:
+        lr = base_lr(method) * factor
+        pipe, train_step, evaluator, steps, per_step, _ = setup(method, budget, n_train, n_test, lr)
+        losses = [train_step() for _ in range(steps)]
+        dev = pipe.evaluate(evaluator, "dev")
+        grid.append({"lr": lr, "dev_loss": dev["loss"], "dev_accuracy": dev["accuracy"],
+                     "forward_passes": steps * per_step,
+                     "train_loss_first_last": [losses[0], losses[-1]] if losses else []})
+        print(f"{method} probe lr {lr:.3g}: dev loss {dev['loss']:.4f} "
+              f"acc {dev['accuracy']:.3f}", file=sys.stderr, flush=True)
+    finite = [g for g in grid if g["dev_loss"] == g["dev_loss"]]  # drop NaN
+    best = min(finite, key=lambda g: g["dev_loss"]) if finite else grid[1]
+    return {"lr": best["lr"], "grid": grid}
+
+
+def run_method(method: str, budget: int, n_train: int, n_test: int, acc0: float | None,
+               deadline: float | None = None, lr: float | None = None) -> dict:
+    """One method in this process: the accuracy curve, peak RSS, wall time."""
+    from zo2.train import peak_rss_mb
+
+    started = time.perf_counter()
+    pipe, train_step, evaluator, steps, per_step, info = setup(method, budget, n_train,
+                                                               n_test, lr)
+    out: dict = {"method": method, **info}
 
     checkpoints = eval_steps(steps)
     curve = []
@@ -241,6 +285,13 @@ def plot(results: dict, budget: int, n_test: int, target: Path) -> None:
     plt.close(fig)
 
 
+def _child(args: list[str], env: dict) -> dict:
+    """Run this script in a fresh process; its last stdout line is the JSON answer."""
+    proc = subprocess.run([sys.executable, __file__, *args], check=True, env=env,
+                          stdout=subprocess.PIPE, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=int, default=32, help="forward passes per method")
@@ -250,12 +301,22 @@ def main() -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child: run one method
     parser.add_argument("--acc0", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-method", help=argparse.SUPPRESS)  # child: probe one method
+    parser.add_argument("--probe", action="store_true",
+                        help="pick each untuned method's lr on dev first (see the docstring)")
+    parser.add_argument("--probe-budget", type=int, default=16,
+                        help="forward passes of each probe run")
     parser.add_argument("--max-minutes", type=float, default=42.0,
                         help="wall limit of the whole run, shared equally by the methods left")
     args = parser.parse_args()
     if args.method:
         print(json.dumps(run_method(args.method, args.budget, args.n_train, args.n_test,
-                                    args.acc0, args.deadline)))
+                                    args.acc0, args.deadline, args.lr)))
+        return
+    if args.probe_method:
+        print(json.dumps(probe(args.probe_method, args.probe_budget, args.n_train,
+                               args.n_test)))
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     started = time.perf_counter()
@@ -263,16 +324,22 @@ def main() -> None:
     acc0 = None
     names = args.only.split(",")
     end = time.time() + 60 * args.max_minutes - 30  # 30 s for the plot and the JSON
+    data = ["--n-train", str(args.n_train), "--n-test", str(args.n_test)]
     for i, name in enumerate(names):
         deadline = time.time() + (end - time.time()) / (len(names) - i)
-        cmd = [sys.executable, __file__, "--method", name, "--budget", str(args.budget),
-               "--n-train", str(args.n_train), "--n-test", str(args.n_test),
+        probed = None
+        if args.probe and name not in TUNED:  # the probe's time comes out of the share
+            probed = _child(["--probe-method", name, "--probe-budget",
+                             str(args.probe_budget), *data], env)
+        cmd = ["--method", name, "--budget", str(args.budget), *data,
                "--deadline", repr(deadline)]
+        if probed is not None:
+            cmd += ["--lr", repr(probed["lr"])]
         if acc0 is not None and METHODS[name][2] != "prefix":  # prefix changes the init
             cmd += ["--acc0", repr(acc0)]
-        proc = subprocess.run(cmd, check=True, env=env, stdout=subprocess.PIPE, text=True)
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[name]
+        results[name] = r = _child(cmd, env)
+        if probed is not None:
+            r["probe"] = probed
         print(f"{name}: acc {r['final_test_accuracy']:.4f} peak {r['peak_rss_mb']:.0f} MiB "
               f"wall {r['wall_s']:.0f} s", file=sys.stderr, flush=True)
         if acc0 is None and METHODS[name][2] != "prefix":
@@ -294,18 +361,21 @@ def main() -> None:
             "acc0": "measured once for the base weights and reused for methods that start "
                     "from them (all but prefix_zo, whose random prefix changes the model)",
             "peak_rss": "ru_maxrss of each method's own process (load + train + eval)",
-            "lr_choice": "zo_sgd: mezo.yaml (tuned for this default); momentum, zo_adam, "
-                         "nspsa_q4: shipped presets, untuned; lora_zo, prefix_zo: untuned "
-                         "guesses (no probe run); adam_fo: lr 1e-5 as bench/quality.py",
+            "lr_choice": "zo_sgd: mezo.yaml (tuned for this default); adam_fo: lr 1e-5 as "
+                         "bench/quality.py; the others: "
+                         + (f"the lowest dev loss of base lr x {list(PROBE_FACTORS)} after "
+                            f"{args.probe_budget} forward passes (see each method's probe)"
+                            if args.probe else
+                            "momentum, zo_adam, nspsa_q4 as their presets, lora_zo, "
+                            "prefix_zo untuned guesses (no probe run)"),
+            "n_dev": N_DEV,
             "total_wall_s": total_s,
             "wall_limit": f"{args.max_minutes} min for the whole run, each method given an "
                           "equal share of what is left; a method whose share runs out stops "
                           "early (truncated_by_deadline) and is evaluated where it stopped",
-            "budget_note": "the default budget (32) and test subset (96) are shrunk to fit a "
-                           "45-min wall limit on 2 shared cores; see truncated_by_deadline and "
-                           "forward_passes for what each method actually spent",
-            "machine_note": "2 shared CPU cores, run under nice -n 10 alongside other jobs: "
-                            "wall times are noisy",
+            "budget_note": "see truncated_by_deadline and forward_passes for what each "
+                           "method actually spent",
+            "machine_note": "2 shared CPU cores: wall times are noisy",
         },
         "methods": results,
     }
