@@ -57,6 +57,17 @@ CASES = {
     "offloaded": dict(family="opt", offload=OffloadConfig(enabled=True, ring=2),
                       optim=dict(weight_decay=0.1)),
     "layer-0-only": dict(family="mistral", trainable=("*layers.0*",), optim=dict(q=2)),
+    # the other update rules: their records also keep the grads and learning rates
+    "momentum-buffer": dict(family="llama", optim=dict(method="zo-momentum", lr=1e-3)),
+    "momentum-history": dict(family="qwen2",
+                             optim=dict(method="zo-momentum", history=3, lr=1e-3, q=2)),
+    "adam-bf16-state": dict(family="llama", optim=dict(method="zo-adam", lr=1e-3,
+                                                       state_dtype="bfloat16",
+                                                       weight_decay=0.1)),
+    "sign-rademacher": dict(family="opt", optim=dict(method="zo-sign", lr=1e-3, q=2,
+                                                     direction="rademacher")),
+    "adam-offloaded": dict(family="opt", offload=OffloadConfig(enabled=True, ring=2),
+                           optim=dict(method="zo-adam", lr=1e-3)),
 }
 
 
@@ -68,6 +79,34 @@ def test_replay_reproduces_the_fine_tune_bit_for_bit(case, tmp_path):
     engine = fine_tune(model, trainable=trainable, offload=case.get("offload"), **case["optim"])
     assert len(engine.log) == 6
     assert_replays(engine, base, tmp_path, trainable)
+
+
+def test_a_rules_log_keeps_its_settings_and_is_a_few_bytes_more_a_step(tmp_path):
+    engine = fine_tune(make_model("llama"), steps=3, method="zo-adam", lr=1e-3, q=2,
+                       beta2=0.99, state_dtype="bfloat16")
+    log = SeedLog.from_engine(engine)
+    assert log.rule == {"method": "zo-adam", "beta1": 0.9, "beta2": 0.99, "adam_eps": 1e-8,
+                        "state_dtype": "bfloat16"}
+    assert log.lr == [r["lr"] for r in engine.log] and len(log.grads) == 3
+    back = SeedLog.load(log.save(tmp_path / "adam.seedlog"))
+    assert back == log
+    sgd = SeedLog.from_engine(fine_tune(make_model("llama"), steps=3, q=2))
+    assert sgd.rule == {"method": "zo-sgd"} and sgd.grads == [] and sgd.lr == []
+    with pytest.raises(ValueError, match="is not the settings of one of"):
+        SeedLog(base={}, seed=1, rule={"method": "zo-adam", "lr_typo": 1.0})
+    with pytest.raises(ValueError, match="needs the grads and lr of every record"):
+        SeedLog(base={}, seed=1, steps=[0], coefs=[(0.1,)], decay=[1.0],
+                rule={"method": "zo-sign"})
+
+
+def test_version_1_files_read_as_zo_sgd(tmp_path):
+    log = SeedLog.from_engine(fine_tune(make_model("llama"), steps=2))
+    header = {k: v for k, v in log.header().items() if k != "rule"}
+    old = tmp_path / "v1.seedlog"
+    save_file({"steps": torch.tensor(log.steps), "coefs": torch.tensor(log.coefs,
+               dtype=torch.float64), "decay": torch.tensor(log.decay, dtype=torch.float64)},
+              old, metadata={"zo2": json.dumps({**header, "version": 1})})
+    assert SeedLog.load(old) == log
 
 
 def test_skipped_steps_are_not_logged_and_replay_still_matches(tmp_path):

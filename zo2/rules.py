@@ -46,6 +46,9 @@ from zo2.perturb import Update
 from zo2.units import TrainableParam
 
 RULES = ("zo-sgd", "zo-momentum", "zo-adam", "zo-sign")
+# the OptimConfig fields each rule reads (besides lr), e.g. for a seed log's header
+SETTINGS = {"zo-sgd": (), "zo-momentum": ("momentum", "history", "state_dtype"),
+            "zo-adam": ("beta1", "beta2", "adam_eps", "state_dtype"), "zo-sign": ()}
 
 
 class Rule:
@@ -77,6 +80,9 @@ class Rule:
 
     def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
         pass
+
+    def drop_state(self, p: TrainableParam) -> None:
+        """Forget ``p``'s state (a replay done with ``p``); nothing for stateless rules."""
 
 
 class HistoryMomentum(Rule):
@@ -163,6 +169,10 @@ class _Stateful(_Materialized):
     def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._state = {k: v.to(self.state_dtype) for k, v in tensors.items()}
 
+    def drop_state(self, p: TrainableParam) -> None:
+        for which in self.buffers:
+            self._state.pop(f"{p.name}.{which}", None)
+
 
 class Momentum(_Stateful):
     name = "zo-momentum"
@@ -218,6 +228,13 @@ def make_rule(optim: OptimConfig) -> Rule:
     if optim.method == "zo-sign":
         return Sign()
     raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(RULES)}")
+
+
+def settings(optim: OptimConfig) -> dict:
+    """``optim.method`` and the fields its rule reads: enough to rebuild the rule."""
+    if optim.method not in SETTINGS:
+        raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(RULES)}")
+    return {"method": optim.method, **{k: getattr(optim, k) for k in SETTINGS[optim.method]}}
 
 
 def state_bytes(rule: Rule, numel: int) -> int:

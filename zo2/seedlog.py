@@ -1,19 +1,27 @@
 """The seed log: a whole ZO fine-tune as a small file (8*(q+2) bytes a step), and its replay.
 
-Every update the engine applies is ``w <- w*decay + sum_j coefs[j] * z(seeds[j])``
+A ZO-SGD update is ``w <- w*decay + sum_j coefs[j] * z(seeds[j])``
 (:class:`zo2.perturb.Update`), where ``seeds[j] = step_seed(run_seed, step, j)`` and
 ``z`` is a pure function of (seed, parameter name, element index) (:mod:`zo2.noise`).
 The base model, the run seed and each applied step's coefficients and decay therefore
-describe the fine-tuned weights completely. :func:`replay` applies the records in
-order with the engine's own kernel and rounding (stochastic rounding keyed by
-``step_seed(run_seed, step, -1)``), which reproduces the weights bit for bit.
+describe the fine-tuned weights completely. The other update rules (:mod:`zo2.rules`:
+momentum, Adam, sign) are functions of the same seeds, each step's projected gradients
+and learning rate, and the rule's settings; their logs also keep the gradients and the
+learning rates (8*(2q+3) bytes a step). :func:`replay` feeds the records in order to
+the run's rule and applies its updates with the engine's own kernels and rounding
+(stochastic rounding keyed by ``step_seed(run_seed, step, -1)``), which reproduces the
+weights bit for bit. A stateful rule's moments are rebuilt one parameter at a time, so
+replaying ZO-Adam needs one parameter's moments in memory, not the model's.
 
 File format (one safetensors file; ``.seedlog`` by convention):
 
 * tensors ``steps`` (int64, [n]), ``coefs`` (float64, [n, q]), ``decay`` (float64, [n]);
-* metadata key ``zo2``: a JSON header ``{"format": "zo2-seedlog", "version": 1, "base",
-  "seed", "direction", "rounding", "trainable", "dtype", "q"}``, ``base`` being the
-  base model's :func:`zo2.models.model_identity`.
+  for rules other than ZO-SGD also ``grads`` (float64, [n, q]: ``g_j / q``) and ``lr``
+  (float64, [n]);
+* metadata key ``zo2``: a JSON header ``{"format": "zo2-seedlog", "version": 2, "base",
+  "seed", "direction", "rounding", "trainable", "dtype", "q", "rule"}``, ``base`` being
+  the base model's :func:`zo2.models.model_identity` and ``rule`` the settings of
+  :func:`zo2.rules.settings` (version 1 files, which have no ``rule``, are ZO-SGD).
 
 Bit-exact replay needs the base weights in the dtype the run updated them in
 (``dtype``, checked), the same ``trainable`` globs, and updates applied in that dtype:
@@ -42,15 +50,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from zo2.config import OptimConfig
 from zo2.engine import step_seed
 from zo2.errors import CheckpointError, ZO2Error
 from zo2.models import model_identity
 from zo2.noise import DISTS, ROUNDINGS
 from zo2.perturb import PendingUpdate, Update
+from zo2.rules import RULES, SETTINGS, Rule, make_rule, settings
 from zo2.units import find_units, unique_params
 
 FORMAT = "zo2-seedlog"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the versions this zo2 reads
 HEADER_KEY = "zo2"
 
 
@@ -68,6 +79,9 @@ class SeedLog:
         coefs: each record's q coefficients.
         decay: each record's weight-decay factor (applied to matrices only).
         dtype: the trained parameters' dtype (``"float32"``...); None: not checked.
+        rule: the update rule's settings (:func:`zo2.rules.settings`).
+        grads: each record's ``g_j / q`` (rules other than ZO-SGD; empty for ZO-SGD).
+        lr: each record's learning rate (likewise).
     """
 
     base: dict[str, Any]
@@ -79,12 +93,27 @@ class SeedLog:
     coefs: list[tuple[float, ...]] = field(default_factory=list)
     decay: list[float] = field(default_factory=list)
     dtype: str | None = None
+    rule: dict[str, Any] = field(default_factory=lambda: {"method": "zo-sgd"})
+    grads: list[tuple[float, ...]] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.trainable = list(self.trainable)
         self.steps = [int(s) for s in self.steps]
         self.coefs = [tuple(float(c) for c in cs) for cs in self.coefs]
         self.decay = [float(d) for d in self.decay]
+        self.grads = [tuple(float(g) for g in gs) for gs in self.grads]
+        self.lr = [float(x) for x in self.lr]
+        self.rule = dict(self.rule)
+        method = self.rule.get("method")
+        if method not in RULES or set(self.rule) - {"method", *SETTINGS[method]}:
+            raise ValueError(f"rule: {self.rule!r} is not the settings of one of {RULES}")
+        if self.stateful_rule and not (len(self.grads) == len(self.lr) == len(self.steps)):
+            raise ValueError(f"a {self.rule['method']} log needs the grads and lr of every "
+                             f"record: {len(self.steps)} steps, {len(self.grads)} grads, "
+                             f"{len(self.lr)} lrs")
+        if self.stateful_rule and any(len(g) != len(c) for g, c in zip(self.grads, self.coefs)):
+            raise ValueError("every record must have as many grads as coefficients (q)")
         if self.direction not in DISTS:
             raise ValueError(f"direction must be one of {DISTS}, got {self.direction!r}")
         if self.rounding not in ROUNDINGS:
@@ -105,23 +134,40 @@ class SeedLog:
         """Directions per step (0 for an empty log)."""
         return len(self.coefs[0]) if self.coefs else 0
 
-    def updates(self) -> Iterator[Update]:
-        """The records as :class:`~zo2.perturb.Update` objects, in order."""
-        for step, coefs, decay in zip(self.steps, self.coefs, self.decay):
-            seeds = tuple(step_seed(self.seed, step, j) for j in range(len(coefs)))
-            yield Update(seeds, coefs, decay, round_seed=step_seed(self.seed, step, -1))
+    @property
+    def stateful_rule(self) -> bool:
+        """Whether the rule needs more than the coefficients (grads and lr): not ZO-SGD."""
+        return self.rule["method"] != "zo-sgd"
+
+    def make_rule(self) -> Rule:
+        """A fresh instance of the run's update rule."""
+        return make_rule(OptimConfig(**self.rule))
+
+    def updates(self, rule: Rule | None = None) -> Iterator[Update]:
+        """The updates of the records, in order, as ``rule`` (default: a fresh
+        :meth:`make_rule`) makes them from the history so far, as the engine does."""
+        rule = rule or self.make_rule()
+        history: list[dict] = []
+        for i, (step, coefs, decay) in enumerate(zip(self.steps, self.coefs, self.decay)):
+            seeds = [step_seed(self.seed, step, j) for j in range(len(coefs))]
+            lr = self.lr[i] if self.lr else 0.0
+            history.append({"seeds": seeds, "coefs": coefs, "lr": lr,
+                            "grads": self.grads[i] if self.grads else ()})
+            yield rule.update(history, lr, decay, round_seed=step_seed(self.seed, step, -1))
 
     # ---- building ---------------------------------------------------------------------
     @classmethod
     def from_records(cls, records: Iterable[Mapping], *, base: dict[str, Any], seed: int,
                      **settings: Any) -> SeedLog:
-        """From ``{"step", "seeds", "coefs", "decay"}`` records (:attr:`ZOEngine.log`).
+        """From ``{"step", "seeds", "coefs", "decay", "grads", "lr"}`` records
+        (:attr:`ZOEngine.log`; ``grads`` and ``lr`` are kept for rules other than ZO-SGD).
 
         Raises ValueError when a record's seeds are not ``step_seed(seed, step, j)``
         (a log of another run seed, or records edited by hand). ``settings`` are the
-        remaining fields (direction, rounding, trainable, dtype).
+        remaining fields (direction, rounding, trainable, dtype, rule).
         """
-        steps, coefs, decay = [], [], []
+        keep = settings.get("rule", {}).get("method", "zo-sgd") != "zo-sgd"
+        steps, coefs, decay, grads, lrs = [], [], [], [], []
         for record in records:
             step = int(record["step"])
             expected = [step_seed(seed, step, j) for j in range(len(record["coefs"]))]
@@ -131,7 +177,11 @@ class SeedLog:
             steps.append(step)
             coefs.append(tuple(record["coefs"]))
             decay.append(record["decay"])
-        return cls(base=base, seed=seed, steps=steps, coefs=coefs, decay=decay, **settings)
+            if keep:
+                grads.append(tuple(record["grads"]))
+                lrs.append(record["lr"])
+        return cls(base=base, seed=seed, steps=steps, coefs=coefs, decay=decay, grads=grads,
+                   lr=lrs, **settings)
 
     @classmethod
     def from_engine(cls, engine: Any, trainable: Sequence[str] = ("*",)) -> SeedLog:
@@ -142,9 +192,6 @@ class SeedLog:
         when the engine's log lacks updates it made (a run resumed from a checkpoint
         that did not restore :attr:`ZOEngine.log`).
         """
-        if engine.optim.method != "zo-sgd":
-            raise ValueError(f"optim.method={engine.optim.method}: a seed log replays ZO-SGD "
-                             "updates only (the other rules' updates depend on their state)")
         missing = engine.step_index - engine.skipped_steps - len(engine.log)
         if missing:
             raise ValueError(f"the engine's log lacks {missing} of its updates (resumed from "
@@ -157,14 +204,15 @@ class SeedLog:
         return cls.from_records(engine.log, base=model_identity(engine.model), seed=engine.seed,
                                 direction=engine.optim.direction,
                                 rounding=engine.optim.rounding, trainable=list(trainable),
-                                dtype=dtype)
+                                dtype=dtype, rule=settings(engine.optim))
 
     # ---- the file ---------------------------------------------------------------------
     def header(self) -> dict[str, Any]:
         """Everything but the per-record tensors, as stored in the file's metadata."""
         return {"format": FORMAT, "version": VERSION, "base": self.base, "seed": self.seed,
                 "direction": self.direction, "rounding": self.rounding,
-                "trainable": self.trainable, "dtype": self.dtype, "q": self.q}
+                "trainable": self.trainable, "dtype": self.dtype, "q": self.q,
+                "rule": self.rule}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the log to ``path`` (one safetensors file; replaced atomically)."""
@@ -175,6 +223,9 @@ class SeedLog:
             "coefs": torch.tensor(self.coefs, dtype=torch.float64).reshape(n, self.q),
             "decay": torch.tensor(self.decay, dtype=torch.float64).reshape(n),
         }
+        if self.stateful_rule:
+            tensors["grads"] = torch.tensor(self.grads, dtype=torch.float64).reshape(n, self.q)
+            tensors["lr"] = torch.tensor(self.lr, dtype=torch.float64).reshape(n)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(self.header())})
         os.replace(tmp, path)
@@ -199,16 +250,20 @@ class SeedLog:
             fmt = None
         if fmt != FORMAT:
             raise CheckpointError(f"{path} is not a zo2 seed log (no {FORMAT!r} header)")
-        if header.get("version") != VERSION:
+        if header.get("version") not in READS:
             raise CheckpointError(f"{path}: seed log version {header.get('version')!r}; "
-                                  f"this zo2 reads version {VERSION}")
+                                  f"this zo2 reads versions {list(READS)}")
         try:
             return cls(base=header["base"], seed=int(header["seed"]),
                        direction=header["direction"], rounding=header["rounding"],
                        trainable=header["trainable"], dtype=header.get("dtype"),
                        steps=tensors["steps"].tolist(),
                        coefs=[tuple(row) for row in tensors["coefs"].tolist()],
-                       decay=tensors["decay"].tolist())
+                       decay=tensors["decay"].tolist(),
+                       rule=header.get("rule", {"method": "zo-sgd"}),
+                       grads=[tuple(r) for r in tensors["grads"].tolist()]
+                       if "grads" in tensors else [],
+                       lr=tensors["lr"].tolist() if "lr" in tensors else [])
         except (KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"{path}: corrupt zo2 seed log ({err!r})") from None
 
@@ -246,12 +301,14 @@ def replay(model: nn.Module, log: SeedLog, *,
         if log.dtype is not None and dtype != log.dtype:
             raise CheckpointError(f"the run updated {log.dtype} weights but {p.name} is "
                                   f"{dtype}: load the base with dtype={log.dtype}")
-    updates = list(log.updates())
-    pending = PendingUpdate(log.direction, log.rounding)
+    rule = log.make_rule()
+    updates = list(log.updates(rule))
+    pending = PendingUpdate(log.direction, log.rounding, rule=None if rule.fused else rule)
     for p in params:
         for update in updates:
             pending.set(update)
             pending.apply(p, p.param.data)
+        rule.drop_state(p)  # a stateful rule's moments of p are done with
     return model
 
 

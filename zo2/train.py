@@ -225,9 +225,9 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
         progress.close()
 
     final_step = engine.step_index
-    seedlog = out / "run.seedlog" if cfg.optim.method == "zo-sgd" else None
-    if comm.is_main and seedlog:  # every update of the run: replayed onto the base, the
-        SeedLog.from_engine(engine, trainable).save(seedlog)  # last weights
+    seedlog = out / "run.seedlog"
+    if comm.is_main:  # every update of the run: replayed onto the base, the last weights
+        SeedLog.from_engine(engine, trainable).save(seedlog)
     tested = "best"
     if best["step"] != final_step:
         if (out / "best").is_dir():
@@ -244,8 +244,8 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
         "skipped_steps": engine.skipped_steps,
         "minutes": (time.perf_counter() - started) / 60, "peak_rss_mb": peak_rss_mb(),
         "checkpoint": str(out / "best"), "resumed_from": str(resume) if resume else None,
-        "seedlog": str(seedlog) if seedlog else None,
-        "seedlog_bytes": seedlog.stat().st_size if comm.is_main and seedlog else None,
+        "seedlog": str(seedlog),
+        "seedlog_bytes": seedlog.stat().st_size if comm.is_main else None,
         "parallel": {k: v for k, v in mesh.describe().items() if "rank" not in k},
     }
     metrics.write(event="summary", **summary)
