@@ -268,6 +268,53 @@ class Offloader:
             block.host[a - block.lo: b - block.lo].copy_(
                 value.reshape(-1)[a - e.offset: b - e.offset])
 
+    def rule_state(self, rule) -> dict[str, torch.Tensor]:
+        """A stateful update rule's whole state (:mod:`zo2.rules`), for checkpoints.
+
+        With slicing each rank keeps the state of its slice of every block only; the
+        slices are all-gathered block by block like the host masters (a collective:
+        every rank of the node calls it).
+        """
+        state = rule.state()
+        if self.slicing is None:
+            return state
+        for block in self.blocks:
+            for which in rule.buffers:
+                mine = torch.zeros(block.hi - block.lo, dtype=rule.state_dtype)
+                for e, a, b in block.overlaps(block.lo, block.hi):
+                    kept = None if e.trainable is None else rule.portion(
+                        f"{e.trainable.name}.{which}", a - e.offset, b - e.offset)
+                    if kept is not None:
+                        mine[a - block.lo: b - block.lo] = kept
+                # a copy, not arithmetic: bfloat16 travels as float16 bits (gloo has no bf16)
+                wire = mine.view(torch.float16) if mine.dtype == torch.bfloat16 else mine
+                whole = self.slicing.all_gather_host(wire).view(mine.dtype)
+                for e in block.trainable:
+                    state[f"{e.trainable.name}.{which}"] = whole[
+                        e.offset: e.offset + e.numel].clone()
+        return state
+
+    def load_rule_state(self, rule, tensors: dict[str, torch.Tensor]) -> None:
+        """Give a stateful rule its whole state (a checkpoint's); with slicing this rank
+        keeps the part of each offloaded parameter its slice holds, and nothing of the
+        parameters wholly in other ranks' slices."""
+        if self.slicing is None:
+            rule.load_state(tensors)
+            return
+        tensors, starts = dict(tensors), {}
+        for block in self.blocks:
+            inside = {id(e): (a, b) for e, a, b in block.overlaps(block.lo, block.hi)}
+            for e in block.trainable:
+                for which in rule.buffers:
+                    key = f"{e.trainable.name}.{which}"
+                    whole = tensors.pop(key, None)
+                    if whole is None or id(e) not in inside:
+                        continue
+                    a, b = inside[id(e)]
+                    tensors[key] = whole.reshape(-1)[a - e.offset: b - e.offset].clone()
+                    starts[key] = a - e.offset
+        rule.load_state(tensors, starts)
+
     def replicated_tensors(self) -> list[torch.Tensor]:
         """Tensors every rank holds identically (for cross-rank checksums)."""
         self.synchronize()

@@ -4,10 +4,12 @@
 
 Each spec (JSON) is one scenario run in turn on the same processes: a tiny model of
 ``family``, a ``dp x pp`` mesh, ``steps`` ZO steps on batches of ``batch`` rows, with
-optional ``offload`` settings (an OffloadConfig dict) and ``slicing``. Rank 0 writes
+optional ``offload`` settings (an OffloadConfig dict), ``slicing`` and ``optim`` fields
+(an OptimConfig dict, lr 1e-3 by default). Rank 0 writes
 ``OUT/<name>.safetensors`` (the final weights) and ``OUT/<name>.json`` (losses,
 gradients, bytes sent). ``die_at``: rank 1 exits abruptly before that step;
-``corrupt_at``: rank 1 changes a weight before that step.
+``corrupt_at``: rank 1 changes a weight before that step; ``resume_at``: before that
+step the engine saves a checkpoint, and a new model and engine load it and go on.
 """
 
 from __future__ import annotations
@@ -28,29 +30,46 @@ from zo2.errors import ZO2Error  # noqa: E402
 from zo2.parallel import Comm, LocalComm, Mesh  # noqa: E402
 
 
+def build(spec: dict, comm) -> tuple[ZOEngine, torch.nn.Module]:
+    """The scenario's engine and model (fresh weights)."""
+    offload = OffloadConfig(**spec["offload"]) if spec.get("offload") else None
+    model = make_model(spec.get("family", "llama"), layers=spec.get("layers", 3))
+    optim = OptimConfig(**{"lr": 1e-3, "q": spec.get("q", 1), **spec.get("optim", {})})
+    engine = ZOEngine(model, optim, Objective("label_words", candidates=torch.tensor([5, 9])),
+                      seed=3, total_steps=spec.get("steps", 10), offload=offload, comm=comm)
+    return engine, model
+
+
+def batch(spec: dict, t: int) -> dict:
+    return make_batch(batch=spec.get("batch", 8), seed=t)
+
+
 def run(out: Path, spec: dict) -> None:
     config = ParallelConfig(dp=spec.get("dp", 1), pp=spec.get("pp", 1),
                             slicing=spec.get("slicing", "off"),
                             timeout_s=spec.get("timeout_s", 60), check_every=2)
     mesh = Mesh(config, torch.device("cpu"))
     comm = Comm(mesh) if mesh.distributed else LocalComm()
-    offload = OffloadConfig(**spec["offload"]) if spec.get("offload") else None
-    model = make_model(spec.get("family", "llama"), layers=spec.get("layers", 3))
-    engine = ZOEngine(model, OptimConfig(lr=1e-3, q=spec.get("q", 1)),
-                      Objective("label_words", candidates=torch.tensor([5, 9])), seed=3,
-                      total_steps=spec.get("steps", 10), offload=offload, comm=comm)
+    engine, model = build(spec, comm)
     record = {"losses": [], "grads": [], "bytes": []}
     for t in range(spec.get("steps", 10)):
+        if spec.get("resume_at") == t:
+            checkpoint = engine.save(out / f"{spec['name']}-step{t}")
+            engine, model = build(spec, comm)
+            engine.load(checkpoint)
         if spec.get("die_at") == t and mesh.rank == 1:
             os._exit(17)
         if spec.get("corrupt_at") == t and mesh.rank == 1:  # a silent divergence
             next(model.parameters()).data.view(-1)[0] += 1e-3
         before = comm.bytes_sent
-        result = engine.step(make_batch(batch=spec.get("batch", 8), seed=t))
+        result = engine.step(batch(spec, t))
         record["losses"].append(result.losses)
         record["grads"].append(result.grads)
         record["bytes"].append(comm.bytes_sent - before)  # a checksum step sends 16 more
         record.setdefault("telemetry", []).append(result.telemetry)
+    record["state_elements"] = sum(v.numel() for v in engine.rule.state().values())
+    record["offloaded_elements"] = sum(  # trainable elements in offloaded blocks
+        e.numel for b in getattr(engine.residency, "blocks", []) for e in b.trainable)
     record["eval"] = engine.evaluate([make_batch(batch=4, seed=100 + i) for i in range(3)])
     weights = engine.export_state_dict()
     if mesh.is_main:

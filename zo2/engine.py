@@ -121,10 +121,6 @@ class ZOEngine:
                                    or optim.estimator == "one-point" or self.comm.pp != 1):
             raise ConfigError("optim.conservative needs optim.method=zo-sgd, optim.q=1, a "
                               "two- or one-sided estimator and parallel.pp=1")
-        if self.rule.stateful and self.comm.slicing() is not None and offload is not None \
-                and offload.enabled:
-            raise ConfigError(f"optim.method={optim.method} keeps per-parameter state, which "
-                              "offload slicing does not shard yet: set parallel.slicing=off")
         if offload is not None and offload.enabled:
             from zo2.offload import Device, Offloader
 
@@ -326,13 +322,14 @@ class ZOEngine:
         """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""
         path = Path(path)
         state_dict = self.export_state_dict()  # every rank: a collective with slicing
+        rule_state = self.residency.rule_state(self.rule) if self.rule.stateful else {}
         if self.comm.is_main:
             self.model.save_pretrained(path, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(path)
             (path / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
             if self.rule.stateful:  # the rule's moments (zo-momentum / zo-adam buffers)
-                save_file({k: v.contiguous() for k, v in self.rule.state().items()},
+                save_file({k: v.contiguous().cpu() for k, v in rule_state.items()},
                           path / RULE_STATE_FILE)
         self.comm.barrier()  # the folder is complete before any rank reads it
         return path
@@ -354,7 +351,7 @@ class ZOEngine:
             if not rule_file.is_file():
                 raise CheckpointError(f"{path} has no {RULE_STATE_FILE}: it was not made with "
                                       f"optim.method={self.optim.method}")
-            self.rule.load_state(load_file(rule_file))
+            self.residency.load_rule_state(self.rule, load_file(rule_file))
 
     @torch.no_grad()
     def load_weights(self, path: str | Path) -> None:

@@ -30,7 +30,9 @@ memory-light variants:
 
 Rules with state keep it where the update is applied: on the device for resident
 weights, next to the host master when offloading (the offloader then applies updates
-on the host and uploads, see :mod:`zo2.offload.scheduler`).
+on the host and uploads, see :mod:`zo2.offload.scheduler`). With offload slicing a
+rank keeps the state of its slice of each block only; the offloader gathers it whole
+for checkpoints and cuts a checkpoint's state to the slice on resume.
 """
 
 from __future__ import annotations
@@ -148,30 +150,63 @@ class Sign(_Materialized):
 
 
 class _Stateful(_Materialized):
+    """A rule with per-parameter buffers (``buffers``), kept for the elements it updates.
+
+    Each buffer holds the state of the part of its parameter this process updates:
+    all of it, or a rank's slice with offload slicing (:mod:`zo2.parallel.slicing`),
+    so slicing shards the state as it shards the host masters. State loaded whole from
+    a checkpoint is cut down to that part on first use.
+    """
+
     stateful = True
     buffers: tuple[str, ...] = ()
 
     def __init__(self, state_dtype: torch.dtype) -> None:
         super().__init__()
         self.state_dtype = state_dtype
-        self._state: dict[str, torch.Tensor] = {}
+        self._state: dict[str, torch.Tensor] = {}  # key -> elements [start, start+len)
+        self._start: dict[str, int] = {}
 
     def buffer(self, p: TrainableParam, which: str, target: torch.Tensor,
                start: int) -> torch.Tensor:
-        key = f"{p.name}.{which}"
-        if key not in self._state:
-            self._state[key] = torch.zeros(p.numel, dtype=self.state_dtype, device=target.device)
-        return self._state[key][start: start + target.numel()]
+        """The state of elements ``[start, start + target.numel())`` of ``p``."""
+        key, n = f"{p.name}.{which}", target.numel()
+        have = self._state.get(key)
+        if have is None:
+            have = torch.zeros(n, dtype=self.state_dtype, device=target.device)
+        else:
+            lo = self._start[key]
+            if start < lo or start + n > lo + have.numel():
+                raise RuntimeError(f"{key}: state kept for elements [{lo}, "
+                                   f"{lo + have.numel()}), asked for [{start}, {start + n})")
+            if (lo, have.numel()) != (start, n):  # keep just the part this process updates
+                have = have[start - lo: start - lo + n].clone()
+            have = have.to(target.device)
+        self._state[key], self._start[key] = have, start
+        return have
+
+    def portion(self, key: str, a: int, b: int) -> torch.Tensor | None:
+        """Elements ``[a, b)`` of state ``key`` (``"<param>.<buffer>"``); None if not kept."""
+        have = self._state.get(key)
+        if have is None:
+            return None
+        lo = self._start[key]
+        return have[a - lo: b - lo]
 
     def state(self) -> dict[str, torch.Tensor]:
+        """The state kept by this process (whole tensors unless offload slicing is on)."""
         return dict(self._state)
 
-    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._state = {k: v.to(self.state_dtype) for k, v in tensors.items()}
+    def load_state(self, tensors: Mapping[str, torch.Tensor],
+                   starts: Mapping[str, int] | None = None) -> None:
+        """Take state tensors; ``starts[key]``: the element a part-tensor begins at."""
+        self._state = {k: v.reshape(-1).to(self.state_dtype) for k, v in tensors.items()}
+        self._start = {k: (starts or {}).get(k, 0) for k in self._state}
 
     def drop_state(self, p: TrainableParam) -> None:
         for which in self.buffers:
             self._state.pop(f"{p.name}.{which}", None)
+            self._start.pop(f"{p.name}.{which}", None)
 
 
 class Momentum(_Stateful):
