@@ -121,7 +121,7 @@ def setup(method: str, budget: int, n_train: int, n_test: int, lr: float | None 
     task = load_task("tweets", seed=42, n_train=n_train, n_dev=N_DEV, n_test=n_test,
                      balanced=True)
     pipe = build(task, tok, objective="label_words", batch_size=16, eval_batch_size=32, seed=0,
-                 max_length=128, offloaded=False)
+                 max_length=128)
     info: dict = {}
     if preset is None:  # first-order AdamW, the reference
         steps = budget // FO_FORWARDS_PER_STEP

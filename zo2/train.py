@@ -137,7 +137,7 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
     check_context(model, t.max_length)  # before any earlier output is touched
     pipe = pipeline.build(task, tokenizer, objective=t.objective,
                           batch_size=cfg.optim.batch_size, eval_batch_size=cfg.eval_batch_size,
-                          seed=cfg.seed, max_length=t.max_length, offloaded=cfg.offload.enabled)
+                          seed=cfg.seed, max_length=t.max_length)
     engine = ZOEngine(model, cfg.optim, pipe.objective, seed=cfg.seed, total_steps=cfg.steps,
                       trainable=trainable, offload=_offload(cfg, out, mesh),
                       device=device, weights=weights, comm=comm)

@@ -10,6 +10,9 @@ choice          cross-entropy over candidate       accuracy of the best-scoring 
 lm              next-token loss on the answer      greedy generation, SQuAD F1 / exact match
                 (SQuAD, DROP)
 ==============  =================================  ======================================
+
+Generation runs the engine's model as it is: offloaded, every generated token is one
+more pass over the blocks (each is streamed once per token, as in any forward).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Pipeline:
 
 
 def build(task: Task, tokenizer: Any, *, objective: str, batch_size: int, eval_batch_size: int,
-          seed: int, max_length: int, offloaded: bool) -> Pipeline:
+          seed: int, max_length: int) -> Pipeline:
     """The pipeline of ``task``; ``objective`` must fit its kind (ConfigError otherwise)."""
     kind = task.spec.kind
     if kind != "label_words" and objective not in (kind, "label_words"):
@@ -58,9 +61,6 @@ def build(task: Task, tokenizer: Any, *, objective: str, batch_size: int, eval_b
         objective_ = Objective("choice", choices=choices)
         eval_batch_size = max(1, eval_batch_size // choices)  # rows per example
     else:
-        if offloaded:
-            raise ConfigError(f"task {task.spec.name!r} is evaluated by generation, which "
-                              "does not run offloaded yet: set offload=none")
         iterator, extra = AnswerBatchIterator, {}
         chunk = lambda tok, exs, spec, max_length: encode_answers(  # noqa: E731
             tok, exs, max_length)
