@@ -7,9 +7,14 @@ batch 8 x 128, classification loss at the last position:
 * ``zo``: three ZO engine steps (the scratch buffer, the stacked batch, the fused update);
 * ``adam``: three first-order steps with autograd and torch.optim.Adam.
 
-    python bench/memory.py [--shape opt-125m|opt-350m]
+``--rules``: instead, three ZO steps of each update rule (:mod:`zo2.rules`), so that what
+the stateful rules cost and what their memory-light variants save is measured: peak RSS
+and the bytes of state the rule holds, against ZO-SGD (``zo``) and inference.
 
-Last line: ``zo_over_inference=... adam_over_inference=... zo_extra_mb=...``.
+    python bench/memory.py [--shape opt-125m|opt-350m] [--rules]
+
+Last line: ``zo_over_inference=... adam_over_inference=... zo_extra_mb=...``; with
+``--rules``, each rule's peak over ZO-SGD's and its state in MiB.
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import classification_batch, opt_shape, report  # noqa: E402
 
 LABELS = (5, 9)
+RULES = {  # mode: the OptimConfig fields of a ZO run
+    "zo": {},
+    "momentum_history8": {"method": "zo-momentum", "history": 8},
+    "momentum_buffer": {"method": "zo-momentum"},
+    "momentum_buffer_bf16": {"method": "zo-momentum", "state_dtype": "bfloat16"},
+    "adam": {"method": "zo-adam"},
+    "adam_bf16": {"method": "zo-adam", "state_dtype": "bfloat16"},
+    "sign": {"method": "zo-sign"},
+}
 
 
 def peak_mb() -> float:
@@ -46,11 +60,14 @@ def measure(mode: str, shape: str) -> dict:
             for _ in range(2):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       logits_to_keep=keep)
-    elif mode == "zo":
-        engine = ZOEngine(model, OptimConfig(lr=1e-7), objective)
+    elif mode.startswith("zo"):
+        engine = ZOEngine(model, OptimConfig(lr=1e-7, **RULES[mode.removeprefix("zo:") or "zo"]),
+                          objective)
         for _ in range(3):
             engine.step(batch)
         engine.flush()
+        state = sum(t.numel() * t.element_size() for t in engine.rule.state().values())
+        return {"peak_mb": peak_mb(), "model_loaded_mb": baseline, "state_mb": state / 2**20}
     elif mode == "adam":
         model.requires_grad_(True)
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -69,10 +86,21 @@ def main() -> None:
         return
     shape = sys.argv[sys.argv.index("--shape") + 1] if "--shape" in sys.argv else "opt-125m"
     runs = {}
-    for mode in ("inference", "zo", "adam"):
+    modes = ["inference", *(f"zo:{r}" for r in RULES)] if "--rules" in sys.argv else [
+        "inference", "zo", "adam"]
+    for mode in modes:
         out = subprocess.run([sys.executable, __file__, "--mode", mode, shape], check=True,
                              capture_output=True, text=True).stdout
         runs[mode] = json.loads(out.strip().splitlines()[-1])
+    if "--rules" in sys.argv:
+        inf, zo = runs["inference"]["peak_mb"], runs["zo:zo"]["peak_mb"]
+        figures = {"inference_mb": inf, "zo_sgd_mb": zo}
+        for rule in RULES:
+            r = runs[f"zo:{rule}"]
+            figures[f"{rule}_over_zo_sgd"] = r["peak_mb"] / zo
+            figures[f"{rule}_state_mb"] = r["state_mb"]
+        report(f"memory-rules-{shape}", {**figures, "shape": shape})
+        return
     inf, zo, adam = (runs[m]["peak_mb"] for m in ("inference", "zo", "adam"))
     report("memory" if shape == "opt-125m" else f"memory-{shape}", {
         "zo_over_inference": zo / inf, "adam_over_inference": adam / inf,
