@@ -19,13 +19,15 @@ Forward passes counted: two-sided ZO spends ``2 q`` forwards of batch 16 per ste
 Each method runs in its own process (``--method X``), so ``ru_maxrss`` is its own peak.
 
 ``--probe``: before its run, each method whose lr is not tuned for this default (all but
-``zo_sgd`` and ``adam_fo``) tries its lr times 1/3, 1 and 3 for ``--probe-budget`` forward
+``zo_sgd`` and ``adam_fo``) tries its lr times 1/3, 1 and 3 (``--probe-factors``) for
+``--probe-budget`` forward
 passes in a separate process and keeps the one with the lowest dev loss (64 dev examples,
 drawn from the training pool as MeZO's dev is); the test set is never seen by the probe.
 
     python bench/methods.py [--budget 120] [--n-test 200] [--probe] [--only zo_sgd,adam_fo]
 
-Writes bench/results/methods.json and methods.png; last line: each method's final test
+Writes bench/results/methods.json and methods.png (``--name``: another file name, for a
+partial rerun); last line: each method's final test
 accuracy as ``key=value``.
 """
 
@@ -186,10 +188,11 @@ def base_lr(method: str) -> float:
     return overrides["lr"] if "lr" in overrides else optim_config(preset, overrides).lr
 
 
-def probe(method: str, budget: int, n_train: int, n_test: int) -> dict:
-    """Short runs at the base lr times ``PROBE_FACTORS``; dev loss after each picks the lr."""
+def probe(method: str, budget: int, n_train: int, n_test: int,
+          factors: tuple[float, ...] = PROBE_FACTORS) -> dict:
+    """Short runs at the base lr times ``factors``; dev loss after each picks the lr."""
     grid = []
-    for factor in PROBE_FACTORS:
+    for factor in factors:
         lr = base_lr(method) * factor
         pipe, train_step, evaluator, steps, per_step, _ = setup(method, budget, n_train, n_test, lr)
         losses = [train_step() for _ in range(steps)]
@@ -305,6 +308,9 @@ def main() -> None:
     parser.add_argument("--probe-method", help=argparse.SUPPRESS)  # child: probe one method
     parser.add_argument("--probe", action="store_true",
                         help="pick each untuned method's lr on dev first (see the docstring)")
+    parser.add_argument("--probe-factors", type=lambda v: tuple(map(float, v.split(","))),
+                        default=PROBE_FACTORS, help="comma-separated factors of the base lr")
+    parser.add_argument("--name", default="methods", help="results file name")
     parser.add_argument("--probe-budget", type=int, default=16,
                         help="forward passes of each probe run")
     parser.add_argument("--max-minutes", type=float, default=42.0,
@@ -316,7 +322,7 @@ def main() -> None:
         return
     if args.probe_method:
         print(json.dumps(probe(args.probe_method, args.probe_budget, args.n_train,
-                               args.n_test)))
+                               args.n_test, args.probe_factors)))
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     started = time.perf_counter()
@@ -330,7 +336,8 @@ def main() -> None:
         probed = None
         if args.probe and name not in TUNED:  # the probe's time comes out of the share
             probed = _child(["--probe-method", name, "--probe-budget",
-                             str(args.probe_budget), *data], env)
+                             str(args.probe_budget), "--probe-factors",
+                             ",".join(map(repr, args.probe_factors)), *data], env)
         cmd = ["--method", name, "--budget", str(args.budget), *data,
                "--deadline", repr(deadline)]
         if probed is not None:
@@ -346,7 +353,7 @@ def main() -> None:
             acc0 = results[name]["curve"][0]["test_accuracy"]
     total_s = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, args.budget, args.n_test, RESULTS / "methods.png")
+    plot(results, args.budget, args.n_test, RESULTS / f"{args.name}.png")
     figures = {name: round(r["final_test_accuracy"], 4) for name, r in results.items()}
     record_extra = {
         "setup": {
@@ -363,7 +370,7 @@ def main() -> None:
             "peak_rss": "ru_maxrss of each method's own process (load + train + eval)",
             "lr_choice": "zo_sgd: mezo.yaml (tuned for this default); adam_fo: lr 1e-5 as "
                          "bench/quality.py; the others: "
-                         + (f"the lowest dev loss of base lr x {list(PROBE_FACTORS)} after "
+                         + (f"the lowest dev loss of base lr x {list(args.probe_factors)} after "
                             f"{args.probe_budget} forward passes (see each method's probe)"
                             if args.probe else
                             "momentum, zo_adam, nspsa_q4 as their presets, lora_zo, "
@@ -379,8 +386,8 @@ def main() -> None:
         },
         "methods": results,
     }
-    report("methods", figures)  # prints the last line
-    path = RESULTS / "methods.json"
+    report(args.name, figures)  # prints the last line
+    path = RESULTS / f"{args.name}.json"
     record = json.loads(path.read_text())
     record.update(record_extra)
     path.write_text(json.dumps(record, indent=2) + "\n")
