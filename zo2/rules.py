@@ -104,10 +104,19 @@ class HistoryMomentum(Rule):
         return Update(tuple(seeds), tuple(coefs), decay, round_seed=round_seed)
 
 
+CHUNK = 1 << 21  # elements a materialized rule updates at a time (8 MiB of float32)
+
+
 class _Materialized(Rule):
-    """A rule that needs ``G`` as a tensor: it is built in a float32 scratch buffer."""
+    """A rule that needs ``G`` as a tensor: it is built in a float32 scratch buffer.
+
+    The update is elementwise, so it runs over ``CHUNK`` elements at a time: the
+    scratch and the float32 temporaries stay a few MiB however large the parameter
+    (an embedding is tens of millions of elements), with the same bits as one pass.
+    """
 
     fused = False
+    buffers: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self._scratch: dict[torch.device, torch.Tensor] = {}
@@ -130,6 +139,20 @@ class _Materialized(Rule):
             total.add_(z, alpha=g)
         return total
 
+    def apply(self, p: TrainableParam, target: torch.Tensor, start: int, update: Update,
+              dist: str) -> None:
+        states = [self.buffer(p, which, target, start) for which in self.buffers]
+        n = target.numel()
+        for a in range(0, n, CHUNK):
+            b = min(n, a + CHUNK)
+            g = self.estimate(p, b - a, target.device, start + a, update, dist)
+            self.chunk(p, target[a:b], g, [s[a:b] for s in states], update)
+
+    def chunk(self, p: TrainableParam, target: torch.Tensor, g: torch.Tensor,
+              states: list[torch.Tensor], update: Update) -> None:
+        """Update ``target`` (and the matching ``states``) given its part ``g`` of ``G``."""
+        raise NotImplementedError
+
     @staticmethod
     def step(p: TrainableParam, target: torch.Tensor, direction: torch.Tensor,
              update: Update) -> None:
@@ -144,9 +167,8 @@ class _Materialized(Rule):
 class Sign(_Materialized):
     name = "zo-sign"
 
-    def apply(self, p, target, start, update, dist) -> None:
-        estimate = self.estimate(p, target.numel(), target.device, start, update, dist)
-        self.step(p, target, estimate.sign_(), update)
+    def chunk(self, p, target, g, states, update) -> None:
+        self.step(p, target, g.sign_(), update)
 
 
 class _Stateful(_Materialized):
@@ -159,7 +181,6 @@ class _Stateful(_Materialized):
     """
 
     stateful = True
-    buffers: tuple[str, ...] = ()
 
     def __init__(self, state_dtype: torch.dtype) -> None:
         super().__init__()
@@ -217,10 +238,9 @@ class Momentum(_Stateful):
         super().__init__(state_dtype)
         self.beta = beta
 
-    def apply(self, p, target, start, update, dist) -> None:
-        estimate = self.estimate(p, target.numel(), target.device, start, update, dist)
-        m = self.buffer(p, "momentum", target, start)
-        moment = m.float().mul_(self.beta).add_(estimate)
+    def chunk(self, p, target, g, states, update) -> None:
+        (m,) = states
+        moment = m.float().mul_(self.beta).add_(g)
         m.copy_(moment)
         self.step(p, target, moment, update)
 
@@ -234,9 +254,8 @@ class Adam(_Stateful):
         super().__init__(state_dtype)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
-    def apply(self, p, target, start, update, dist) -> None:
-        g = self.estimate(p, target.numel(), target.device, start, update, dist)
-        m, v = self.buffer(p, "exp_avg", target, start), self.buffer(p, "exp_avg_sq", target, start)
+    def chunk(self, p, target, g, states, update) -> None:
+        m, v = states
         # float32 buffers are updated in place (.float() is the buffer itself); others
         # through a float32 copy, rounded once on the way back
         m32 = m.float().mul_(self.beta1).add_(g, alpha=1 - self.beta1)
