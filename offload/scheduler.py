@@ -281,16 +281,15 @@ class Offloader:
         for block in self.blocks:
             for which in rule.buffers:
                 mine = torch.zeros(block.hi - block.lo, dtype=rule.state_dtype)
-                for e, a, b in block.overlaps(block.lo, block.hi):
-                    kept = None if e.trainable is None else rule.portion(
-                        f"{e.trainable.name}.{which}", a - e.offset, b - e.offset)
+                for e, key, a, b in self._sliced_state(block, rule, which):
+                    kept = rule.portion(key, a - e.offset, b - e.offset)
                     if kept is not None:
                         mine[a - block.lo: b - block.lo] = kept
                 # a copy, not arithmetic: bfloat16 travels as float16 bits (gloo has no bf16)
                 wire = mine.view(torch.float16) if mine.dtype == torch.bfloat16 else mine
                 whole = self.slicing.all_gather_host(wire).view(mine.dtype)
                 for e in block.trainable:
-                    state[f"{e.trainable.name}.{which}"] = whole[
+                    state[rule.key(e.trainable.name, which)] = whole[
                         e.offset: e.offset + e.numel].clone()
         return state
 
@@ -301,19 +300,24 @@ class Offloader:
         if self.slicing is None:
             rule.load_state(tensors)
             return
-        tensors, starts = dict(tensors), {}
+        given, tensors, starts = tensors, dict(tensors), {}
         for block in self.blocks:
-            inside = {id(e): (a, b) for e, a, b in block.overlaps(block.lo, block.hi)}
-            for e in block.trainable:
-                for which in rule.buffers:
-                    key = f"{e.trainable.name}.{which}"
-                    whole = tensors.pop(key, None)
-                    if whole is None or id(e) not in inside:
-                        continue
-                    a, b = inside[id(e)]
-                    tensors[key] = whole.reshape(-1)[a - e.offset: b - e.offset].clone()
-                    starts[key] = a - e.offset
+            for which in rule.buffers:
+                for e in block.trainable:  # offloaded: only the part in this slice stays
+                    tensors.pop(rule.key(e.trainable.name, which), None)
+                for e, key, a, b in self._sliced_state(block, rule, which):
+                    if key in given:
+                        tensors[key] = given[key].reshape(-1)[a - e.offset: b - e.offset].clone()
+                        starts[key] = a - e.offset
         rule.load_state(tensors, starts)
+
+    @staticmethod
+    def _sliced_state(block: Block, rule, which: str):
+        """(entry, state key, a, b): each trainable entry's flat range [a, b) in this
+        rank's slice of ``block``, with the key of its buffer ``which``."""
+        for e, a, b in block.overlaps(block.lo, block.hi):
+            if e.trainable is not None:
+                yield e, rule.key(e.trainable.name, which), a, b
 
     def replicated_tensors(self) -> list[torch.Tensor]:
         """Tensors every rank holds identically (for cross-rank checksums)."""

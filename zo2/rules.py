@@ -47,10 +47,10 @@ from zo2.errors import ConfigError
 from zo2.perturb import Update
 from zo2.units import TrainableParam
 
-RULES = ("zo-sgd", "zo-momentum", "zo-adam", "zo-sign")
-# the OptimConfig fields each rule reads (besides lr), e.g. for a seed log's header
+# each rule and the OptimConfig fields it reads besides lr (e.g. for a seed log's header)
 SETTINGS = {"zo-sgd": (), "zo-momentum": ("momentum", "history", "state_dtype"),
             "zo-adam": ("beta1", "beta2", "adam_eps", "state_dtype"), "zo-sign": ()}
+RULES = tuple(SETTINGS)
 
 
 class Rule:
@@ -191,7 +191,7 @@ class _Stateful(_Materialized):
     def buffer(self, p: TrainableParam, which: str, target: torch.Tensor,
                start: int) -> torch.Tensor:
         """The state of elements ``[start, start + target.numel())`` of ``p``."""
-        key, n = f"{p.name}.{which}", target.numel()
+        key, n = self.key(p.name, which), target.numel()
         have = self._state.get(key)
         if have is None:
             have = torch.zeros(n, dtype=self.state_dtype, device=target.device)
@@ -205,6 +205,11 @@ class _Stateful(_Materialized):
             have = have.to(target.device)
         self._state[key], self._start[key] = have, start
         return have
+
+    @staticmethod
+    def key(name: str, which: str) -> str:
+        """The state key of buffer ``which`` of the parameter called ``name``."""
+        return f"{name}.{which}"
 
     def portion(self, key: str, a: int, b: int) -> torch.Tensor | None:
         """Elements ``[a, b)`` of state ``key`` (``"<param>.<buffer>"``); None if not kept."""
@@ -226,8 +231,8 @@ class _Stateful(_Materialized):
 
     def drop_state(self, p: TrainableParam) -> None:
         for which in self.buffers:
-            self._state.pop(f"{p.name}.{which}", None)
-            self._start.pop(f"{p.name}.{which}", None)
+            self._state.pop(self.key(p.name, which), None)
+            self._start.pop(self.key(p.name, which), None)
 
 
 class Momentum(_Stateful):

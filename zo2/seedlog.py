@@ -65,6 +65,11 @@ READS = (1, 2)  # the versions this zo2 reads
 HEADER_KEY = "zo2"
 
 
+def _needs_grads(rule: Mapping[str, Any]) -> bool:
+    """Every rule but ZO-SGD makes its update from the grads and lr, not the coefs."""
+    return rule["method"] != "zo-sgd"
+
+
 @dataclass(kw_only=True)
 class SeedLog:
     """The updates of one fine-tune, one record per applied (non-skipped) step.
@@ -108,11 +113,11 @@ class SeedLog:
         method = self.rule.get("method")
         if method not in RULES or set(self.rule) - {"method", *SETTINGS[method]}:
             raise ValueError(f"rule: {self.rule!r} is not the settings of one of {RULES}")
-        if self.stateful_rule and not (len(self.grads) == len(self.lr) == len(self.steps)):
+        if self.needs_grads and not (len(self.grads) == len(self.lr) == len(self.steps)):
             raise ValueError(f"a {self.rule['method']} log needs the grads and lr of every "
                              f"record: {len(self.steps)} steps, {len(self.grads)} grads, "
                              f"{len(self.lr)} lrs")
-        if self.stateful_rule and any(len(g) != len(c) for g, c in zip(self.grads, self.coefs)):
+        if self.needs_grads and any(len(g) != len(c) for g, c in zip(self.grads, self.coefs)):
             raise ValueError("every record must have as many grads as coefficients (q)")
         if self.direction not in DISTS:
             raise ValueError(f"direction must be one of {DISTS}, got {self.direction!r}")
@@ -135,9 +140,9 @@ class SeedLog:
         return len(self.coefs[0]) if self.coefs else 0
 
     @property
-    def stateful_rule(self) -> bool:
-        """Whether the rule needs more than the coefficients (grads and lr): not ZO-SGD."""
-        return self.rule["method"] != "zo-sgd"
+    def needs_grads(self) -> bool:
+        """Whether the rule needs more than the coefficients (grads and lr)."""
+        return _needs_grads(self.rule)
 
     def make_rule(self) -> Rule:
         """A fresh instance of the run's update rule."""
@@ -166,7 +171,7 @@ class SeedLog:
         (a log of another run seed, or records edited by hand). ``settings`` are the
         remaining fields (direction, rounding, trainable, dtype, rule).
         """
-        keep = settings.get("rule", {}).get("method", "zo-sgd") != "zo-sgd"
+        keep = _needs_grads(settings.get("rule", {"method": "zo-sgd"}))
         steps, coefs, decay, grads, lrs = [], [], [], [], []
         for record in records:
             step = int(record["step"])
@@ -223,7 +228,7 @@ class SeedLog:
             "coefs": torch.tensor(self.coefs, dtype=torch.float64).reshape(n, self.q),
             "decay": torch.tensor(self.decay, dtype=torch.float64).reshape(n),
         }
-        if self.stateful_rule:
+        if self.needs_grads:
             tensors["grads"] = torch.tensor(self.grads, dtype=torch.float64).reshape(n, self.q)
             tensors["lr"] = torch.tensor(self.lr, dtype=torch.float64).reshape(n)
         tmp = path.with_name(f".{path.name}.tmp")
