@@ -451,6 +451,11 @@ for gauss in (False, True):
             w1, w2 = base.clone(), base.clone()
             T.add_(w1, [1, 2**40 + 3], [0.5, -0.25], 0.99, 77, start, gauss)
             check(w1, noise.add_(w2, [1, 2**40 + 3], [0.5, -0.25], 77, start, dist, 0.99), gauss)
+            # the cached table of the last update is replaced by a new update's, and
+            # an update without seeds is the decay alone
+            for seeds, coefs in (([2**64 - 1], [3.0]), ([], []), ([1, 2**40 + 3], [0.5, -0.25])):
+                T.add_(w1, seeds, coefs, 0.75, 78, start, gauss)
+                check(w1, noise.add_(w2, seeds, coefs, 78, start, dist, 0.75), gauss)
 
 # stochastic rounding: the whole add_ kernel (rademacher: the float32 accumulators are
 # equal, so the rounded results must be too), with tiny, huge and special values
@@ -530,17 +535,17 @@ def test_triton_kernels_compile_for_cuda_without_fp_fusion():
         ),
         (
             T._add_kernel,
-            {"w": "*fp32", "keys": "*i32", "coefs": "*fp32", "decay": "fp32"},
+            {"w": "*fp32", "table": "*i32", "decay": "fp32"},
             {"OUT_BF16": False, "STOCH": False},
         ),
         (
             T._add_kernel,
-            {"w": "*i16", "keys": "*i32", "coefs": "*fp32", "decay": "fp32"},
+            {"w": "*i16", "table": "*i32", "decay": "fp32"},
             {"OUT_BF16": True, "STOCH": True},
         ),
         (
             T._add_kernel,
-            {"w": "*fp16", "keys": "*i32", "coefs": "*fp32", "decay": "fp32"},
+            {"w": "*fp16", "table": "*i32", "decay": "fp32"},
             {"OUT_BF16": False, "STOCH": True},
         ),
     ]

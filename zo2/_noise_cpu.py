@@ -38,6 +38,28 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from zo2._noise_consts import (  # shared with the Triton kernels
+    _ANGLE,
+    _C0,
+    _C1,
+    _C2,
+    _L0,
+    _L1,
+    _L2,
+    _L3,
+    _L4,
+    _L5,
+    _L6,
+    _L7,
+    _L8,
+    _LN2_HI,
+    _LN2_LO,
+    _S0,
+    _S1,
+    _S2,
+    _TWO_M24,
+)
+
 BLOCK = 4096
 
 _U32 = np.uint32
@@ -51,25 +73,6 @@ _M1 = _U64(0xCD9E8D57)
 _W0 = _U64(0x9E3779B9)
 _W1 = _U64(0xBB67AE85)
 
-_TWO_M24 = _F(2.0**-24)
-_L0 = _F(7.0376836292e-2)
-_L1 = _F(-1.1514610310e-1)
-_L2 = _F(1.1676998740e-1)
-_L3 = _F(-1.2420140846e-1)
-_L4 = _F(1.4249322787e-1)
-_L5 = _F(-1.6668057665e-1)
-_L6 = _F(2.0000714765e-1)
-_L7 = _F(-2.4999993993e-1)
-_L8 = _F(3.3333331174e-1)
-_LN2_LO = _F(-2.12194440e-4)
-_LN2_HI = _F(0.693359375)
-_ANGLE = _F(np.pi * 2.0**-23)
-_S0 = _F(-1.9515295891e-4)
-_S1 = _F(8.3321608736e-3)
-_S2 = _F(-1.6666654611e-1)
-_C0 = _F(2.443315711809948e-5)
-_C1 = _F(-1.388731625493765e-3)
-_C2 = _F(4.166664568298827e-2)
 _NEG_HALF = _F(-0.5)
 _ONE = _F(1.0)
 _NEG_TWO = _F(-2.0)

@@ -9,13 +9,18 @@ with ``enable_fp_fusion=False`` so that the compiler adds no contractions of its
 Each program handles ``BLOCK`` quads (4*BLOCK consecutive elements); the unaligned
 head (``start % 4``) is a shift of the output positions, masked at both ends.  Keys and
 positions are passed as int32 bit patterns / int64 and not specialized, so one
-compiled kernel serves every seed.  Under ``TRITON_INTERPRET=1`` the same kernels run
-on CPU tensors (used by the tests).  Stochastic rounding (``_add_kernel`` with
-``STOCH``) uses the integer steps of the numba kernels (``_noise_cpu._sr_pick``).
+compiled kernel serves every seed.  An update's seeds and coefficients reach
+``_add_kernel`` as one small int32 table per update and stream (:func:`_table`), copied
+from page-locked memory without blocking the host.  Every launch runs on the device of
+its tensor (:func:`_on_device`), whatever the current device is.  Under
+``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (used by the tests).
+Stochastic rounding (``_add_kernel`` with ``STOCH``) uses the integer steps of the numba
+kernels (``_noise_cpu._sr_pick``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -23,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zo2 import _noise_cpu as _cpu
+from zo2 import _noise_consts as _cpu
 
 BLOCK = 256
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -248,8 +253,7 @@ def _combine_kernel(
 @triton.jit(do_not_specialize=["n", "q_lo", "shift", "p0", "p1", "rk0", "rk1", "n_seeds"])
 def _add_kernel(
     w,
-    keys,
-    coefs,
+    table,
     n_seeds,
     decay,
     n,
@@ -267,9 +271,9 @@ def _add_kernel(
     q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
     acc = _load(w, pos, mask, OUT_BF16) * decay
     for s in range(n_seeds):
-        k0 = tl.load(keys + 2 * s)
-        k1 = tl.load(keys + 2 * s + 1)
-        c = tl.load(coefs + s)
+        k0 = tl.load(table + 3 * s)
+        k1 = tl.load(table + 3 * s + 1)
+        c = tl.load(table + 3 * s + 2).to(tl.float32, bitcast=True)
         z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
         acc = tl.fma(z, c, acc)
     if STOCH:
@@ -289,7 +293,46 @@ def _launch(kernel, n: int, start: int, head: tuple, tail: tuple, **constexprs) 
     q_lo, shift = start // 4, start % 4
     grid = (triton.cdiv(n + shift, 4 * BLOCK),)
     opts = {} if _INTERPRET else {"enable_fp_fusion": False}
-    kernel[grid](*head, n, q_lo, shift, *tail, BLOCK=BLOCK, **constexprs, **opts)
+    with _on_device(head[0]):
+        kernel[grid](*head, n, q_lo, shift, *tail, BLOCK=BLOCK, **constexprs, **opts)
+
+
+def _on_device(t: torch.Tensor):
+    """Make ``t``'s device current for a launch: Triton launches on the current device
+    and its current stream, which need not be ``t``'s (a run on ``cuda:1``)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+_tables: dict[object, tuple[tuple, torch.Tensor]] = {}  # stream -> (update, its table)
+
+
+def _table(seeds, coefs, device: torch.device) -> torch.Tensor:
+    """The rows ``(lo32(seed), hi32(seed), float32 bits of coef)`` as an int32 tensor on
+    ``device``, made once per update and stream.
+
+    Every parameter of an update shares the table, so it crosses the bus once per
+    update, not once per launch, and from page-locked memory with ``non_blocking``: a
+    copy from pageable memory would block the host until the stream drained (a host
+    sync per parameter). The table is kept per stream because it is allocated on, and
+    read without an event by, the stream current when it was made (the upload stream
+    of the offloader, the compute stream); the caching allocators free the replaced
+    tensors only once the work queued on that stream before has run.
+    """
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else device
+    update = (tuple(seeds), tuple(coefs))
+    cached = _tables.get(stream)
+    if cached is not None and cached[0] == update:
+        return cached[1]
+    rows = [[_i32(s), _i32(s >> 32), _f32_bits(c)] for s, c in zip(*update)] or [[0, 0, 0]]
+    table = torch.tensor(rows, dtype=torch.int32)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    _tables[stream] = (update, table)
+    return table
+
+
+def _f32_bits(c: float) -> int:
+    return int(np.float32(c).view(np.int32))
 
 
 def _keys(seed: int, pkey: int) -> tuple[int, int, int, int]:
@@ -345,20 +388,19 @@ def add_(
 
     The result is rounded to nearest even, or if ``stochastic`` (bf16/fp16 ``w`` only)
     stochastically with the words of key ``round_seed``.  The seeds' keys and the
-    coefficients go to the device as two small tensors.
+    coefficients are read from the update's table (:func:`_table`).
     """
-    pairs = [[_i32(s), _i32(s >> 32)] for s in seeds] or [[0, 0]]
-    keys = torch.tensor(pairs, dtype=torch.int32, device=w.device)
-    cf = torch.tensor(list(coefs) or [0.0], dtype=torch.float32, device=w.device)
-    head = (_bits(w), keys, cf, len(seeds), float(np.float32(decay)))
-    stochastic = bool(stochastic) and w.dtype != torch.float32
-    _launch(
-        _add_kernel,
-        w.numel(),
-        start,
-        head,
-        _keys(round_seed, pkey)[2:] + _keys(round_seed, pkey)[:2],
-        GAUSS=gauss,
-        OUT_BF16=w.dtype == torch.bfloat16,
-        STOCH=stochastic,
-    )
+    with _on_device(w):  # the table goes to w's device, on the stream of the launch
+        table = _table(seeds, coefs, w.device)
+        head = (_bits(w), table, len(seeds), float(np.float32(decay)))
+        stochastic = bool(stochastic) and w.dtype != torch.float32
+        _launch(
+            _add_kernel,
+            w.numel(),
+            start,
+            head,
+            _keys(round_seed, pkey)[2:] + _keys(round_seed, pkey)[:2],
+            GAUSS=gauss,
+            OUT_BF16=w.dtype == torch.bfloat16,
+            STOCH=stochastic,
+        )
