@@ -100,7 +100,8 @@ def _rate(nbytes: int, ms: float) -> float:
 def gpu_metrics(device: Device) -> dict[str, float]:
     """GPU memory and utilisation (torch allocator and NVML); empty on the CPU.
 
-    ``gpu_peak_allocated_gb`` is the peak since the previous call (the counter is reset).
+    ``gpu_peak_allocated_gb`` is the peak since the previous call (the counter is reset),
+    so a caller that collects on logged steps only gets the peak of the steps between.
     """
     if not device.is_cuda:
         return {}
@@ -109,14 +110,72 @@ def gpu_metrics(device: Device) -> dict[str, float]:
         "gpu_peak_allocated_gb": device.peak_allocated_bytes() / 2**30,
     }
     device.reset_peak()
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.device.index or 0)
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-        out.update(gpu_used_gb=memory.used / 2**30, gpu_util_pct=float(util.gpu))
-    except Exception:  # NVML missing or not permitted: report what torch knows
-        pass
+    handle = _nvml_handle(device.device)
+    if handle is not None:
+        try:
+            memory = _nvml.nvmlDeviceGetMemoryInfo(handle)
+            util = _nvml.nvmlDeviceGetUtilizationRates(handle)
+            out.update(gpu_used_gb=memory.used / 2**30, gpu_util_pct=float(util.gpu))
+        except Exception:  # NVML refused this reading: report what torch knows
+            pass
     return out
+
+
+_nvml = None  # the pynvml module once nvmlInit succeeded; False: NVML is unusable here
+_handles: dict[int, object] = {}
+
+
+def _nvml_handle(device: torch.device):
+    """The NVML handle of a CUDA device, or None without NVML (initialised once).
+
+    Found by the device's UUID, else its PCI bus id: NVML numbers all GPUs of the
+    machine, while the CUDA index counts the visible ones only (``CUDA_VISIBLE_DEVICES``
+    remaps it), so ``cuda:0`` may be NVML's GPU 3.
+    """
+    global _nvml
+    index = device.index or 0
+    if index in _handles:
+        return _handles[index]
+    if _nvml is None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml = pynvml
+        except Exception:  # NVML missing or not permitted
+            _nvml = False
+    handle = None
+    if _nvml:
+        props = torch.cuda.get_device_properties(index)
+        handle = nvml_lookup(_nvml, _uuid(props), _pci_bus_id(props))
+    _handles[index] = handle
+    return handle
+
+
+def nvml_lookup(nvml, uuid: str | None, pci_bus_id: str | None):
+    """The NVML handle of the GPU with ``uuid`` (``GPU-...``), else ``pci_bus_id``."""
+    for lookup, key in ((nvml.nvmlDeviceGetHandleByUUID, uuid),
+                        (nvml.nvmlDeviceGetHandleByPciBusId, pci_bus_id)):
+        if key is None:
+            continue
+        try:
+            return lookup(key)
+        except Exception:  # not found under this key (older driver, MIG): try the next
+            continue
+    return None
+
+
+def _uuid(props) -> str | None:
+    uuid = getattr(props, "uuid", None)
+    if uuid is None:
+        return None
+    text = str(uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def _pci_bus_id(props) -> str | None:
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is None:
+        return None
+    domain = getattr(props, "pci_domain_id", 0)
+    return f"{domain:08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"

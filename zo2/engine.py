@@ -114,6 +114,10 @@ class ZOEngine:
             device = self.params[0].param.device
             device = torch.device("cpu") if device.type == "meta" else device
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # kernels and streams without a device of their own
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
         self.rule = make_rule(optim)
         self.pending = PendingUpdate(optim.direction, optim.rounding,
                                      rule=None if self.rule.fused else self.rule)
@@ -164,8 +168,13 @@ class ZOEngine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     @torch.no_grad()
-    def step(self, batch: Mapping[str, torch.Tensor]) -> StepResult:
-        """One ZO step on ``batch`` (``input_ids``, ``attention_mask``, ``labels``)."""
+    def step(self, batch: Mapping[str, torch.Tensor], telemetry: bool = True) -> StepResult:
+        """One ZO step on ``batch`` (``input_ids``, ``attention_mask``, ``labels``).
+
+        ``telemetry``: collect the offload and GPU figures (:meth:`telemetry`) into
+        ``result.telemetry``; a loop that logs every n-th step passes True on those
+        steps only, and each figure then covers the steps since the last collection.
+        """
         batch = self._on_device(self.comm.shard(batch))  # this rank's rows (data parallel)
         t = self.step_index
         plan = self.plan(t)
@@ -173,7 +182,7 @@ class ZOEngine:
         grads = self._projected_grads(losses, plan)
         lr = self.lr(t)
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
-                            losses=losses, telemetry=self._telemetry())
+                            losses=losses, telemetry=self.telemetry() if telemetry else {})
         if all(math.isfinite(g) for g in grads):
             if plan.one_point:
                 self.prev_loss = losses[0]
@@ -222,8 +231,10 @@ class ZOEngine:
         best = min((base, 0.0), (plus, size), (minus, -size))  # ties: the smaller coef
         return (best[1],)
 
-    def _telemetry(self) -> dict:
-        """The residency's transfer figures, and GPU memory / utilisation on a GPU."""
+    def telemetry(self) -> dict:
+        """The residency's transfer figures and, on a GPU, memory and utilisation, since
+        the last call: bytes moved, stalls, and ``gpu_peak_allocated_gb``, the peak
+        allocated since then (the peak counter is reset)."""
         out = self.residency.report()
         if self.device.type == "cuda" and "gpu_allocated_gb" not in out:
             from zo2.offload.device import Device

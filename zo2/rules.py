@@ -119,7 +119,7 @@ class _Materialized(Rule):
     buffers: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._scratch: dict[object, torch.Tensor] = {}  # one per stream (see scratch)
 
     def update(self, history, lr, decay, round_seed) -> Update:
         last = history[-1]
@@ -129,15 +129,28 @@ class _Materialized(Rule):
     def estimate(self, p: TrainableParam, n: int, device: torch.device, start: int,
                  update: Update, dist: str) -> torch.Tensor:
         """``G`` for elements ``[start, start+n)`` of ``p``, float32 (scratch-owned)."""
-        buf = self._scratch.get(device)
-        if buf is None or buf.numel() < 2 * n:
-            buf = self._scratch[device] = torch.empty(2 * n, dtype=torch.float32, device=device)
+        buf = self.scratch(2 * n, device)
         total, z = buf[:n], buf[n: 2 * n]
         total.zero_()
         for seed, g in zip(update.seeds, update.grads):
             noise.fill(z, seed, p.key, start, dist)
             total.add_(z, alpha=g)
         return total
+
+    def scratch(self, n: int, device: torch.device) -> torch.Tensor:
+        """A float32 buffer of at least ``n`` elements on ``device``, one per stream.
+
+        With offloading, blocks are updated on the upload stream while resident units
+        are updated on the compute stream: one shared buffer would be written by both
+        with no event between them, and a grown one freed to one stream's allocator
+        while the other still reads it. A buffer of each stream, allocated while that
+        stream is current, is only ever used and freed in that stream's order.
+        """
+        key = stream_of(device)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[key] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf
 
     def apply(self, p: TrainableParam, target: torch.Tensor, start: int, update: Update,
               dist: str) -> None:
@@ -162,6 +175,11 @@ class _Materialized(Rule):
             w.mul_(update.decay)
         w.add_(direction, alpha=-update.lr)
         target.copy_(w)
+
+
+def stream_of(device: torch.device) -> object:
+    """The stream work on ``device`` is queued on now (the device itself on the CPU)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else device
 
 
 class Sign(_Materialized):

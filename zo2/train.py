@@ -180,7 +180,8 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
     nonfinite = 0  # steps in a row whose loss was NaN or inf (skipped: no update)
     for step in range(engine.step_index + 1, cfg.steps + 1):
         batch = next(train)
-        result = engine.step(batch)
+        logged = step % cfg.log_every == 0 or step == cfg.steps
+        result = engine.step(batch, telemetry=logged)  # figures since the last logged step
         nonfinite = nonfinite + 1 if result.skipped else 0
         if nonfinite:
             log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", step,
@@ -194,7 +195,7 @@ def run(cfg: TrainConfig, output_dir: str | Path, reporter: Reporter | None = No
                 f"(nonfinite_limit={cfg.nonfinite_limit}); the last good checkpoint is "
                 f"{last_good or 'none'} (lower optim.lr or optim.eps and resume from it)")
         tokens += int(batch["attention_mask"].sum()) * len(result.losses)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if logged:
             now = time.perf_counter()
             rate = tokens / (now - last)
             tokens, last = 0, now
