@@ -133,10 +133,18 @@ def test_user_file_errors(tmp_path: Path, name: str, content: str | None, patter
     assert str(path) in str(info.value)
 
 
+def _label_ids(tokenizer) -> list[int]:
+    """The token ids of the label words (" terrible", " great"), from the tokenizer."""
+    return [tokenizer(w, add_special_tokens=False).input_ids[0] for w in SPEC.label_words]
+
+
 def test_label_word_ids(tokenizer) -> None:
     ids = label_word_ids(tokenizer, SPEC)
-    assert ids.tolist() == [13321, 1109]
+    # each label word is one token of the tokenizer, and its id is that token's (derived
+    # from the tokenizer, not from a cache's numbering)
     assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in SPEC.label_words)
+    assert [tokenizer.decode([i]) for i in ids.tolist()] == list(SPEC.label_words)
+    assert ids.tolist() == _label_ids(tokenizer)
     with pytest.raises(DataError, match="share a first token"):
         label_word_ids(tokenizer, TaskSpec("x", label_words=(" terribleness", " ter")))
 
@@ -149,9 +157,9 @@ def test_encode_shapes_padding_labels(tokenizer) -> None:
     assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()
     assert (ids[0][mask[0] == 0] == tokenizer.pad_token_id).all()
     assert (labels[:, :-1] == -100).all()
-    assert labels[:, -1].tolist() == [13321, 1109] == ids[:, -1].tolist()
+    assert labels[:, -1].tolist() == _label_ids(tokenizer) == ids[:, -1].tolist()
     prompt = tokenizer("short It was", add_special_tokens=False).input_ids
-    assert ids[0][mask[0] == 1].tolist() == prompt + [13321]
+    assert ids[0][mask[0] == 1].tolist() == prompt + _label_ids(tokenizer)[:1]
 
 
 def test_encode_truncates_text_from_left(tokenizer) -> None:
@@ -160,7 +168,7 @@ def test_encode_truncates_text_from_left(tokenizer) -> None:
     ids = batch["input_ids"][0].tolist()
     assert len(ids) == 32
     suffix = tokenizer(" It was", add_special_tokens=False).input_ids
-    assert ids[-len(suffix) - 1 :] == suffix + [1109]
+    assert ids[-len(suffix) - 1 :] == suffix + _label_ids(tokenizer)[1:]
     assert tokenizer.decode(ids[: -len(suffix) - 1]).endswith("the end")
     with pytest.raises(ConfigError, match="max_length 2 is too small"):
         encode(tokenizer, [Example(text, 1)], SPEC, max_length=2)

@@ -59,17 +59,24 @@ def test_dtype_cast_and_bad_dtype() -> None:
         load_model("tiny-qwen2", dtype="int8")
 
 
-def test_smollm2_loads_from_cache() -> None:
-    load_model("smollm2-135m")  # converts once into the default cache if it is not there yet
-    start = time.perf_counter()
+def test_smollm2_loads_from_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    load_model("smollm2-135m")  # converts once into the suite's cache if it is not there yet
+    folder = models.cache_root() / "smollm2-135m"
+    written = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    assert folder / "model.safetensors" in written
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a cached load must not convert (or even look at) the GGUF")
+
+    monkeypatch.setattr(models, "_convert_embedded", no_conversion)
+    monkeypatch.setattr(models, "_gguf_folder", no_conversion)
     model, tokenizer = load_model("smollm2-135m")
-    elapsed = time.perf_counter() - start
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == written  # read, not rewritten
     _check_ready(model, tokenizer)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert type(model.config).__name__ == "LlamaConfig"
     assert model.config.num_hidden_layers == 30 and len(tokenizer) == 49152
     assert model_identity(model)["num_params"] == 134_515_008
-    assert elapsed < 10, f"cached load took {elapsed:.1f} s"
     ids = tokenizer("A wonderful, moving film. It was", return_tensors="pt")
     with torch.no_grad():
         last = model(**ids).logits[0, -1]
