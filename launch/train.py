@@ -65,6 +65,11 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # before Hydra, which owns every other argument
+        from zo2.env import main as print_versions
+
+        print_versions()
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight loading / shard writing bars; ours is enough
