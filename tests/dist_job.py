@@ -10,6 +10,9 @@ optional ``offload`` settings (an OffloadConfig dict), ``slicing`` and ``optim``
 gradients, bytes sent). ``die_at``: rank 1 exits abruptly before that step;
 ``corrupt_at``: rank 1 changes a weight before that step; ``resume_at``: before that
 step the engine saves a checkpoint, and a new model and engine load it and go on.
+``emulate_dp``: one process (no mesh) that computes each step's losses as that many
+data-parallel ranks do (:class:`EmulatedDP`), the reference the data-parallel runs must
+equal bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -30,13 +34,49 @@ from zo2.errors import ZO2Error  # noqa: E402
 from zo2.parallel import Comm, LocalComm, Mesh  # noqa: E402
 
 
+class EmulatedDP(ZOEngine):
+    """One process whose step losses are computed as ``dp`` data-parallel ranks compute
+    them (``Comm.shard`` + ``Comm.combine_losses``): each shard's float32 mean loss, times
+    its count of labelled positions, summed in float64 and divided by the total count.
+
+    The forward is row-independent (a row's logits do not depend on the other rows of
+    its batch; ``test_parallel.py`` checks it), so the shards' means here are the ranks'
+    own, bit for bit. The float64 sum is exact (checked below with fractions: each term
+    is a float32 times a small integer, and the terms lie within a few binades), so no
+    order of gloo's all-reduce can round it differently: the data-parallel runs must
+    equal this process exactly, not up to rounding.
+    """
+
+    dp = 1
+
+    def _losses(self, batch, plan):
+        logits = self._stacked_logits(batch, plan)  # one process: every slice, every row
+        labels = batch["labels"]
+        size = labels.shape[0] // self.dp
+        out = []
+        for part in logits.chunk(plan.n):
+            terms, count = [], 0
+            for r in range(self.dp):
+                rows = slice(r * size, (r + 1) * size)
+                n = int((labels[rows] != -100).sum())
+                terms.append(float(self.objective.loss(part[rows], labels[rows])) * n)
+                count += n
+            total = sum(terms)
+            assert Fraction(total) == sum(map(Fraction, terms)), terms  # exact: any order
+            out.append(total / count)
+        return out
+
+
 def build(spec: dict, comm) -> tuple[ZOEngine, torch.nn.Module]:
     """The scenario's engine and model (fresh weights)."""
     offload = OffloadConfig(**spec["offload"]) if spec.get("offload") else None
     model = make_model(spec.get("family", "llama"), layers=spec.get("layers", 3))
     optim = OptimConfig(**{"lr": 1e-3, "q": spec.get("q", 1), **spec.get("optim", {})})
-    engine = ZOEngine(model, optim, Objective("label_words", candidates=torch.tensor([5, 9])),
-                      seed=3, total_steps=spec.get("steps", 10), offload=offload, comm=comm)
+    cls = ZOEngine
+    if spec.get("emulate_dp", 1) > 1:
+        cls = type("EmulatedDP", (EmulatedDP,), {"dp": spec["emulate_dp"]})
+    engine = cls(model, optim, Objective("label_words", candidates=torch.tensor([5, 9])),
+                 seed=3, total_steps=spec.get("steps", 10), offload=offload, comm=comm)
     return engine, model
 
 
