@@ -27,17 +27,53 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4
-    assert 0.0 <= summary["zero_shot_test"] <= 1.0 and 0.0 <= summary["tuned_test"] <= 1.0
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    events = [json.loads(line)["event"] for line in lines]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in records]
     assert events.count("step") == 4 and events.count("eval") == 3 and events[-1] == "summary"
-    assert "tuned test acc" in proc.stdout
     assert not (out / "wandb").exists() and not (out / "curves.png").exists()  # logging=none
+    evals = {r["step"]: r for r in records if r["event"] == "eval"}
+    assert summary["zero_shot_test"] == evals[0]["test"]["accuracy"]
+    assert summary["best_dev"] == evals[summary["best_step"]]["dev"]["accuracy"]
+    assert summary["best_dev"] == max(r["dev"]["accuracy"] for r in evals.values())
 
+    # The accuracies, counted here without the engine: the base model (zero-shot) and the
+    # saved best/ folder (tuned), each loaded with transformers, predicting the label
+    # word with the larger logit on the same test examples.
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out / "best")
-    assert sum(p.numel() for p in model.parameters()) > 0
+    from zo2.models import load_model
+
+    base, tokenizer = load_model("tiny-llama")
+    best = AutoModelForCausalLM.from_pretrained(out / "best").eval()
+    assert summary["zero_shot_test"] == correct_fraction(base, tokenizer)
+    assert summary["tuned_test"] == correct_fraction(best, tokenizer)
+    assert (f"zero-shot test acc {summary['zero_shot_test']:.4f} | tuned test acc "
+            f"{summary['tuned_test']:.4f}") in proc.stdout
+
+
+def correct_fraction(model, tokenizer) -> float:
+    """The fraction of the SMALL run's test examples whose label word gets the larger
+    logit (the test split as the run samples it, in the run's one evaluation batch:
+    sorted by length and left-padded, the padding changes the positions)."""
+    import torch
+
+    from zo2.config import compose
+    from zo2.data.batching import encode
+    from zo2.data.tasks import load_task
+
+    cfg = compose(["model=tiny-llama", *SMALL])
+    t = cfg.task
+    task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
+                     balanced=t.balanced)
+    assert len(task.test) <= cfg.eval_batch_size  # one batch
+    examples = sorted(task.test, key=lambda e: len(e.text))
+    batch = encode(tokenizer, examples, task.spec, max_length=t.max_length)
+    words = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in task.spec.label_words]
+    with torch.no_grad():  # the logits at the position before the label word predict it
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits[:, -2, words]
+    predicted = logits.argmax(dim=1).tolist()
+    return sum(p == e.label for p, e in zip(predicted, examples, strict=True)) / len(examples)
 
 
 @pytest.mark.parametrize("args,needle", [
