@@ -57,13 +57,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def report(name: str, figures: dict) -> None:
-    """Write bench/results/<name>.json and print the figures as key=value (last line)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def report(name: str, figures: dict, folder: Path = RESULTS) -> None:
+    """Write <folder>/<name>.json (default bench/results) and print the figures as
+    key=value (last line)."""
+    folder.mkdir(parents=True, exist_ok=True)
     record = {"bench": name, "figures": figures, "machine": {
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
         "cuda": torch.cuda.is_available()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in figures.items()))

@@ -110,7 +110,7 @@ def gpu_metrics(device: Device) -> dict[str, float]:
         "gpu_peak_allocated_gb": device.peak_allocated_bytes() / 2**30,
     }
     device.reset_peak()
-    handle = _nvml_handle(device.device)
+    handle = _nvml_handle(device)
     if handle is not None:
         try:
             memory = _nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -125,7 +125,7 @@ _nvml = None  # the pynvml module once nvmlInit succeeded; False: NVML is unusab
 _handles: dict[int, object] = {}
 
 
-def _nvml_handle(device: torch.device):
+def _nvml_handle(device: Device):
     """The NVML handle of a CUDA device, or None without NVML (initialised once).
 
     Found by the device's UUID, else its PCI bus id: NVML numbers all GPUs of the
@@ -133,7 +133,7 @@ def _nvml_handle(device: torch.device):
     remaps it), so ``cuda:0`` may be NVML's GPU 3.
     """
     global _nvml
-    index = device.index or 0
+    index = device.device.index or 0
     if index in _handles:
         return _handles[index]
     if _nvml is None:
@@ -146,8 +146,7 @@ def _nvml_handle(device: torch.device):
             _nvml = False
     handle = None
     if _nvml:
-        props = torch.cuda.get_device_properties(index)
-        handle = nvml_lookup(_nvml, _uuid(props), _pci_bus_id(props))
+        handle = nvml_lookup(_nvml, *device.nvml_keys())
     _handles[index] = handle
     return handle
 
@@ -163,19 +162,3 @@ def nvml_lookup(nvml, uuid: str | None, pci_bus_id: str | None):
         except Exception:  # not found under this key (older driver, MIG): try the next
             continue
     return None
-
-
-def _uuid(props) -> str | None:
-    uuid = getattr(props, "uuid", None)
-    if uuid is None:
-        return None
-    text = str(uuid)
-    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
-
-
-def _pci_bus_id(props) -> str | None:
-    bus = getattr(props, "pci_bus_id", None)
-    if bus is None:
-        return None
-    domain = getattr(props, "pci_domain_id", 0)
-    return f"{domain:08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"

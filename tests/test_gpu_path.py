@@ -132,20 +132,26 @@ def test_nvml_is_looked_up_by_uuid_and_initialised_once(monkeypatch):
     fake = SimpleNamespace(nvmlInit=lambda: inits.append(1), nvmlDeviceGetHandleByUUID=by_uuid,
                            nvmlDeviceGetHandleByPciBusId=by_pci,
                            nvmlDeviceGetHandleByIndex=by_index)
-    props = SimpleNamespace(uuid="1234", pci_domain_id=0, pci_bus_id=0x3B, pci_device_id=0)
-    assert telemetry.nvml_lookup(fake, telemetry._uuid(props), None) == "handle-uuid"
-    other = SimpleNamespace(uuid="GPU-9", pci_domain_id=0, pci_bus_id=0x3B, pci_device_id=0)
-    assert telemetry.nvml_lookup(fake, telemetry._uuid(other),
-                                 telemetry._pci_bus_id(other)) == "handle-pci"
-    assert seen[-1] == ("pci", "00000000:3b:00.0")
+    assert telemetry.nvml_lookup(fake, "GPU-1234", None) == "handle-uuid"
+    assert telemetry.nvml_lookup(fake, "GPU-9", "00000000:3b:00.0") == "handle-pci"
+    assert seen[-2:] == [("uuid", "GPU-9"), ("pci", "00000000:3b:00.0")]
 
+    props = SimpleNamespace(uuid="1234", pci_domain_id=0, pci_bus_id=0x3B, pci_device_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    from zo2.offload.device import Device
+
+    gpus = []
+    for index in (0, 1):
+        gpu = Device("cpu")  # a CUDA device on a machine without one: its keys are faked
+        gpu.device = torch.device("cuda", index)
+        gpus.append(gpu)
+    assert gpus[0].nvml_keys() == ("GPU-1234", "00000000:3b:00.0")
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.setattr(telemetry, "_nvml", None)
     monkeypatch.setattr(telemetry, "_handles", {})
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     for _ in range(3):
-        for index in (0, 1):
-            telemetry._nvml_handle(torch.device("cuda", index))
+        for gpu in gpus:
+            telemetry._nvml_handle(gpu)
     assert len(inits) == 1 and telemetry._handles == {0: "handle-uuid", 1: "handle-uuid"}
 
 
