@@ -6,11 +6,14 @@ import os
 
 import pytest
 import torch
+from _cache import zo2_cache  # noqa: F401  (autouse: the suite's own ZO2_CACHE)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral")
+# GPT-2-style families (Conv1D weights, learned absolute positions whose position_ids
+# have batch dimension 1, a tied head) besides the rotary ones.
+FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neo", "gpt_bigcode")
 VOCAB = 128
 
 
@@ -26,6 +29,19 @@ def make_model(family: str, *, layers: int = 2, hidden: int = 32, vocab: int = V
         config = tf.OPTConfig(ffn_dim=2 * hidden, word_embed_proj_dim=hidden,
                               enable_bias=True, **common)
         cls = tf.OPTForCausalLM
+    elif family in ("gpt2", "gpt_bigcode"):
+        config_cls, cls = {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
+                           "gpt_bigcode": (tf.GPTBigCodeConfig, tf.GPTBigCodeForCausalLM)}[family]
+        config = config_cls(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
+                            n_inner=2 * hidden, n_positions=128, tie_word_embeddings=tie)
+    elif family == "gpt_neo":
+        config = tf.GPTNeoConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+                                 num_heads=4, intermediate_size=2 * hidden,
+                                 attention_types=[[[("global", "local")[i % 2]], 1]
+                                                  for i in range(layers)],
+                                 window_size=8, max_position_embeddings=128,
+                                 tie_word_embeddings=tie)
+        cls = tf.GPTNeoForCausalLM
     else:
         config_cls, cls = {
             "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),

@@ -12,7 +12,7 @@ from zo2 import noise
 from zo2.config import OptimConfig
 from zo2.engine import ZOEngine, step_seed
 from zo2.loss import Objective, positions_to_keep
-from zo2.perturb import BatchShape, Plan, mirror_
+from zo2.perturb import BatchShape, Plan, SplitError, merge_batch, mirror_, split_batch
 from zo2.units import find_units, unique_params
 
 LABELS = torch.tensor([5, 9])
@@ -264,3 +264,25 @@ def test_loading_another_models_checkpoint_is_refused(tmp_path):
     assert all(torch.equal(before[k], w) for k, w in weights(target).items())
     with pytest.raises(CheckpointError, match="not a zo2 checkpoint"):
         engine_for(target).load(tmp_path)
+
+
+def test_the_splitting_rule_classifies_by_shape_and_names_what_it_cannot():
+    shape = BatchShape(n=2, total=6, seq_len=5)  # 2 slices of 3 rows
+    hidden, heads = torch.zeros(6, 5, 4), torch.zeros(24, 5, 5)  # rows; rows x 4 heads
+    rotary, positions, per_row = torch.zeros(1, 5, 4), torch.arange(5), torch.arange(6)
+    parts = split_batch({"h": hidden, "a": heads, "r": rotary, "p": positions, "w": per_row},
+                        shape, "unit u: keyword argument")
+    assert [tuple(p["h"].shape) for p in parts] == [(3, 5, 4)] * 2
+    assert [tuple(p["a"].shape) for p in parts] == [(12, 5, 5)] * 2
+    assert all(p["r"] is rotary and p["p"] is positions for p in parts)
+    assert [p["w"].tolist() for p in parts] == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(SplitError, match=r"unit u: keyword argument\['bias'\] has shape \(4, 5\)"):
+        split_batch({"bias": torch.zeros(4, 5)}, shape, "unit u: keyword argument")
+
+
+def test_a_broadcast_output_is_expanded_to_each_slices_rows():
+    # one row per slice (a position embedding of position_ids (1, seq)) -> 3 rows each
+    a, b = torch.full((1, 2), 1.0), torch.full((1, 2), 2.0)
+    merged = merge_batch([a, b], rows=3)
+    assert merged.tolist() == [[1.0, 1.0]] * 3 + [[2.0, 2.0]] * 3
+    assert merge_batch([a, b], rows=1).tolist() == [[1.0, 1.0], [2.0, 2.0]]

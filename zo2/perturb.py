@@ -22,6 +22,28 @@ regenerations of ``z`` and four read-modify-writes:
 
 The ``-eps`` weights are defined as that mirror everywhere (also on a rank that only
 runs the minus slice), so every execution path computes bit-identical values.
+
+Splitting rule (:func:`split_batch`, :func:`merge_batch`). A unit sees the model's
+own arguments, so the wrapper classifies each tensor by its shape against the stacked
+batch of ``total = n * rows`` rows and ``seq_len`` tokens:
+
+* first dimension a multiple of ``total`` (rank >= 2), or exactly ``total`` (1-D):
+  stacked; cut into ``n`` equal parts, batch-major (hidden states, masks, per-row
+  position ids, attention heads folded into the batch);
+* first dimension 1 (rank >= 2), 1-D of length ``seq_len`` or 1, scalars, Python
+  values: shared by every slice (rotary tables and ``position_ids`` of batch 1,
+  ``cache_position``);
+* anything else raises :class:`SplitError` naming the unit and the argument: never a
+  silent guess.
+
+A unit whose tensor inputs are all shared (GPT-2's, GPT-Neo's and GPT-BigCode's
+learned position embedding of ``position_ids`` of shape ``(1, seq)``) returns one row
+per slice; the merge expands each slice's output to that slice's ``rows`` before
+concatenating, so the stacked output carries every slice's own values on its own
+rows. Limits: the model must consume such an output elementwise against a batched
+tensor (broadcasting), as every family in the tests does; a 1-D tensor of length
+``seq_len`` is taken as positions even where ``total == seq_len``. The tests check
+each family's stacked forward against separate forwards bit for bit.
 """
 
 from __future__ import annotations
@@ -34,6 +56,7 @@ from typing import Any, Protocol
 import torch
 
 from zo2 import noise
+from zo2.errors import ModelError
 from zo2.units import TrainableParam, Unit
 
 
@@ -261,8 +284,8 @@ class PerturbationContext:
     def _run_slices(self, unit: Unit, original: Callable[..., Any], args: tuple,
                     kwargs: dict) -> Any:
         plan, shape = self.plan, self.shape
-        arg_parts = split_batch(args, shape)
-        kwarg_parts = split_batch(kwargs, shape)
+        arg_parts = split_batch(args, shape, f"unit {unit.name}: positional argument")
+        kwarg_parts = split_batch(kwargs, shape, f"unit {unit.name}: keyword argument")
         masters = [p.param.data for p in unit.params]
         views = self._scratch_views(unit)
         outputs = []
@@ -275,7 +298,7 @@ class PerturbationContext:
         finally:
             for p, master in zip(unit.params, masters):
                 p.param.data = master
-        return merge_batch(outputs)
+        return merge_batch(outputs, shape.rows)
 
     def _scratch_views(self, unit: Unit) -> list[torch.Tensor]:
         views, offset = [], 0
@@ -320,48 +343,83 @@ class BatchShape:
     total: int
     seq_len: int
 
-
-def _split_tensor(x: torch.Tensor, shape: BatchShape) -> list[torch.Tensor] | None:
-    if x.dim() == 0 or x.shape[0] % shape.total != 0:
-        return None
-    if x.dim() == 1 and (x.shape[0] != shape.total or shape.total == shape.seq_len):
-        return None  # a 1-D tensor of length seq_len (cache positions) is shared
-    return list(x.chunk(shape.n, dim=0))
+    @property
+    def rows(self) -> int:
+        """Rows of one slice (the caller's batch)."""
+        return self.total // self.n
 
 
-def split_batch(obj: Any, shape: BatchShape) -> list[Any]:
+class SplitError(ModelError):
+    """A unit received a tensor that the splitting rule cannot classify."""
+
+
+def _split_tensor(x: torch.Tensor, shape: BatchShape, where: str) -> list[torch.Tensor] | None:
+    """The ``shape.n`` parts of a stacked tensor, or None for a tensor all slices share."""
+    if x.dim() == 0:
+        return None  # a scalar
+    first = x.shape[0]
+    if x.dim() == 1:
+        if first == shape.seq_len or first == 1:
+            return None  # positions of the sequence (cache_position): the same for every row
+        if first == shape.total:
+            return list(x.chunk(shape.n))  # one value per row
+    elif first == 1 and shape.total > 1:
+        return None  # broadcasts over the batch (position ids, rotary tables of batch 1)
+    elif first % shape.total == 0:
+        return list(x.chunk(shape.n))  # rows, or rows x heads folded batch-major
+    raise SplitError(
+        f"{where} has shape {tuple(x.shape)}: its first dimension is neither the stacked "
+        f"batch ({shape.total} rows = {shape.n} slices x {shape.rows}) or a multiple of it, "
+        f"nor 1 (broadcast), nor the sequence length {shape.seq_len} (1-D); zo2 cannot tell "
+        "how to split it between the perturbation slices"
+    )
+
+
+def split_batch(obj: Any, shape: BatchShape, where: str = "input") -> list[Any]:
     """Split every tensor whose first dim is the stacked batch (or a multiple of it).
 
     Rank >= 2 tensors whose first dim is a multiple of ``shape.total`` are split into
     ``shape.n`` equal parts (a multiple: models that fold attention heads into the
-    batch dim, batch-major). Everything else is shared by all slices: rotary tables of
-    batch 1, cache positions, Python values.
+    batch dim, batch-major); so are 1-D tensors of length ``total``. Tensors of batch 1
+    (rank >= 2), 1-D tensors of length ``seq_len`` or 1, scalars and Python values are
+    shared by all slices. Any other tensor raises :class:`SplitError` naming ``where``
+    (the unit and the argument).
     """
     if isinstance(obj, torch.Tensor):
-        parts = _split_tensor(obj, shape)
+        parts = _split_tensor(obj, shape, where)
         return parts if parts is not None else [obj] * shape.n
     if isinstance(obj, (tuple, list)):
-        columns = [split_batch(item, shape) for item in obj]
+        columns = [split_batch(item, shape, f"{where}[{i}]") for i, item in enumerate(obj)]
         return [type(obj)(col[i] for col in columns) for i in range(shape.n)]
     if isinstance(obj, dict):
-        columns = {k: split_batch(v, shape) for k, v in obj.items()}
+        columns = {k: split_batch(v, shape, f"{where}[{k!r}]") for k, v in obj.items()}
         return [{k: col[i] for k, col in columns.items()} for i in range(shape.n)]
     return [obj] * shape.n
 
 
-def merge_batch(outputs: list[Any]) -> Any:
-    """Concatenate per-slice outputs along the batch dimension."""
+def merge_batch(outputs: list[Any], rows: int = 1) -> Any:
+    """Concatenate per-slice outputs along the batch dimension.
+
+    A tensor of batch 1 when a slice has ``rows > 1`` rows came from inputs that all
+    broadcast over the batch (a learned position embedding of ``position_ids`` of shape
+    ``(1, seq)``): it is expanded to the slice's rows first, so the merged output holds
+    each slice's values on that slice's rows. Wherever the model combines it
+    elementwise with a batched tensor (``inputs_embeds + position_embeds``) every row
+    sees exactly the values a separate forward of the slice broadcasts to it.
+    """
     first = outputs[0]
     if isinstance(first, torch.Tensor):
+        if rows > 1 and first.dim() > 0 and first.shape[0] == 1:
+            outputs = [o.expand(rows, *o.shape[1:]) for o in outputs]
         return torch.cat(outputs, dim=0)
     if first is None:
         return None
     if isinstance(first, tuple) and hasattr(first, "_fields"):  # namedtuple
-        return type(first)(*(merge_batch(list(col)) for col in zip(*outputs)))
+        return type(first)(*(merge_batch(list(col), rows) for col in zip(*outputs)))
     if isinstance(first, (tuple, list)):
-        return type(first)(merge_batch(list(col)) for col in zip(*outputs))
+        return type(first)(merge_batch(list(col), rows) for col in zip(*outputs))
     if isinstance(first, dict):
-        merged = {k: merge_batch([o[k] for o in outputs]) for k in first}
+        merged = {k: merge_batch([o[k] for o in outputs], rows) for k in first}
         return type(first)(**merged) if type(first) is not dict else merged
     if all(o is first for o in outputs):
         return first
