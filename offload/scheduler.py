@@ -32,6 +32,13 @@ GPU computes the previous block); the block is cast to the wire dtype into a pin
 staging buffer (a ring of K; a staging buffer is reused only after its copy's event
 fired) and uploaded; nothing is written back. Small updates accumulate in fp32.
 
+*Disk tier* (blocks memory-mapped from ``disk_dir``): a copy from or into pageable
+(mapped) memory is synchronous whatever ``non_blocking`` says, so on a GPU such a block
+goes through a ring of K pinned staging buffers both ways: the host copies the mapping
+into a free staging buffer and the upload reads that; a write-back lands in a staging
+buffer and is copied into the mapping once its event fired (before the block is next
+read on the host or uploaded, or the buffer is reused).
+
 On the CPU the same code runs with the host as the device: copies are synchronous
 and events are wall-clock stamps.
 """
@@ -48,7 +55,7 @@ from torch import nn
 from zo2.errors import ConfigError
 from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
-from zo2.offload.store import Block, PinnedArena, group_units, populate
+from zo2.offload.store import Block, PinnedArena, group_units, host_blocks, populate
 from zo2.offload.telemetry import TransferStats, gpu_metrics, storage_bytes
 from zo2.parallel.slicing import SliceGroup
 from zo2.perturb import PendingUpdate, Resident
@@ -68,10 +75,15 @@ class _Slot:
     tick: int = 0
 
 
+STAGE_ON_CPU = False  # tests: run the disk tier's staging path on the CPU too
+
+
 @dataclass(eq=False)
 class _Staging:
-    buf: torch.Tensor  # pinned host buffer in the wire dtype
-    copied: object = None  # the H2D copy reading it finished
+    buf: torch.Tensor  # pinned host buffer in the wire dtype (disk tier: the host dtype)
+    copied: object = None  # the copy reading or filling it finished
+    landing: Block | None = None  # disk tier: a write-back of this block waits in ``buf``
+    count: int = 0  # elements of that write-back
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -101,6 +113,8 @@ class Offloader:
         slicing: the node's ranks sharing every block's uploads
             (:class:`zo2.parallel.slicing.SliceGroup`): this rank keeps, uploads and
             writes back only its slice, and the slices are all-gathered on the devices.
+        local_ranks: processes on this node, each pinning its own blocks: on a GPU the
+            node's pinned total is checked against the host memory available first.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], pending: PendingUpdate, *,
@@ -109,7 +123,7 @@ class Offloader:
                  wire_dtype: str | None = None, disk_dir: str | None = None,
                  host_budget_gb: float = 0.0, timing: bool = True,
                  weights: SafetensorsWeights | None = None,
-                 slicing: SliceGroup | None = None) -> None:
+                 slicing: SliceGroup | None = None, local_ranks: int = 1) -> None:
         if ring < 1:
             raise ConfigError(f"offload.ring: must be >= 1, got {ring}")
         self.device = device
@@ -141,14 +155,21 @@ class Offloader:
         self._holders: dict[torch.dtype, torch.Tensor] = {}
         self._arena = None
         allocate = lambda numel, dtype: torch.empty(numel, dtype=dtype)  # noqa: E731
-        if device.is_cuda and self.blocks:
-            size = torch.empty((), dtype=host).element_size()
+        budget = host_budget_gb * 2**30
+        in_host = host_blocks(self.blocks, host, disk_dir, budget)  # the rest: on disk
+        size = torch.empty((), dtype=host).element_size() if self.blocks else 0
+        pinned = sum(b.hi - b.lo for b in in_host) * size
+        if device.is_cuda and in_host:  # pinned memory for the blocks kept in host memory
+            # the parameters' own CPU storage (not on meta) is given back as blocks fill
+            freed = sum(e.param.numel() * e.param.element_size() for b in in_host
+                        for e in b.entries if e.param.device.type == "cpu")
+            check_host_memory(local_ranks, pinned, freed=freed)
             self._arena = PinnedArena(lambda n: device.host_empty(n, torch.uint8),
-                                      largest=max(b.hi - b.lo for b in self.blocks) * size,
-                                      total=sum(b.hi - b.lo for b in self.blocks) * size)
+                                      largest=max(b.hi - b.lo for b in in_host) * size,
+                                      total=pinned)
             allocate = self._arena.take
         suffix = f".slice{slicing.rank}of{slicing.size}" if slicing else ""
-        populate(self.blocks, host, disk_dir, host_budget_gb * 2**30, allocate=allocate,
+        populate(self.blocks, host, disk_dir, budget, allocate=allocate,
                  placeholder=self._placeholder, weights=weights, suffix=suffix)
         if weights is not None:
             materialize(model, weights, device.device)  # the resident units
@@ -189,10 +210,38 @@ class Offloader:
         return slots
 
     def _make_staging(self, wire: torch.dtype | None) -> list[_Staging]:
-        if not (self.master_on_host and self.device.is_cuda and self.blocks):
+        """Pinned buffers between host copies and the bus: for the compressed wire (the
+        cast), and for blocks on disk (a mapping is pageable memory)."""
+        on_disk = [b for b in self.blocks if b.disk is not None]
+        if not (self.device.is_cuda or STAGE_ON_CPU and not self.master_on_host) \
+                or not (self.master_on_host or on_disk):
             return []
-        numel = max(b.hi - b.lo for b in self.blocks)
-        return [_Staging(self.device.host_empty(numel, wire)) for _ in range(self.ring)]
+        staged = self.blocks if self.master_on_host else on_disk
+        dtype = wire if self.master_on_host else staged[0].host.dtype
+        numel = max(b.hi - b.lo for b in staged)
+        return [_Staging(self.device.host_empty(numel, dtype)) for _ in range(self.ring)]
+
+    def _stage(self) -> _Staging:
+        """The next staging buffer, free: its last copy done, its write-back landed."""
+        stage = self._staging[self._stage_index % len(self._staging)]
+        self._stage_index += 1
+        self._land(stage)
+        return stage
+
+    def _land(self, stage: _Staging) -> None:
+        """Wait for the buffer's last copy; a write-back in it goes on into its mapping."""
+        if stage.copied is not None:
+            stage.copied.synchronize()  # a host wait: the host touches the buffer next
+            stage.copied = None
+        if stage.landing is not None:
+            stage.landing.host[: stage.count].copy_(stage.buf[: stage.count])
+            stage.landing = None
+
+    def _land_block(self, block: Block) -> None:
+        """Before the host reads ``block`` (or uploads it): its staged write-back lands."""
+        for stage in self._staging:
+            if stage.landing is block:
+                self._land(stage)
 
     # ---- the residency protocol (called by the unit wrapper and the engine) ----------
     def begin_pass(self) -> None:
@@ -245,15 +294,22 @@ class Offloader:
                 self._finish(self._load(block))
 
     # ---- host-side access (export, checkpoints, weight loading) ---------------------
-    def host_tensors(self) -> dict[int, torch.Tensor]:
+    def host_tensors(self, writer_only: bool = False) -> dict[int, torch.Tensor]:
         """id(param) -> a host tensor holding its current value (after :meth:`flush`).
 
         With slicing the slices are all-gathered first (a collective: every rank of
-        the node calls it), so every rank briefly holds whole blocks.
+        the node calls it), so every rank briefly holds whole blocks; ``writer_only``
+        (saving): block by block to the checkpoint writer (rank 0) only, and the other
+        ranks get nothing for the offloaded parameters.
         """
         self.synchronize()
-        return {id(e.param): b.view(flat, e) for b in self.blocks
-                for flat in [self._whole(b)] for e in b.entries}
+        out = {}
+        for b in self.blocks:
+            flat = self._whole(b) if not writer_only or self.slicing is None \
+                else self.slicing.gather_host(b.host)
+            if flat is not None:
+                out.update({id(e.param): b.view(flat, e) for e in b.entries})
+        return out
 
     def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
         """Set ``param``'s current value (loading weights): this rank's slice of it."""
@@ -268,12 +324,12 @@ class Offloader:
             block.host[a - block.lo: b - block.lo].copy_(
                 value.reshape(-1)[a - e.offset: b - e.offset])
 
-    def rule_state(self, rule) -> dict[str, torch.Tensor]:
+    def rule_state(self, rule, writer_only: bool = False) -> dict[str, torch.Tensor]:
         """A stateful update rule's whole state (:mod:`zo2.rules`), for checkpoints.
 
         With slicing each rank keeps the state of its slice of every block only; the
         slices are all-gathered block by block like the host masters (a collective:
-        every rank of the node calls it).
+        every rank of the node calls it); ``writer_only``: gathered to rank 0 only.
         """
         state = rule.state()
         if self.slicing is None:
@@ -287,7 +343,11 @@ class Offloader:
                         mine[a - block.lo: b - block.lo] = kept
                 # a copy, not arithmetic: bfloat16 travels as float16 bits (gloo has no bf16)
                 wire = mine.view(torch.float16) if mine.dtype == torch.bfloat16 else mine
-                whole = self.slicing.all_gather_host(wire).view(mine.dtype)
+                whole = self.slicing.gather_host(wire) if writer_only \
+                    else self.slicing.all_gather_host(wire)
+                if whole is None:
+                    continue  # not the writer
+                whole = whole.view(mine.dtype)
                 for e in block.trainable:
                     state[rule.key(e.trainable.name, which)] = whole[
                         e.offset: e.offset + e.numel].clone()
@@ -328,15 +388,28 @@ class Offloader:
     def invalidate(self) -> None:
         """Forget device copies (host values were changed from outside)."""
         self.synchronize()
+        self._quiesce()
         for slot in self._slots:
             if slot.users == 0:
                 self._drop(slot)
+
+    def _quiesce(self) -> None:
+        """Order the compute stream after all uploads and write-backs queued so far
+        (event waits, no host block): ring buffers dropped or freed after this are
+        reused only once the side streams are done with them."""
+        compute = self.device.compute_stream()
+        for stream in (self._upload_stream, self._down_stream):
+            self.device.wait(compute, self.device.record(stream) if stream is not None
+                             else None)
 
     def synchronize(self) -> None:
         """Wait until every write-back has landed in host memory (outside the hot path)."""
         for event in self._written.values():
             event.synchronize()
         self._written.clear()
+        for stage in self._staging:
+            if stage.landing is not None:
+                self._land(stage)
         for block in self.blocks:
             if block.disk is not None:
                 block.disk.sync()
@@ -348,6 +421,7 @@ class Offloader:
             whole = self._whole(block)
             for e in block.entries:
                 e.param.data = block.view(whole, e).to(e.param.dtype, copy=True)
+        self._quiesce()  # the ring is freed to the compute stream's allocator next
         self._slots = []
 
     def _whole(self, block: Block) -> torch.Tensor:
@@ -469,12 +543,11 @@ class Offloader:
             self._update_on_host(block)
         lo, hi = block.lo, block.hi
         source = block.host
-        if self._staging:
-            stage = self._staging[self._stage_index % len(self._staging)]
-            self._stage_index += 1
-            if stage.copied is not None:
-                stage.copied.synchronize()  # that buffer's previous copy must be done
-            stage.buf[: hi - lo].copy_(block.host)  # cast to the wire dtype on the host
+        stage = None
+        if self._staging and (self.master_on_host or block.disk is not None):
+            self._land_block(block)  # its last write-back, still in a staging buffer
+            stage = self._stage()
+            stage.buf[: hi - lo].copy_(block.host)  # the wire cast / out of the mapping
             source = stage.buf[: hi - lo]
         stream = self._upload_stream
         self.device.wait(stream, slot.free)
@@ -489,7 +562,7 @@ class Offloader:
             if self.slicing is not None:
                 self.slicing.all_gather(slot.store[: block.numel])
             slot.ready = self.device.record(stream, self.timing)
-        if self._staging:
+        if stage is not None:
             stage.copied = slot.ready
         if self.timing:
             self.stats.add("up", (hi - lo) * slot.store.element_size(), start, uploaded)
@@ -527,11 +600,19 @@ class Offloader:
         if hi <= lo:
             return  # this rank's slice holds frozen parameters only
         stream = self._down_stream
-        self.device.wait(stream, slot.free)
+        self.device.wait(stream, slot.ready)  # its upload (and the update riding it)
+        self.device.wait(stream, slot.free)  # and its last use
+        stage = None
+        if self._staging and block.disk is not None:  # into pinned memory, then the map
+            self._land_block(block)
+            stage = self._stage()
+        target = block.host if stage is None else stage.buf
         with self.device.on(stream):
             start = self.device.record(stream, self.timing)
-            block.host[: hi - lo].copy_(slot.store[lo:hi], non_blocking=True)
+            target[: hi - lo].copy_(slot.store[lo:hi], non_blocking=True)
             done = self.device.record(stream, self.timing)
+        if stage is not None:
+            stage.copied, stage.landing, stage.count = done, block, hi - lo
         slot.free = done
         self._written[id(block)] = done
         if self.timing:
@@ -542,9 +623,47 @@ class Offloader:
         event = self._written.pop(id(block), None)
         if event is not None:
             event.synchronize()
+        self._land_block(block)
         if not self._needs_update(block):
             return
         self._apply_update(block, block.host, block.lo)
         slot = self._slot_of(block)
         if slot is not None and slot.users == 0:
             self._drop(slot)  # its device copy predates the update
+
+
+def check_host_memory(local_ranks: int, pinned_bytes: int, available: int | None = None,
+                      freed: int = 0) -> None:
+    """ConfigError when the node's ranks would pin more host memory than is available.
+
+    Page-locked memory cannot be swapped out: ``local_ranks`` processes pinning
+    ``pinned_bytes`` each beyond what the host has would end in the OOM killer, after
+    minutes of loading. ``available``: bytes (default: ``MemAvailable`` of
+    ``/proc/meminfo``; no check where it cannot be read); ``freed``: bytes each rank
+    gives back while pinning (its model's own CPU copy of the offloaded parameters).
+    """
+    if available is None:
+        available = host_available_bytes()
+    if available is not None:
+        available += local_ranks * freed
+    need = local_ranks * pinned_bytes
+    if available is None or need <= available:
+        return
+    raise ConfigError(
+        f"offload: {local_ranks} rank(s) on this node would pin {local_ranks} x "
+        f"{pinned_bytes / 2**30:.1f} GiB = {need / 2**30:.1f} GiB of host memory, but only "
+        f"{available / 2**30:.1f} GiB are available: turn on parallel.slicing (each rank "
+        f"keeps 1/N of the model; needs GPUs with peer access), put blocks on disk "
+        f"(offload.disk_dir with offload.host_budget_gb), or run fewer ranks per node")
+
+
+def host_available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

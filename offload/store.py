@@ -217,6 +217,20 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(int(n) - 1, 1).bit_length()
 
 
+def host_blocks(blocks: Sequence[Block], host_dtype: torch.dtype | None,
+                disk_dir: str | None, host_budget_bytes: float) -> list[Block]:
+    """The blocks :func:`populate` keeps in host memory (the others go to disk): in
+    order, each that still fits in ``host_budget_bytes`` (all without ``disk_dir``)."""
+    kept, used = [], 0.0
+    for block in blocks:
+        dtype = host_dtype or block.compute_dtype
+        nbytes = (block.hi - block.lo) * torch.empty((), dtype=dtype).element_size()
+        if disk_dir is None or used + nbytes <= host_budget_bytes:
+            kept.append(block)
+            used += nbytes
+    return kept
+
+
 def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: str | None,
              host_budget_bytes: float, *,
              allocate: Callable[[int, torch.dtype], torch.Tensor],
@@ -231,12 +245,11 @@ def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: 
     ``weights(name)``. A sharded block (:meth:`Block.shard`) keeps only its slice;
     ``suffix`` tells the slices' files apart. Peak extra memory: one block.
     """
-    used = 0.0
+    in_host = {id(b) for b in host_blocks(blocks, host_dtype, disk_dir, host_budget_bytes)}
     for block in blocks:
         dtype = host_dtype or block.compute_dtype
         lo, hi = block.lo, block.hi
-        nbytes = (hi - lo) * torch.empty((), dtype=dtype).element_size()
-        to_disk = disk_dir is not None and used + nbytes > host_budget_bytes
+        to_disk = id(block) not in in_host
         flat = torch.empty(hi - lo, dtype=dtype) if to_disk else allocate(hi - lo, dtype)
         flat.zero_()  # alignment gaps are part of every transfer: keep them defined
         with torch.no_grad():
@@ -256,7 +269,6 @@ def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: 
             block.disk = map_flat(path, hi - lo, dtype)
             block.host = block.disk.tensor
         else:
-            used += nbytes
             block.host = flat
         for entry in block.entries:
             assign(entry.param, placeholder(entry.param.dtype).expand(entry.shape))

@@ -186,3 +186,167 @@ def test_the_engine_and_the_gpu_kernels_import_without_cpu_only_packages(tmp_pat
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300, env=env, cwd=tmp_path)
     assert res.returncode == 0 and "imports-ok []" in res.stdout, res.stderr[-3000:]
+
+
+def test_disk_tier_stages_through_pinned_buffers_and_matches_resident(tmp_path, monkeypatch):
+    """A mapping is pageable memory: on a GPU, blocks on disk go up and come back
+    through the ring of staging buffers (run here on the CPU with the same code)."""
+    from zo2.offload import scheduler
+
+    monkeypatch.setattr(scheduler, "STAGE_ON_CPU", True)
+    batches = [make_batch(seed=i) for i in range(6)]
+    model = make_model("qwen2", layers=4)
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    config = OffloadConfig(enabled=True, ring=2, disk_dir=str(tmp_path / "blocks"),
+                           host_budget_gb=1.5 * layer_bytes / 2**30)  # one layer in RAM
+    runs, landed = [], []
+
+    def watch(res, original):
+        def land(stage):
+            landed.append(stage.landing)
+            original(stage)
+        res._land = land  # this instance only
+
+    for offload in (None, config):
+        engine = ZOEngine(make_model("qwen2", layers=4), OptimConfig(lr=1e-3),
+                          Objective("label_words", torch.tensor([5, 9])), seed=3,
+                          offload=offload)
+        if offload is not None:
+            res = engine.residency
+            assert len(res._staging) == 2 and sum(b.disk is not None for b in res.blocks) == 3
+            watch(res, res._land)
+        losses = [engine.step(b).losses for b in batches]
+        runs.append((losses, {k: v.clone() for k, v in engine.export_state_dict().items()}))
+    assert any(b is not None and b.disk is not None for b in landed)  # write-backs landed
+    assert all(s.landing is None for s in res._staging)  # export waited for every one
+    (la, wa), (lb, wb) = runs
+    assert la == lb and all(torch.equal(wa[k], wb[k]) for k in wa)
+    disk_block = next(b for b in res.blocks if b.disk is not None)
+    entry = disk_block.entries[0]
+    assert torch.equal(disk_block.view(disk_block.disk.tensor, entry), wa[entry.name])
+
+
+def test_pinned_arena_is_sized_from_the_blocks_kept_in_host_memory():
+    from zo2.offload.store import Block, host_blocks
+
+    blocks = []
+    for i, numel in enumerate((100, 300, 100, 50)):
+        block = Block(f"b{i}", [])
+        block.numel = block.hi = numel
+        blocks.append(block)
+    kept = host_blocks(blocks, torch.float32, "/disk", 4 * 250)  # 250 float32 elements
+    assert [b.name for b in kept] == ["b0", "b2", "b3"]  # b1 does not fit: it goes to disk
+    assert host_blocks(blocks, torch.float32, None, 0) == blocks  # no disk tier: all
+    src = inspect.getsource(__import__("zo2.offload.scheduler", fromlist=["x"]).Offloader)
+    assert "total=pinned" in src and "in_host = host_blocks(" in src
+
+
+def test_node_pinning_more_than_the_host_has_is_a_clear_error():
+    from zo2.errors import ConfigError
+    from zo2.offload.scheduler import check_host_memory
+
+    check_host_memory(8, 10 * 2**30, available=80 * 2**30)  # fits exactly
+    with pytest.raises(ConfigError, match=r"8 rank\(s\) on this node would pin 8 x 10.0 GiB"
+                                          r" = 80.0 GiB .* only 79.0 GiB are available"):
+        check_host_memory(8, 10 * 2**30, available=79 * 2**30)
+
+
+def test_slicing_auto_says_when_it_turns_itself_off(caplog):
+    from zo2.parallel.slicing import slice_group
+
+    mesh = SimpleNamespace(config=SimpleNamespace(slicing="auto"), distributed=True,
+                           env=SimpleNamespace(local_world=2, local_rank=0),
+                           device=torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="zo2"):
+        assert slice_group(mesh, offloading=True) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["parallel.slicing=auto: off (no GPUs); each of the 2 ranks of this node "
+                     "keeps and pins the whole offloaded model"]
+    mesh.env.local_rank = 1
+    caplog.clear()
+    assert slice_group(mesh, offloading=True) is None and not caplog.records  # rank 0 says it
+
+
+def test_write_back_waits_for_its_slots_upload_and_freed_rings_for_the_side_streams():
+    """A slot dropped before the compute stream used it (a stale prefetch) is written back
+    after its upload and the update riding on it; ring buffers dropped or freed by
+    invalidate / materialize are reused only after the upload and write-back streams."""
+    engine = ZOEngine(make_model("llama", layers=3), OptimConfig(lr=1e-3),
+                      Objective("label_words", torch.tensor([5, 9])),
+                      offload=OffloadConfig(enabled=True, ring=2))
+    for i in range(2):
+        engine.step(make_batch(seed=i))
+    res = engine.residency
+    waited = []
+    res.device.wait = lambda stream, event: waited.append(event)  # this instance only
+    slot = next(s for s in res._slots if s.block is not None)
+    ready, free = slot.ready, slot.free = object(), object()
+    res._write_back(slot.block, slot)
+    assert waited[:2] == [ready, free]
+    quiesced = []
+    res._quiesce = lambda: quiesced.append(len(res._slots))
+    res.invalidate()
+    res.materialize()
+    assert quiesced == [2, 2] and res._slots == []  # before the ring was let go
+
+
+def test_multi_gpu_docker_runs_are_documented_with_host_ipc():
+    """NCCL fails in Docker's default 64 MB /dev/shm: every documented `docker run`
+    with GPUs passes --ipc=host (or --shm-size), and the README of the images says why."""
+    docs = {p: p.read_text() for p in (ROOT / "docker" / "README.md", ROOT / "docker" /
+                                       "Dockerfile", ROOT / "README.md")}
+    runs = [(p.name, line) for p, text in docs.items() for line in text.splitlines()
+            if "docker run" in line and "--gpus" in line]
+    assert len(runs) >= 5
+    assert all("--ipc=host" in line or "--shm-size" in line for _, line in runs), runs
+    assert "/dev/shm" in docs[ROOT / "docker" / "README.md"]
+
+
+def _save_worker(rank: int, init: str, out: str) -> None:
+    """One of two gloo ranks: gather slices to the writer; wait for a slow writer."""
+    import json as _json
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from zo2.errors import DistributedError
+    from zo2.parallel.mesh import Mesh
+    from zo2.parallel.slicing import SliceGroup
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=2))  # parallel.timeout_s = 2
+    group = SliceGroup(rank=rank, size=2, group=dist.group.WORLD,
+                       host_group=dist.group.WORLD, timeout_s=2)
+    got = group.gather_host(torch.arange(3.0) + 10 * rank)
+    errors = []
+    for save_timeout in (30, 1):
+        mesh = SimpleNamespace(distributed=True, config=SimpleNamespace(
+            save_timeout_s=save_timeout), save_group=dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=save_timeout)))
+        if rank == 0:
+            time.sleep(4)  # writing: longer than parallel.timeout_s
+        try:
+            Mesh.wait_for_writer(mesh)
+        except DistributedError as err:
+            errors.append(str(err))
+    Path(out, f"{rank}.json").write_text(_json.dumps(
+        {"got": None if got is None else got.tolist(), "errors": errors}))
+
+
+def test_saving_with_slicing_gathers_to_the_writer_and_waits_with_its_own_timeout(tmp_path):
+    """Only the writer (rank 0) receives whole blocks; the others wait for its write
+    with parallel.save_timeout_s (longer than the collective timeout), and a writer
+    slower than that is named as such."""
+    import json as _json
+
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'store'}"
+    mp.start_processes(_save_worker, args=(init, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    r0, r1 = (_json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["got"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0] and r1["got"] is None
+    (error,) = r1["errors"]  # the 4 s write passed under 30 s and failed under 1 s
+    assert "wait for the checkpoint write failed" in error
+    assert "parallel.save_timeout_s=1 s" in error
