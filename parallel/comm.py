@@ -39,6 +39,7 @@ class LocalComm:
     is_main = True
     bytes_sent = 0
     check_every = 0  # steps between cross-rank checksums (0: never)
+    local_ranks = 1  # processes on this node (each pins its own offloaded blocks)
 
     def shard(self, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         return batch
@@ -65,6 +66,9 @@ class LocalComm:
     def barrier(self) -> None:
         pass
 
+    def wait_for_writer(self) -> None:
+        """Wait until rank 0 has written a checkpoint (``parallel.save_timeout_s``)."""
+
 
 class Comm(LocalComm):
     """The scalar collectives of ZO on a :class:`~zo2.parallel.mesh.Mesh`."""
@@ -75,6 +79,7 @@ class Comm(LocalComm):
         self.rank, self.dp_rank, self.pp_rank = mesh.rank, mesh.dp_rank, mesh.pp_rank
         self.is_main = mesh.is_main
         self.check_every = mesh.config.check_every
+        self.local_ranks = mesh.env.local_world
         self.bytes_sent = 0  # payload handed to collectives by this rank
 
     def shard(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,6 +137,9 @@ class Comm(LocalComm):
 
     def barrier(self) -> None:
         self.mesh.barrier()
+
+    def wait_for_writer(self) -> None:
+        self.mesh.wait_for_writer()
 
     def slicing(self):
         from zo2.parallel.slicing import slice_group

@@ -32,7 +32,7 @@ from zo2.errors import ConfigError, DistributedError, ZO2Error
 
 
 @contextmanager
-def collective(what: str, timeout_s: float):
+def collective(what: str, timeout_s: float, setting: str = "parallel.timeout_s"):
     """Turn a failed collective into one clear DistributedError.
 
     gloo and NCCL raise when a peer's connection closes (it died) or when the operation
@@ -47,7 +47,7 @@ def collective(what: str, timeout_s: float):
         rank = dist.get_rank() if dist.is_initialized() else "?"
         raise DistributedError(
             f"rank {rank}: {what} failed: another rank died or hung longer than "
-            f"parallel.timeout_s={timeout_s:g} s ({first})") from err
+            f"{setting}={timeout_s:g} s ({first})") from err
 
 
 def resolve_degrees(dp: int, pp: int, world: int) -> tuple[int, int]:
@@ -121,6 +121,7 @@ class Mesh:
         self.device_mesh = None
         self.dp_group = self.pp_group = self.host_group = None
         self.slice_group = self.slice_host_group = None
+        self.save_group = None
         if self.world > 1:
             self._init_groups()
 
@@ -157,6 +158,8 @@ class Mesh:
         local = self.env.local_world
         if self.world % local:
             raise ConfigError(f"LOCAL_WORLD_SIZE={local} does not divide WORLD_SIZE={self.world}")
+        self.save_group = dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=self.config.save_timeout_s))
         self.slice_group, _ = dist.new_subgroups(group_size=local)
         if dist.get_backend() == "gloo":
             self.slice_host_group = self.slice_group
@@ -171,6 +174,15 @@ class Mesh:
         if self.distributed:
             with self.collective("barrier"):
                 dist.barrier(group=self.host_group)
+
+    def wait_for_writer(self) -> None:
+        """All ranks meet once rank 0 has written a checkpoint: on a gloo group whose
+        timeout is ``parallel.save_timeout_s`` (writing and hashing a large model takes
+        longer than any collective should), not the collective timeout."""
+        if self.distributed:
+            with collective("wait for the checkpoint write", self.config.save_timeout_s,
+                            "parallel.save_timeout_s"):
+                dist.barrier(group=self.save_group)
 
     def agree(self, value):
         """Rank 0's ``value`` on every rank (e.g. a run directory named by a timestamp)."""

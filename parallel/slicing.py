@@ -18,12 +18,15 @@ gloo (``slicing=on``), which is how the tests prove it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from zo2.parallel.mesh import collective
+
+log = logging.getLogger("zo2")
 
 
 @dataclass
@@ -55,6 +58,18 @@ class SliceGroup:
             else:
                 dist.all_gather(parts, parts[self.rank].clone(), group=self.group)
 
+    def gather_host(self, mine: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """Every rank's host slice, concatenated on global rank ``dst`` (the checkpoint
+        writer) only; None on the other ranks, which hold nothing beyond their slice.
+        A group without ``dst`` (another node's) skips the collective."""
+        if dst not in dist.get_process_group_ranks(self.host_group):
+            return None
+        parts = [torch.empty_like(mine) for _ in range(self.size)] \
+            if dist.get_rank() == dst else None
+        with collective("gather of host slices to the writer", self.timeout_s):
+            dist.gather(mine.contiguous(), parts, dst=dst, group=self.host_group)
+        return None if parts is None else torch.cat(parts)
+
     def all_gather_host(self, mine: torch.Tensor) -> torch.Tensor:
         """Every rank's host slice, concatenated (on every rank)."""
         parts = [torch.empty_like(mine) for _ in range(self.size)]
@@ -73,6 +88,13 @@ def slice_group(mesh, offloading: bool) -> SliceGroup | None:
         from zo2.offload.device import Device
 
         if not Device(mesh.device).peers_connected(local):
+            reason = (f"only {torch.cuda.device_count()} GPU(s) visible for {local} ranks"
+                      if mesh.device.type == "cuda" and torch.cuda.device_count() < local
+                      else "the node's GPUs lack peer access (NVLink / P2P)"
+                      if mesh.device.type == "cuda" else "no GPUs")
+            if mesh.env.local_rank == 0:  # one line per node
+                log.warning("parallel.slicing=auto: off (%s); each of the %d ranks of this "
+                            "node keeps and pins the whole offloaded model", reason, local)
             return None
     return SliceGroup(rank=mesh.env.local_rank, size=local, group=mesh.slice_group,
                       host_group=mesh.slice_host_group, timeout_s=mesh.config.timeout_s)

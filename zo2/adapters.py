@@ -154,7 +154,7 @@ def save_adapter(source, path: str | Path) -> Path:
     adapter = {k: state[k].clone() for k in own if _is_adapter_key(k, model)}
     if engine.comm.is_main:
         model.save_pretrained(path, state_dict=adapter)
-    engine.comm.barrier()
+    engine.comm.wait_for_writer()
     return path
 
 

@@ -161,7 +161,7 @@ class CheckpointManager:
             replace_dir(tmp, final)
             for old in self.all()[:-self.keep]:
                 shutil.rmtree(old)
-        self.comm.barrier()
+        self.comm.wait_for_writer()  # the manifest hashes every file: its own timeout
         return final
 
     def latest(self) -> Path | None:

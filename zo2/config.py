@@ -109,6 +109,7 @@ class ParallelConfig:
     slicing: str = "auto"  # offloaded units: each node-local rank uploads 1/N (auto|on|off)
     backend: str = "auto"  # auto: nccl on GPUs, gloo on the CPU
     timeout_s: float = 300.0  # a collective that waits longer fails (dead or hung rank)
+    save_timeout_s: float = 1800.0  # ranks wait this long for rank 0 to write a checkpoint
     check_every: int = 50  # steps between cross-rank weight checksums (0: never)
 
 
@@ -244,6 +245,7 @@ def validate_parallel(p: ParallelConfig) -> ParallelConfig:
     _one_of(p.slicing, ("auto", "on", "off"), "parallel.slicing")
     _one_of(p.backend, ("auto", "nccl", "gloo"), "parallel.backend")
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+    _require(p.save_timeout_s > 0, "parallel.save_timeout_s", "must be > 0")
     _require(p.check_every >= 0, "parallel.check_every", "must be >= 0")
     return p
 

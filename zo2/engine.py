@@ -133,7 +133,8 @@ class ZOEngine:
                 layers_only=offload.layers_only, resident=offload.resident,
                 host_dtype=offload.host_dtype, wire_dtype=offload.wire_dtype,
                 disk_dir=offload.disk_dir, host_budget_gb=offload.host_budget_gb,
-                timing=offload.timing, weights=weights, slicing=self.comm.slicing())
+                timing=offload.timing, weights=weights, slicing=self.comm.slicing(),
+                local_ranks=self.comm.local_ranks)
         else:
             if weights is not None:
                 from zo2.offload.checkpoint import materialize
@@ -332,8 +333,12 @@ class ZOEngine:
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""
         path = Path(path)
-        state_dict = self.export_state_dict()  # every rank: a collective with slicing
-        rule_state = self.residency.rule_state(self.rule) if self.rule.stateful else {}
+        # with offload slicing every rank takes part, block by block, in gathering the
+        # slices to the writer (rank 0); only the writer ends up holding whole blocks
+        sliced = {"writer_only": True} if getattr(self.residency, "slicing", None) else {}
+        state_dict = self.export_state_dict(**sliced)
+        rule_state = self.residency.rule_state(self.rule, **sliced) if self.rule.stateful \
+            else {}
         if self.comm.is_main:
             self.model.save_pretrained(path, state_dict=state_dict)
             if tokenizer is not None:
@@ -342,7 +347,7 @@ class ZOEngine:
             if self.rule.stateful:  # the rule's moments (zo-momentum / zo-adam buffers)
                 save_file({k: v.contiguous().cpu() for k, v in rule_state.items()},
                           path / RULE_STATE_FILE)
-        self.comm.barrier()  # the folder is complete before any rank reads it
+        self.comm.wait_for_writer()  # the folder is complete before any rank reads it
         return path
 
     def load(self, path: str | Path) -> None:
@@ -406,10 +411,14 @@ class ZOEngine:
             self.residency.assign(own[name], tensor)
         self.residency.invalidate()
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict with current values (offloaded ones from host memory)."""
+    def export_state_dict(self, writer_only: bool = False) -> dict[str, torch.Tensor]:
+        """The model's state dict with current values (offloaded ones from host memory).
+
+        ``writer_only`` (offload slicing): the offloaded values are gathered to rank 0
+        only; on the other ranks they are placeholders.
+        """
         self.flush()
-        homes = self.residency.host_tensors()
+        homes = self.residency.host_tensors(**({"writer_only": True} if writer_only else {}))
         return {k: homes.get(id(v), v.detach())
                 for k, v in self.model.state_dict(keep_vars=True).items()}
 

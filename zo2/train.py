@@ -346,7 +346,7 @@ def _save_best(engine: ZOEngine, out: Path, tokenizer) -> None:
     engine.save(tmp, tokenizer)
     if engine.comm.is_main:
         replace_dir(tmp, out / "best")
-    engine.comm.barrier()
+    engine.comm.wait_for_writer()
 
 
 def _offload(cfg: TrainConfig, out: Path, mesh: Mesh) -> OffloadConfig:
