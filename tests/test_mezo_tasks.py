@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -144,10 +145,19 @@ def test_choice_objective_on_hand_built_logits():
     logits, labels = _choice_logits([[-0.5, -2.0, None], [-1.5, -0.2, -3.0]])
     objective = Objective("choice", choices=3)
     assert objective.correct(logits, labels) == (1, 2)
-    first = torch.log_softmax(torch.tensor([-0.5, -2.0]), 0)[0]
-    second = torch.log_softmax(torch.tensor([-1.5, -0.2, -3.0]), 0)[0]
+    # the candidates' log-probabilities the logits hold (the scores above, up to the
+    # float32 rounding of building them), then the cross-entropy of each example's right
+    # one (first) over its candidates, by hand
+    held = torch.log_softmax(logits[:, 0], -1)[:, 1]
+    first = torch.log_softmax(held[0:2], 0)[0]
+    second = torch.log_softmax(held[3:6], 0)[0]
     expected = -(first + second) / 2
-    assert torch.allclose(objective.loss(logits, labels), expected, atol=1e-5)
+    # Both sides take a log-softmax of the same float32 scores (the padding row's -inf
+    # adds an exact 0 to the sum of exponentials) and a mean of two: the same arithmetic
+    # in another order, a few (<= 8 per side) roundings of values of magnitude <= 1 +
+    # max|score|; |difference| <= 2 * 8 u (1 + 3), u = 2^-24.
+    bound = 2 * 8 * 2.0**-24 * (1 + 3.0)
+    assert abs(float(objective.loss(logits, labels)) - float(expected)) <= bound
     tie, tie_labels = _choice_logits([[-1.0, -1.0]])
     assert Objective("choice", choices=2).correct(tie, tie_labels) == (0, 1)  # ties are wrong
     with pytest.raises(ConfigError):
@@ -171,8 +181,25 @@ def test_choice_and_answer_tasks_train_with_the_engine_unchanged(tiny):
     engine = ZOEngine(model, OptimConfig(lr=1e-3), Objective("choice", choices=copa.choices))
     result = engine.step(encode_choices(tokenizer, copa.train, copa.choices, max_length=48))
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    metrics = engine.evaluate([encode_choices(tokenizer, copa.dev, copa.choices, 48)])
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    dev = encode_choices(tokenizer, copa.dev, copa.choices, 48)
+    metrics = engine.evaluate([dev])
+    # counted here: each row's mean log-likelihood of its labelled tokens (the candidate
+    # continuation; float32, as the objective); an example is right when its first row
+    # (the right candidate) scores strictly highest (a tie is wrong)
+    with torch.no_grad():
+        logits = engine.model(input_ids=dev["input_ids"],
+                              attention_mask=dev["attention_mask"]).logits[:, :-1]
+    targets = dev["labels"][:, 1:]
+    rows = []
+    for row in range(targets.shape[0]):
+        keep = targets[row] != -100
+        lp = torch.log_softmax(logits[row][keep].float(), -1)
+        rows.append(lp.gather(1, targets[row][keep].unsqueeze(1)).mean().item()
+                    if keep.any() else -math.inf)
+    groups = [rows[i:i + copa.choices] for i in range(0, len(rows), copa.choices)]
+    right = sum(g[0] > max(g[1:]) for g in groups)
+    assert len(groups) == len(copa.dev) == 2
+    assert metrics["accuracy"] == right / len(groups)
     engine.close()
     squad = load_task("squad", path=str(FIXTURES / "squad"), n_train=2, n_dev=1, n_test=1)
     engine = ZOEngine(model, OptimConfig(lr=1e-3), Objective("lm"))
@@ -182,8 +209,10 @@ def test_choice_and_answer_tasks_train_with_the_engine_unchanged(tiny):
     assert all(torch.isfinite(torch.tensor(engine.step(batch).losses)))
     engine.flush()
     scores = evaluate_generation(engine.model, tokenizer, squad.test, max_new_tokens=8)
-    assert 0.0 <= scores["f1"] <= 1.0 and len(scores["predictions"]) == 1
-    assert "\n" not in scores["predictions"][0]
+    (prediction,) = scores["predictions"]
+    assert "\n" not in prediction
+    f1, em = best_over_golds(prediction, squad.test[0].answers)  # unit-tested below
+    assert (scores["f1"], scores["exact_match"], scores["accuracy"]) == (f1, em, f1)
     engine.close()
 
 
