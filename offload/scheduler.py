@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zo2 import noise
 from zo2.errors import ConfigError
 from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
@@ -572,17 +573,30 @@ class Offloader:
         """Apply the pending update to ``flat``, elements ``[base, base+len)`` of the block.
 
         Every trainable parameter of the block counts as updated afterwards, also the
-        parts other ranks hold: the decision is the same on every rank.
+        parts other ranks hold: the decision is the same on every rank. A pure seed
+        update (the fused rules) runs as one kernel over the block's parameters
+        (:func:`zo2.noise.add_segments_`: one launch per block, not per parameter).
         """
         inside = {id(e): (a, b) for e, a, b in block.overlaps(base, base + flat.numel())}
+        update, fused = self.pending.update, self.pending.rule is None
+        segments = []
         for e in block.trainable:
             if not self.pending.needs(e.trainable):
                 continue
-            if id(e) in inside:
+            if id(e) in inside and fused:
+                a, b = inside[id(e)]
+                p = e.trainable
+                segments.append((a - base, b - a, p.key, a - e.offset, p.decay))
+                self.pending.mark(p)
+            elif id(e) in inside:
                 a, b = inside[id(e)]
                 self.pending.apply(e.trainable, flat[a - base: b - base], start=a - e.offset)
             else:
                 self.pending.mark(e.trainable)
+        if segments:
+            noise.add_segments_(flat, segments, update.seeds, update.coefs,
+                                dist=self.pending.dist, decay=update.decay,
+                                rounding=self.pending.rounding, round_seed=update.round_seed)
 
     def _wait_ready(self, slot: _Slot) -> None:
         compute = self.device.compute_stream()

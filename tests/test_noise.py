@@ -515,6 +515,47 @@ def test_triton_kernels_match_numba_in_interpreter(tmp_path):
     assert res.returncode == 0 and "triton-interpreter-ok" in res.stdout, res.stderr[-3000:]
 
 
+SEGMENTS_CHECK = """
+import torch
+from zo2 import noise, _noise_triton as T
+
+# one launch over a block's segments == one add_ launch per segment, bit for bit: the
+# same program runs the same elements (unaligned starts, gaps, decay on or off)
+segments = [(0, 5, 11, 0, True), (8, 1027, 2**64 - 7, 6, False), (1100, 3000, 5, 2**33 + 3, True),
+            (4160, 1, 9, 1, True)]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for gauss in (False, True):
+        for stoch in (False, True):
+            for segs in (segments, segments[2:3]):
+                base = (torch.randn(4200, generator=torch.Generator().manual_seed(1)) * 1e-2)
+                one, many = base.to(dtype), base.to(dtype)
+                args = ([1, 2**40 + 3], [3e-4, -1e-4])
+                T.add_segments_(one, segs, *args, 0.99, gauss, stoch, 2**64 - 5)
+                for off, n, key, start, decays in segs:
+                    T.add_(many[off: off + n], *args, 0.99 if decays else 1.0, key, start,
+                           gauss, stoch, 2**64 - 5)
+                assert torch.equal(one.view(torch.int16 if dtype != torch.float32 else
+                                            torch.int32), many.view(torch.int16 if dtype !=
+                                            torch.float32 else torch.int32)), (dtype, gauss)
+                # the CPU path of the public function: add_ per segment (numba)
+                cpu, ref = base.to(dtype), base.to(dtype)
+                dist = "gaussian" if gauss else "rademacher"
+                rounding = "stochastic" if stoch else "nearest"
+                noise.add_segments_(cpu, segs, *args, dist, 0.99, rounding, 7)
+                for off, n, key, start, decays in segs:
+                    noise.add_(ref[off: off + n], *args, key, start, dist,
+                               0.99 if decays else 1.0, rounding, 7)
+                assert torch.equal(cpu, ref)
+print("segments-ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_one_launch_over_segments_equals_a_launch_per_segment_in_interpreter(tmp_path):
+    res = _python(SEGMENTS_CHECK, tmp_path, TRITON_INTERPRET="1")
+    assert res.returncode == 0 and "segments-ok" in res.stdout, res.stderr[-3000:]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_compile_for_cuda_without_fp_fusion():
     """Lower the kernels to PTX/cubin for sm_90 (no GPU needed) as a launch would."""
@@ -547,6 +588,11 @@ def test_triton_kernels_compile_for_cuda_without_fp_fusion():
             T._add_kernel,
             {"w": "*fp16", "table": "*i32", "decay": "fp32"},
             {"OUT_BF16": False, "STOCH": True},
+        ),
+        (
+            T._add_segments_kernel,
+            {"w": "*i16", "table": "*i32", "decay": "fp32", "segs": "*i64", "n_segs": "i32"},
+            {"OUT_BF16": True, "STOCH": True},
         ),
     ]
     for fn, pointers, consts in cases:

@@ -283,6 +283,57 @@ def _add_kernel(
         _store(w, pos, acc, mask, OUT_BF16)
 
 
+@triton.jit(do_not_specialize=["n_seeds", "n_segs", "rk0", "rk1"])
+def _add_segments_kernel(
+    w,
+    table,
+    n_seeds,
+    decay,
+    segs,
+    n_segs,
+    rk0,
+    rk1,
+    GAUSS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    STOCH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``_add_kernel`` over several segments of one flat buffer in one launch.
+
+    Row ``k`` of ``segs`` (int64): offset into ``w``, numel, q_lo, shift, the parameter
+    key words, whether ``decay`` applies, and the segment's first program. Program ``g``
+    finds its segment (the last whose first program is <= g) and runs exactly what
+    ``_add_kernel``'s program ``g - first`` would run on that segment alone.
+    """
+    g = tl.program_id(0).to(tl.int64)
+    s = 0
+    for k in range(1, n_segs):
+        s += (tl.load(segs + 8 * k + 7) <= g).to(tl.int32)
+    row = segs + 8 * s
+    n = tl.load(row + 1)
+    q_lo = tl.load(row + 2)
+    shift = tl.load(row + 3)
+    p0 = tl.load(row + 4).to(tl.int32)
+    p1 = tl.load(row + 5).to(tl.int32)
+    j = g - tl.load(row + 7)
+    pos = j * 4 * BLOCK + tl.arange(0, 4 * BLOCK).to(tl.int64) - shift
+    mask = (pos >= 0) & (pos < n)
+    q0 = q_lo + j * BLOCK
+    ptr = w + tl.load(row)
+    acc = _load(ptr, pos, mask, OUT_BF16) * tl.where(tl.load(row + 6) != 0, decay, 1.0)
+    for i in range(n_seeds):
+        k0 = tl.load(table + 3 * i)
+        k1 = tl.load(table + 3 * i + 1)
+        c = tl.load(table + 3 * i + 2).to(tl.float32, bitcast=True)
+        z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
+        acc = tl.fma(z, c, acc)
+    if STOCH:
+        x0, x1, x2, x3 = _words(q0, rk0, rk1, p0, p1, BLOCK)
+        _store_sr(ptr, pos, acc, mask, _quads(x0, x1, x2, x3, BLOCK), OUT_BF16)
+    else:
+        _store(ptr, pos, acc, mask, OUT_BF16)
+
+
 def _i32(v: int) -> int:
     """A uint32 value as the int32 with the same bits."""
     return ((v & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
@@ -329,6 +380,35 @@ def _table(seeds, coefs, device: torch.device) -> torch.Tensor:
         table = table.pin_memory().to(device, non_blocking=True)
     _tables[stream] = (update, table)
     return table
+
+
+_segment_tables: dict[tuple, tuple[torch.Tensor, int]] = {}  # (stream, segments) -> table
+
+
+def _segments(segments, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(rows of ``_add_segments_kernel`` as an int64 tensor on ``device``, programs).
+
+    A block's segments are the same at every update: the table is made once per block
+    layout and stream (as :func:`_table`, from page-locked memory, without blocking).
+    """
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else device
+    key = (stream, tuple(segments))
+    cached = _segment_tables.get(key)
+    if cached is not None:
+        return cached
+    rows, programs = [], 0
+    for offset, n, pkey, start, decays in segments:
+        q_lo, shift = start // 4, start % 4
+        rows.append([offset, n, q_lo, shift, _i32(pkey), _i32(pkey >> 32), int(decays),
+                     programs])
+        programs += triton.cdiv(n + shift, 4 * BLOCK)
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    if len(_segment_tables) >= 4096:  # a bound; the tables are freed in stream order
+        _segment_tables.clear()
+    _segment_tables[key] = (table, programs)
+    return table, programs
 
 
 def _f32_bits(c: float) -> int:
@@ -404,3 +484,19 @@ def add_(
             OUT_BF16=w.dtype == torch.bfloat16,
             STOCH=stochastic,
         )
+
+
+def add_segments_(w, segments, seeds, coefs, decay: float, gauss: bool,
+                  stochastic: bool = False, round_seed: int = 0) -> None:
+    """:func:`add_` on each ``(offset, numel, pkey, start, decays)`` segment of ``w``
+    (``decay`` where ``decays``, else 1), in one launch: the same bits."""
+    with _on_device(w):
+        table = _table(seeds, coefs, w.device)
+        segs, programs = _segments(segments, w.device)
+        stochastic = bool(stochastic) and w.dtype != torch.float32
+        opts = {} if _INTERPRET else {"enable_fp_fusion": False}
+        rk0, rk1 = _keys(round_seed, 0)[:2]
+        _add_segments_kernel[(programs,)](
+            _bits(w), table, len(seeds), float(np.float32(decay)), segs, len(segments),
+            rk0, rk1, GAUSS=gauss, OUT_BF16=w.dtype == torch.bfloat16, STOCH=stochastic,
+            BLOCK=BLOCK, **opts)

@@ -86,6 +86,7 @@ __all__ = [
     "fill",
     "combine",
     "add_",
+    "add_segments_",
     "set_num_threads",
     "get_num_threads",
     "philox4x32_reference",
@@ -319,6 +320,50 @@ def add_(
     )
     _run_cpu(k.add_blocks, _np(flat), *args)
     return w
+
+
+def add_segments_(
+    flat: torch.Tensor,
+    segments: Sequence[tuple[int, int, int, int, bool]],
+    seeds: Sequence[int],
+    coefs: Sequence[float],
+    dist: str = "gaussian",
+    decay: float = 1.0,
+    rounding: str = "nearest",
+    round_seed: int = 0,
+) -> torch.Tensor:
+    """:func:`add_` on several segments of one flat tensor; returns ``flat``.
+
+    Each segment ``(offset, numel, pkey, start, decays)`` is
+    ``add_(flat[offset:offset+numel], seeds, coefs, pkey, start, dist,
+    decay if decays else 1.0, rounding, round_seed)``, with the same bits. On CUDA it is
+    one kernel launch for all of them (an offloaded block's parameters), not one per
+    segment; segments must not overlap.
+    """
+    if not segments:
+        return flat
+    flat = _check_common(flat, 0, dist, "flat")
+    for offset, n, _, start, _ in segments:
+        if not (0 <= offset and n >= 0 and offset + n <= flat.numel()):
+            raise ValueError(f"segment [{offset}, {offset + n}) outside 0..{flat.numel()}")
+        _check_common(flat[offset: offset + n], start, dist, "segment")
+    if _device(flat) != "cuda":
+        for offset, n, pkey, start, decays in segments:
+            add_(flat[offset: offset + n], seeds, coefs, pkey, start, dist,
+                 decay if decays else 1.0, rounding, round_seed)
+        return flat
+    seeds = [_check_u64(s, "seed") for s in seeds]
+    coefs = [float(c) for c in coefs]
+    if len(seeds) != len(coefs):
+        raise ValueError(f"{len(seeds)} seeds but {len(coefs)} coefs")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    segments = [(int(o), int(n), _check_u64(k, "pkey"), int(s), bool(d))
+                for o, n, k, s, d in segments if n > 0]
+    if segments:
+        _triton().add_segments_(flat, segments, seeds, coefs, float(decay), dist == DISTS[0],
+                                rounding == ROUNDINGS[1], _check_u64(round_seed, "round_seed"))
+    return flat
 
 
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
