@@ -194,3 +194,37 @@ def test_cuda_engine_on_the_second_gpu_equals_the_first(offloaded):
             engine.step(make_batch(seed=i))
         runs.append({k: v.cpu() for k, v in engine.export_state_dict().items()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_one_launch_per_block_equals_a_launch_per_parameter(dtype):
+    from zo2 import noise
+
+    segments = [(0, 5, 11, 0, True), (64, 100_003, 2**64 - 7, 6, False),
+                (100_096, 3000, 5, 2**33 + 3, True)]
+    base = (torch.randn(103_200, generator=torch.Generator().manual_seed(1)) * 1e-2).to(dtype)
+    one, many = base.cuda(), base.cuda()
+    args = ([1, 2**40 + 3], [3e-4, -1e-4])
+    for rounding in ("nearest", "stochastic"):
+        noise.add_segments_(one, segments, *args, "gaussian", 0.99, rounding, 7)
+        for off, n, key, start, decays in segments:
+            noise.add_(many[off: off + n], *args, key, start, "gaussian",
+                       0.99 if decays else 1.0, rounding, 7)
+        assert torch.equal(one, many)
+
+
+def test_cuda_update_table_is_made_once_per_update_and_stream():
+    from zo2 import _noise_triton as T
+    from zo2 import noise
+
+    w = torch.zeros(4096, device="cuda")
+    noise.add_(w, [1, 2], [0.5, 0.25], 7)
+    table = T._tables[torch.cuda.current_stream()][1]
+    noise.add_(w, [1, 2], [0.5, 0.25], 8)  # another parameter, the same update
+    assert T._tables[torch.cuda.current_stream()][1] is table
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        noise.add_(w, [1, 2], [0.5, 0.25], 9)
+    assert T._tables[side][1] is not table  # its own table on the other stream
+    torch.cuda.synchronize()
