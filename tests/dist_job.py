@@ -110,6 +110,8 @@ def run(out: Path, spec: dict) -> None:
     record["state_elements"] = sum(v.numel() for v in engine.rule.state().values())
     record["offloaded_elements"] = sum(  # trainable elements in offloaded blocks
         e.numel for b in getattr(engine.residency, "blocks", []) for e in b.trainable)
+    record["offloaded_slots"] = sum(  # their flat buffers' sizes (alignment, padding)
+        b.numel for b in getattr(engine.residency, "blocks", []))
     record["eval"] = engine.evaluate([make_batch(batch=4, seed=100 + i) for i in range(3)])
     weights = engine.export_state_dict()
     if mesh.is_main:

@@ -40,6 +40,7 @@ import dist_job  # noqa: E402
 from _procs import retry_on_port_clash  # noqa: E402
 from conftest import make_batch, make_model  # noqa: E402
 
+from zo2.offload.store import ALIGN  # noqa: E402
 from zo2.parallel import LocalComm  # noqa: E402
 
 U32 = 2.0**-24  # float32 unit roundoff
@@ -207,9 +208,14 @@ def test_slicing_with_offload_equals_the_resident_single_process(runs, tmp_path)
     whole = single(tmp_path, offload={"enabled": True, "ring": 2})[0]["telemetry"][-1]
     steady = got["telemetry"][-1]
     assert steady["offload_uploads"] == whole["offload_uploads"] == 3
-    assert steady["offload_up_mb"] == pytest.approx(whole["offload_up_mb"] / 2, rel=0.02)
-    assert steady["offload_down_mb"] == pytest.approx(whole["offload_down_mb"] / 2, rel=0.02)
-    assert steady["offload_gather_mb"] == pytest.approx(steady["offload_up_mb"], rel=1e-9)
+    # A sliced block's flat buffer is padded to a multiple of 2 x ALIGN elements and
+    # cut in two equal halves (offload/store.py Block.shard); the unsliced one is a
+    # multiple of ALIGN already: each half is half the block plus at most ALIGN/2 float32
+    # elements of padding, per block moved.
+    pad = steady["offload_uploads"] * (ALIGN // 2) * 4 / 2**20
+    assert 0 <= steady["offload_up_mb"] - whole["offload_up_mb"] / 2 <= pad
+    assert 0 <= steady["offload_down_mb"] - whole["offload_down_mb"] / 2 <= pad
+    assert steady["offload_gather_mb"] == steady["offload_up_mb"]  # the peer's equal half
 
 
 def test_stateful_rules_with_slicing_shard_their_state_and_resume_exactly(runs, tmp_path):
@@ -230,8 +236,13 @@ def test_stateful_rules_with_slicing_shard_their_state_and_resume_exactly(runs, 
     # rank 0 keeps the two moments of its half of each offloaded block (and the resident
     # units' whole): the state of the other half, one per moment, is not on rank 0
     assert got["offloaded_elements"] > 0
-    assert ref["state_elements"] - got["state_elements"] == pytest.approx(
-        got["offloaded_elements"], rel=0.05)
+    # The other half's two moments: 2 E1 of the E offloaded (all trainable) elements,
+    # E0 + E1 = E. Each half of a block is `chunk` flat slots, elements plus alignment
+    # gaps and padding, so |E1 - E0| <= the slots that hold no element:
+    # |2 E1 - E| = |E1 - E0| <= slots - E.
+    missing = ref["state_elements"] - got["state_elements"]
+    gaps = got["offloaded_slots"] - got["offloaded_elements"]
+    assert abs(missing - got["offloaded_elements"]) <= gaps
     # data parallel with momentum, sliced: exactly the process summing the same way
     momentum = {"optim": {"method": "zo-momentum"}, "offload": {"enabled": True, "ring": 1}}
     got = result(runs, "slice-momentum")
@@ -344,4 +355,5 @@ def test_two_nodes_slice_within_each_node(tmp_path):
                                       dp=2)
     ref, _ = single(tmp_path, offload=offload)
     steady, whole = got[0]["telemetry"][-1], ref["telemetry"][-1]
-    assert steady["offload_up_mb"] == pytest.approx(whole["offload_up_mb"] / 2, rel=0.02)
+    pad = steady["offload_uploads"] * (ALIGN // 2) * 4 / 2**20  # as in the test above
+    assert 0 <= steady["offload_up_mb"] - whole["offload_up_mb"] / 2 <= pad
