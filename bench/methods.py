@@ -210,7 +210,7 @@ def probe(method: str, budget: int, n_train: int, n_test: int,
 def run_method(method: str, budget: int, n_train: int, n_test: int, acc0: float | None,
                deadline: float | None = None, lr: float | None = None) -> dict:
     """One method in this process: the accuracy curve, peak RSS, wall time."""
-    from zo2.train import peak_rss_mb
+    from zo2.trainer import peak_rss_mb
 
     started = time.perf_counter()
     pipe, train_step, evaluator, steps, per_step, info = setup(method, budget, n_train,

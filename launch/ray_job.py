@@ -29,15 +29,24 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from zo2.trainer import Callback  # noqa: E402
 
-class RayReporter:
-    """Evaluations as Ray metrics; zo2 checkpoints as Ray checkpoints (main rank)."""
 
-    def report(self, record: dict, checkpoint: Path | None) -> None:
+class RayReporter(Callback):
+    """Evaluations as Ray metrics; zo2 checkpoints as Ray checkpoints, from the main rank
+    (every rank reports, as Ray requires)."""
+
+    def on_evaluate(self, trainer, step: int, metrics: dict) -> None:
         import ray.train
 
-        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint))
-                         if checkpoint is not None else None)
+        ray.train.report({"step": step, "dev_accuracy": metrics["accuracy"]})
+
+    def on_save(self, trainer, step: int, folder: Path) -> None:
+        import ray.train
+
+        checkpoint = (ray.train.Checkpoint.from_directory(str(folder))
+                      if trainer.comm.is_main else None)
+        ray.train.report({"step": step}, checkpoint=checkpoint)
 
 
 def worker(config: dict) -> None:
@@ -53,11 +62,11 @@ def worker(config: dict) -> None:
     cfg = config["cfg"]
     checkpoint = ray.train.get_checkpoint()  # set after a failure restart
     if checkpoint is None:
-        run(cfg, config["output_dir"], reporter=RayReporter())
+        run(cfg, config["output_dir"], callbacks=[RayReporter()])
         return
     with checkpoint.as_directory() as folder:  # local on every worker, any node
         resumed = replace(cfg, checkpoint=replace(cfg.checkpoint, resume=str(folder)))
-        run(resumed, config["output_dir"], reporter=RayReporter())
+        run(resumed, config["output_dir"], callbacks=[RayReporter()])
 
 
 def main(argv: list[str] | None = None) -> int:

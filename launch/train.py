@@ -30,7 +30,7 @@ from zo2.errors import ZO2Error  # noqa: E402
 register()
 
 
-def _run_dir() -> str:
+def default_run_dir() -> str:
     """Hydra's run directory: ``runs/<date>/<time>``; under torchrun one directory per
     job, ``runs/torchrun-<run id>``, shared by every rank and by every elastic restart
     (``--max-restarts``), so a restarted job finds its checkpoints and resumes."""
@@ -40,7 +40,7 @@ def _run_dir() -> str:
     return datetime.now().strftime("runs/%Y-%m-%d/%H-%M-%S")
 
 
-OmegaConf.register_new_resolver("zo2_run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("zo2_run_dir", default_run_dir, replace=True)
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train")

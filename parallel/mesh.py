@@ -214,10 +214,12 @@ class Mesh:
             raise value
         return value
 
-    def close(self) -> None:
-        """Leave the process group (at the end of a run)."""
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group: at the end of a run after every rank got there
+        (``wait``), or at once on an error path, where a peer may be dead."""
         if self.distributed and dist.is_initialized():
-            dist.barrier(group=self.host_group)
+            if wait:
+                dist.barrier(group=self.host_group)
             dist.destroy_process_group()
 
     def describe(self) -> dict:

@@ -12,10 +12,10 @@ import math
 
 import pytest
 
-import zo2.train
 from zo2.config import compose
 from zo2.engine import ZOEngine
 from zo2.errors import TrainingError
+from zo2.train import run
 
 ARGS = ["model=tiny-llama", "steps=8", "eval_every=0", "log_every=1", "optim.lr=1e-3",
         "checkpoint.every=2", "task.n_train=24", "task.n_dev=12", "task.n_test=12",
@@ -37,30 +37,28 @@ def _records(out, event):
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
-def test_a_few_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(zo2.train, "ZOEngine", faulty_engine({3, 4}))
+def test_a_few_nan_steps_are_skipped_and_counted(tmp_path):
     out = tmp_path / "run"
-    summary = zo2.train.run(compose([*ARGS, f"output_dir={out}"]), out)
+    summary = run(compose([*ARGS, f"output_dir={out}"]), out,
+                  engine_factory=faulty_engine({3, 4}))
     assert summary["skipped_steps"] == 2
     skipped = [r["step"] for r in _records(out, "step") if r["skipped"]]
     assert skipped == [3, 4]
     assert all(math.isfinite(r["loss"]) for r in _records(out, "step") if not r["skipped"])
 
 
-def test_too_many_in_a_row_stop_and_the_last_good_checkpoint_resumes(tmp_path, monkeypatch):
+def test_too_many_in_a_row_stop_and_the_last_good_checkpoint_resumes(tmp_path):
     out = tmp_path / "run"
     cfg = compose([*ARGS, "nonfinite_limit=3", f"output_dir={out}"])
-    monkeypatch.setattr(zo2.train, "ZOEngine", faulty_engine({5, 6, 7, 8}))
     with pytest.raises(TrainingError, match=r"3 steps in a row \(to step 7\).*step-00000004"):
-        zo2.train.run(cfg, out)
+        run(cfg, out, engine_factory=faulty_engine({5, 6, 7, 8}))
     # No checkpoint was written during the streak (step 6 was due): step 4 is the last.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step-00000002", "step-00000004"]
     assert _records(out, "stopped")[0]["step"] == 7
     assert not (out / "summary.json").exists()
 
-    monkeypatch.setattr(zo2.train, "ZOEngine", ZOEngine)  # the fault is gone: resume
-    summary = zo2.train.run(cfg, out)
+    summary = run(cfg, out, engine_factory=ZOEngine)  # the fault is gone: resume
     assert summary["resumed_from"].endswith("step-00000004")
     assert summary["skipped_steps"] == 0  # the skipped steps were redone from step 4
     assert [r["step"] for r in _records(out, "step")] == list(range(1, 9))

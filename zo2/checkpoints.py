@@ -23,8 +23,9 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from zo2.errors import CheckpointError
+from zo2.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("zo2")
 
@@ -175,3 +176,111 @@ class CheckpointManager:
                 continue
             return folder
         return None
+
+
+# ---- one run's checkpoints: resume point, run state, best/ ------------------------------
+RUN_STATE = "run_state.json"
+
+# Run settings that may change on resume: they do not change the trajectory.
+RESUMABLE_CHANGES = ("offload", "parallel", "logging", "checkpoint", "eval_batch_size",
+                     "log_every", "output_dir", "threads", "progress")
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves besides the engine: a JSON-able state and its inverse."""
+
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RunCheckpoints:
+    """Every checkpoint of one run under ``out``: ``checkpoints/step-*`` and ``best/``.
+
+    A save takes the states to write, as torchtitan's checkpointer does: the engine
+    (weights, engine state, the update rule's moments; :meth:`ZOEngine.save`) and any
+    :class:`Stateful` objects by name (the trainer's progress, the data position), whose
+    states go to ``run_state.json``. Every folder, ``best/`` included, is published
+    atomically with a manifest. Called on every rank; the main rank writes.
+    """
+
+    def __init__(self, out: Path, keep: int, comm) -> None:
+        self.out = out
+        self.steps = CheckpointManager(out / "checkpoints", keep=keep, comm=comm)
+        self.comm = comm
+
+    # -- resuming ---------------------------------------------------------------------------
+    def resume_point(self, resume: str) -> str | None:
+        """The checkpoint folder to resume from, or None for a fresh start (main rank).
+
+        ``resume``: ``auto`` (the newest valid checkpoint, if any), ``never`` (refuse a
+        directory that holds a run) or an explicit folder (verified whole).
+        """
+        if resume not in ("auto", "never"):
+            verify(resume)
+            return str(resume)
+        published = self.steps.all()
+        if resume == "never":
+            if published or (self.out / "metrics.jsonl").exists():
+                raise ConfigError(f"checkpoint.resume=never, but {self.out} already holds a "
+                                  "run (use checkpoint.resume=auto to continue it, or another "
+                                  "output_dir)")
+            return None
+        latest = self.steps.latest()
+        if latest is None and published:
+            raise CheckpointError(f"every checkpoint in {self.steps.root} fails verification "
+                                  "(see the warnings above); move them away to start afresh")
+        return str(latest) if latest is not None else None
+
+    @staticmethod
+    def read_run_state(folder: str | Path, config: dict) -> dict[str, dict]:
+        """The named states saved with ``folder``; ConfigError if ``config`` changed what
+        the run computes (the model, task, optimizer, seed or number of steps)."""
+        path = Path(folder) / RUN_STATE
+        try:
+            states = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"cannot read the run state {path}: {err}") from None
+        if "trainer" not in states:  # the flat layout of zo2 0.1 checkpoints
+            states = {"trainer": states, "data": states.get("data", {})}
+        saved = states["trainer"].get("config", {})
+        changed = [f"{key} ({saved.get(key)} -> {config[key]})" for key in config
+                   if key not in RESUMABLE_CHANGES and saved.get(key) != config[key]]
+        if changed:
+            raise ConfigError(f"cannot resume from {folder}: the config changed "
+                              f"{'; '.join(changed)[:600]} (use another output_dir, or "
+                              "checkpoint.resume=never there)")
+        return states
+
+    def copy_best_from(self, folder: str | Path) -> None:
+        """Resumed into another directory: take the source run's ``best/`` along."""
+        source = Path(folder).parent.parent / "best"  # <run>/checkpoints/step-N
+        if self.comm.is_main and not (self.out / "best").exists() and source.is_dir():
+            shutil.copytree(source, self.out / "best")
+
+    # -- saving -----------------------------------------------------------------------------
+    def save(self, step: int, engine, states: dict[str, Stateful]) -> Path:
+        """Write ``checkpoints/step-N``: the engine's folder plus ``run_state.json``."""
+
+        def write(folder: Path) -> None:
+            engine.save(folder)
+            if self.comm.is_main:
+                run_state = {name: obj.state_dict() for name, obj in states.items()}
+                (folder / RUN_STATE).write_text(json.dumps(run_state, indent=1))
+
+        return self.steps.save(step, write)
+
+    def save_best(self, engine, tokenizer) -> Path:
+        """Write ``best/`` (a collective with several ranks): atomically replaced, with a
+        manifest like every checkpoint."""
+        best, tmp = self.out / "best", self.out / ".best.tmp"
+        if self.comm.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        engine.save(tmp, tokenizer)
+        if self.comm.is_main:
+            write_manifest(tmp, step=engine.step_index)
+            replace_dir(tmp, best)
+        self.comm.wait_for_writer()
+        return best
+
+    def latest(self) -> Path | None:
+        return self.steps.latest()

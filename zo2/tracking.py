@@ -1,4 +1,4 @@
-"""Run tracking besides ``metrics.jsonl``: a wandb run and a PNG of the curves.
+"""Run metrics: ``metrics.jsonl``, a wandb run, and a PNG of the curves.
 
 wandb is imported only when a run is tracked (the engine never imports it). With
 ``logging.wandb=auto`` the run is online when ``WANDB_API_KEY`` is set and offline
@@ -18,53 +18,104 @@ from zo2.config import LoggingConfig
 log = logging.getLogger("zo2")
 
 
-class Tracker:
-    """A wandb run (or nothing) that receives the same records as ``metrics.jsonl``.
+class MetricsLogger:
+    """The run's one metrics sink: ``metrics.jsonl`` and, when enabled, a wandb run.
+
+    Every record is a JSON line (flushed per record); ``step`` and ``eval`` records are
+    also logged to wandb and the ``summary`` record becomes the wandb summary. Only the
+    main rank writes (``main=False``: a no-op). A resumed run (``resume_step``) first
+    cuts ``metrics.jsonl`` back to that step (records of the steps it redoes go) and
+    continues the wandb run ``run_id``; a fresh start moves an old file aside as
+    ``metrics.jsonl.old``.
 
     Args:
-        config: the logging settings.
+        config: the logging settings (``wandb``: auto | online | offline | off).
         out: the run's output directory.
         run_config: the run's whole configuration (a plain dict), stored with the run.
-        main: whether this is the main rank (the others track nothing).
-        run_id: continue this wandb run (a resumed training run).
+        main: whether this is the main rank (the others log nothing).
+        resume_step: the step a resumed run continues from; None for a fresh start.
+        run_id: the wandb run to continue (a resumed run).
     """
 
     def __init__(self, config: LoggingConfig, out: Path, run_config: dict, main: bool,
-                 run_id: str | None = None) -> None:
+                 resume_step: int | None = None, run_id: str | None = None) -> None:
+        self.path = out / "metrics.jsonl"
         self.run = None
-        if not main or config.wandb == "off":
+        self._fh = None
+        if not main:
             return
-        mode = config.wandb
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        try:
-            import wandb
-        except ImportError:
-            log.warning("wandb is not installed: no wandb run (pip install wandb)")
-            return
-        self.run = wandb.init(project=config.project, name=config.name or out.name,
-                              dir=str(out), mode=mode, config=run_config,
-                              id=run_id, resume="allow" if run_id else None,
-                              settings=wandb.Settings(silent=True, console="off"))
+        _cut_metrics(self.path, resume_step)
+        self._fh = self.path.open("a", encoding="utf-8")
+        self.run = _wandb_run(config, out, run_config, run_id)
 
     @property
     def run_id(self) -> str | None:
         """The wandb run's id (a resumed run continues it), None when not tracking."""
         return self.run.id if self.run is not None else None
 
-    def log(self, record: dict, step: int) -> None:
-        """Log the numeric fields of ``record`` (nested dicts flattened with ``/``)."""
-        if self.run is not None:
-            self.run.log(_numbers(record), step=step)
+    def write(self, **record) -> None:
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        if self.run is None:
+            return
+        if record.get("event") in ("step", "eval"):
+            fields = {k: v for k, v in record.items() if k != "event"}
+            self.run.log(_numbers(fields), step=record["step"])
+        elif record.get("event") == "summary":
+            self.run.summary.update(_numbers(record))
 
-    def summary(self, summary: dict) -> None:
-        if self.run is not None:
-            self.run.summary.update(_numbers(summary))
-
-    def finish(self) -> None:
+    def close(self) -> None:
+        """Close the file and finish the wandb run (idempotent)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def _wandb_run(config: LoggingConfig, out: Path, run_config: dict, run_id: str | None):
+    """A wandb run as configured, or None (``off``, or wandb not installed)."""
+    if config.wandb == "off":
+        return None
+    mode = config.wandb
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed: no wandb run (pip install wandb)")
+        return None
+    return wandb.init(project=config.project, name=config.name or out.name, dir=str(out),
+                      mode=mode, config=run_config, id=run_id,
+                      resume="allow" if run_id else None,
+                      settings=wandb.Settings(silent=True, console="off"))
+
+
+def _cut_metrics(path: Path, upto: int | None) -> None:
+    """Make ``metrics.jsonl`` end at step ``upto`` before a resumed run appends to it.
+
+    Records of steps after the checkpoint (redone by the resumed run) are dropped; for
+    a fresh start (``upto=None``) an old file is kept aside as ``metrics.jsonl.old``.
+    """
+    if not path.exists():
+        return
+    if upto is None:
+        path.replace(path.with_name(path.name + ".old"))
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the crash
+        if record.get("event") != "summary" and record.get("step", 0) <= upto:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def _numbers(record: dict, prefix: str = "") -> dict[str, float]:

@@ -1,0 +1,342 @@
+"""The training run as one object: build, train, evaluate, checkpoint, close.
+
+:class:`Trainer` owns a run the way torchtitan's ``Trainer`` does. ``__init__`` builds
+the mesh, the data, the model, the engine, the metrics logger and the checkpoints (and
+decides, before anything is written, whether the run resumes); :meth:`train` runs
+MeZO's protocol: zero-shot dev and test accuracy first, ZO steps with a dev
+evaluation every ``eval_every`` steps, the checkpoint with the best dev accuracy kept
+(``best/``), and test accuracy reported for that checkpoint. :meth:`state_dict` is the
+run's progress (step, best so far, zero-shot results, tracker run id); the data
+position is the data's own state; both are saved with every checkpoint
+(:class:`~zo2.checkpoints.RunCheckpoints`). :meth:`close` releases the metrics file,
+the wandb run, the engine and the process group on every exit path (use the trainer
+as a context manager).
+
+Files written to the output directory:
+
+* ``metrics.jsonl``: one JSON record per logged step and per evaluation;
+* ``summary.json``: zero-shot and fine-tuned accuracies, steps, minutes, peak RSS;
+* ``curves.png``: training loss and dev accuracy against step (``logging.plot``);
+* ``wandb/``: an offline wandb run unless ``logging.wandb`` says otherwise;
+* ``best/``: the best-dev checkpoint, a ``save_pretrained`` folder with a manifest;
+* ``run.seedlog``: the seed log (:mod:`zo2.seedlog`), every update of the run in a
+  few bytes a step; ``python -m zo2.seedlog replay`` rebuilds the final weights;
+* ``checkpoints/step-*``: the newest ``checkpoint.keep`` run checkpoints (every
+  ``checkpoint.every`` steps and the last). A run started again in the same directory
+  continues from the newest valid one and ends with exactly the weights of an
+  uninterrupted run.
+
+Tests and tools inject parts through the constructor: ``engine_factory`` builds the
+engine (a subclass with a fault, an emulated data-parallel engine), ``callbacks``
+observe steps, evaluations and saves (Ray Train's reporter is one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from zo2.adapters import wrap
+from zo2.checkpoints import RunCheckpoints
+from zo2.config import OffloadConfig, TrainConfig, to_dict, validate
+from zo2.data import pipeline
+from zo2.data.tasks import load_task
+from zo2.engine import StepResult, ZOEngine
+from zo2.errors import ConfigError, TrainingError
+from zo2.models import check_context, load_model, model_identity, weights_folder
+from zo2.offload.checkpoint import SafetensorsWeights
+from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
+from zo2.seedlog import SeedLog
+from zo2.tracking import MetricsLogger, plot_curves
+
+log = logging.getLogger("zo2")
+
+
+class Callback:
+    """Observes a run; every hook is called on every rank (``trainer.comm`` tells which)."""
+
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
+        """After step ``result.step + 1`` of the run is computed and logged."""
+
+    def on_evaluate(self, trainer: Trainer, step: int, metrics: dict) -> None:
+        """After the dev evaluation of ``step``."""
+
+    def on_save(self, trainer: Trainer, step: int, folder: Path) -> None:
+        """After checkpoint ``step`` is published (``folder``)."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's CUDA device (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} requested but no CUDA device is available")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """One fine-tuning run, built from a validated :class:`TrainConfig`.
+
+    Args:
+        cfg: the run's configuration.
+        output_dir: where the run writes (rank 0's path is used by every rank).
+        callbacks: observers of steps, evaluations and saves.
+        engine_factory: builds the engine (``ZOEngine``'s signature).
+    """
+
+    def __init__(self, cfg: TrainConfig, output_dir: str | Path, *,
+                 callbacks: Sequence[Callback] = (),
+                 engine_factory: Callable[..., ZOEngine] = ZOEngine) -> None:
+        validate(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.callbacks = cfg, list(callbacks)
+        self.started = time.perf_counter()
+        self.metrics: MetricsLogger | None = None
+        self.engine: ZOEngine | None = None
+        env = LaunchEnv.read()
+        self.device = resolve_device(cfg.model.device, env.local_rank)
+        self.mesh = Mesh(cfg.parallel, self.device, env)  # joins the process group
+        try:
+            self._build(output_dir, engine_factory)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def _build(self, output_dir: str | Path, engine_factory: Callable[..., ZOEngine]) -> None:
+        cfg, mesh = self.cfg, self.mesh
+        self.comm = Comm(mesh) if mesh.distributed else LocalComm()
+        self.out = Path(mesh.agree(str(output_dir)))  # rank 0's directory
+        if not self.comm.is_main:
+            log.setLevel(logging.WARNING)  # one rank reports progress
+        self.checkpoints = RunCheckpoints(self.out, cfg.checkpoint.keep, self.comm)
+        # Decided before anything is written: a bad resume request ends here.
+        self.resumed_from = mesh.on_main(lambda: self.checkpoints.resume_point(
+            cfg.checkpoint.resume))
+        saved = (RunCheckpoints.read_run_state(self.resumed_from, to_dict(cfg))
+                 if self.resumed_from else None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.pipe, self.tokenizer, self.engine = self._build_engine(engine_factory)
+        self.data = self.pipe.train
+        self.best: dict = {}
+        self.zero_shot: dict = {}
+        run_state = saved["trainer"] if saved else {}
+        self.metrics = MetricsLogger(cfg.logging, self.out, to_dict(cfg), self.comm.is_main,
+                                     resume_step=run_state.get("step"),
+                                     run_id=run_state.get("wandb_id"))
+        if saved:
+            self._resume(saved)
+
+    def _build_engine(self, engine_factory: Callable[..., ZOEngine]):
+        """The data (first: a bad file is reported before a big model loads), the model
+        (offloaded: built empty and streamed from its checkpoint into the block store)
+        and the engine."""
+        cfg, t = self.cfg, self.cfg.task
+        task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev,
+                         n_test=t.n_test, path=t.path, text_field=t.text_field,
+                         label_field=t.label_field, balanced=t.balanced)
+        adapter = cfg.model.adapter  # peft initialises adapters on real weights: not lazy
+        lazy = cfg.offload.enabled and adapter.kind == "none"
+        folder = weights_folder(cfg.model.name) if lazy else None
+        model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype,
+                                      empty=folder is not None)
+        weights = SafetensorsWeights(folder) if folder is not None else None
+        model, self.trainable = wrap(model, adapter, cfg.model.trainable, seed=cfg.seed)
+        check_context(model, t.max_length)  # before any earlier output is touched
+        pipe = pipeline.build(task, tokenizer, objective=t.objective,
+                              batch_size=cfg.optim.batch_size,
+                              eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                              max_length=t.max_length)
+        engine = engine_factory(model, cfg.optim, pipe.objective, seed=cfg.seed,
+                                total_steps=cfg.steps, trainable=self.trainable,
+                                offload=self._offload(), device=self.device,
+                                weights=weights, comm=self.comm)
+        return pipe, tokenizer, engine
+
+    def _offload(self) -> OffloadConfig:
+        """The offload settings; a relative ``disk_dir`` goes inside the output
+        directory, one folder per rank."""
+        offload = self.cfg.offload
+        if offload.enabled and offload.disk_dir:
+            disk = Path(offload.disk_dir)
+            disk = disk if disk.is_absolute() else self.out / disk
+            if self.mesh.distributed:
+                disk = disk / f"rank{self.mesh.rank}"
+            offload = replace(offload, disk_dir=str(disk))
+        return offload
+
+    # ---- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The run's progress besides the engine and the data position."""
+        return {"step": self.engine.step_index, "best": self.best, "zero_shot": self.zero_shot,
+                "config": to_dict(self.cfg), "wandb_id": self.metrics.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.zero_shot = state["best"], state["zero_shot"]
+
+    def _resume(self, saved: dict) -> None:
+        folder = self.resumed_from
+        self.checkpoints.copy_best_from(folder)
+        self.engine.load(folder)
+        self.data.load_state_dict(saved["data"])
+        self.load_state_dict(saved["trainer"])
+        self.metrics.write(event="resume", step=self.engine.step_index, checkpoint=str(folder))
+        log.info("resumed from %s at step %d", folder, self.engine.step_index)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict:
+        """Loss and accuracy of the current weights on ``split`` (dev | test)."""
+        return self.pipe.evaluate(self.engine, split)
+
+    def train(self) -> dict:
+        """Run to ``cfg.steps`` (from where a resumed run stopped); returns the summary."""
+        if not self.resumed_from:
+            self._evaluate_zero_shot()
+        progress = _progress(self.cfg, self.engine.step_index) if self.comm.is_main else None
+        self._window = (0, time.perf_counter())  # tokens since the last logged step
+        self._nonfinite = 0  # steps in a row whose loss was NaN or inf (no update)
+        for step in range(self.engine.step_index + 1, self.cfg.steps + 1):
+            result = self.train_step(next(self.data))
+            self._after_step(step, result)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+        if progress is not None:
+            progress.close()
+        return self._finish()
+
+    def _evaluate_zero_shot(self) -> None:
+        self.metrics.write(event="config", config=to_dict(self.cfg),
+                           model=model_identity(self.engine.model),
+                           parallel=self.mesh.describe())
+        self.zero_shot = {"dev": self.evaluate("dev"), "test": self.evaluate("test")}
+        self.metrics.write(event="eval", step=0, **self.zero_shot)
+        log.info("zero-shot: dev acc %.4f, test acc %.4f", self.zero_shot["dev"]["accuracy"],
+                 self.zero_shot["test"]["accuracy"])
+        self.best = {"step": 0, "dev": self.zero_shot["dev"]}
+        self.checkpoints.save_best(self.engine, self.tokenizer)
+
+    def train_step(self, batch: dict) -> StepResult:
+        """One ZO step; logged every ``log_every`` steps with the figures since the last
+        log; a streak of ``nonfinite_limit`` non-finite losses stops the run."""
+        cfg, step = self.cfg, self.engine.step_index + 1
+        logged = step % cfg.log_every == 0 or step == cfg.steps
+        result = self.engine.step(batch, telemetry=logged)
+        self._nonfinite = self._nonfinite + 1 if result.skipped else 0
+        if self._nonfinite:
+            log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", step,
+                        result.losses, self._nonfinite)
+        if self._nonfinite >= cfg.nonfinite_limit:
+            self.metrics.write(event="stopped", step=step, reason="non-finite losses")
+            last_good = self.checkpoints.latest() if self.comm.is_main else None
+            raise TrainingError(
+                f"{self._nonfinite} steps in a row (to step {step}) had a non-finite loss: "
+                f"stopping (nonfinite_limit={cfg.nonfinite_limit}); the last good checkpoint "
+                f"is {last_good or 'none'} (lower optim.lr or optim.eps and resume from it)")
+        tokens, since = self._window
+        tokens += int(batch["attention_mask"].sum()) * len(result.losses)
+        if logged:
+            now = time.perf_counter()
+            self.metrics.write(event="step", step=step, loss=result.loss, grads=result.grads,
+                               lr=result.lr, skipped=result.skipped,
+                               tokens_per_s=tokens / (now - since), **result.telemetry)
+            tokens, since = 0, now
+        self._window = (tokens, since)
+        for callback in self.callbacks:
+            callback.on_step(self, result)
+        return result
+
+    def _after_step(self, step: int, result: StepResult) -> None:
+        """The dev evaluation (best/ on a new best) and the checkpoint due at ``step``."""
+        cfg = self.cfg
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            dev = self.evaluate("dev")
+            self.metrics.write(event="eval", step=step, dev=dev)
+            log.info("step %d: dev acc %.4f", step, dev["accuracy"])
+            if dev["accuracy"] > self.best["dev"]["accuracy"]:
+                self.best = {"step": step, "dev": dev}
+                self.checkpoints.save_best(self.engine, self.tokenizer)
+            for callback in self.callbacks:
+                callback.on_evaluate(self, step, dev)
+        every = cfg.checkpoint.every
+        # none while losses are non-finite: the last good one is kept
+        if every and (step % every == 0 or step == cfg.steps) and not self._nonfinite:
+            folder = self.checkpoints.save(step, self.engine,
+                                           {"trainer": self, "data": self.data})
+            for callback in self.callbacks:
+                callback.on_save(self, step, folder)
+
+    def _finish(self) -> dict:
+        """The seed log, the test accuracy of ``best/``, the summary."""
+        engine, out, cfg = self.engine, self.out, self.cfg
+        final_step, seedlog = engine.step_index, out / "run.seedlog"
+        if self.comm.is_main:  # every update of the run: replayed onto the base
+            SeedLog.from_engine(engine, self.trainable).save(seedlog)
+        tested = "best"
+        if self.best["step"] != final_step:
+            if (out / "best").is_dir():
+                engine.load_weights(out / "best")
+            else:  # resumed into another directory from a checkpoint without best/
+                log.warning("no best/ (step %d) in %s: testing the final weights",
+                            self.best["step"], out)
+                tested = "final"
+        zero, best = self.zero_shot, self.best
+        summary = {
+            "model": cfg.model.name, "task": cfg.task.name, "steps": cfg.steps,
+            "zero_shot_dev": zero["dev"]["accuracy"], "zero_shot_test": zero["test"]["accuracy"],
+            "best_step": best["step"], "best_dev": best["dev"]["accuracy"],
+            "tuned_test": self.evaluate("test")["accuracy"], "tested": tested,
+            "skipped_steps": engine.skipped_steps,
+            "minutes": (time.perf_counter() - self.started) / 60,
+            "peak_rss_mb": peak_rss_mb(), "checkpoint": str(out / "best"),
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "seedlog": str(seedlog),
+            "seedlog_bytes": seedlog.stat().st_size if self.comm.is_main else None,
+            "parallel": {k: v for k, v in self.mesh.describe().items() if "rank" not in k},
+        }
+        self.metrics.write(event="summary", **summary)
+        if self.comm.is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            if cfg.logging.plot:
+                self.metrics.close()  # flushed before the plot reads it
+                plot_curves(out / "metrics.jsonl", out / "curves.png")
+        return summary
+
+    def close(self, failed: bool = False) -> None:
+        """Close the metrics file and the wandb run, unwrap the model, leave the process
+        group; safe on a partly built trainer and more than once. ``failed`` (an error
+        path): no flush and no barrier, which would wait on a rank that may be dead."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.engine is not None and not failed:
+            self.engine.close()
+            self.engine = None
+        self.mesh.close(wait=not failed)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
+
+
+def _progress(cfg: TrainConfig, initial: int = 0):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=initial, desc="zo2", unit="step", dynamic_ncols=True)
