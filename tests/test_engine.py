@@ -11,6 +11,7 @@ from conftest import FAMILIES, make_batch, make_model
 from zo2 import noise
 from zo2.config import OptimConfig
 from zo2.engine import ZOEngine, step_seed
+from zo2.estimators import OneSided
 from zo2.loss import Objective, positions_to_keep
 from zo2.perturb import BatchShape, Plan, SplitError, merge_batch, mirror_, split_batch
 from zo2.units import find_units, unique_params
@@ -101,7 +102,7 @@ def test_unperturbed_stacked_forward_equals_separate_forwards(family):
     batch = make_batch(batch=3)
     plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     engine = engine_for(model)
-    plan = Plan((Plan.one_sided([1], 1e-3).slices[0],) * 3, 1e-3)
+    plan = Plan((OneSided().plan([1], 1e-3).slices[0],) * 3, 1e-3)
     engine.context.plan = plan
     engine.context.shape = BatchShape(3, 9, batch["input_ids"].shape[1])
     stacked = model(input_ids=batch["input_ids"].repeat(3, 1),

@@ -40,6 +40,7 @@ from torch import nn
 
 from zo2.config import OffloadConfig, OptimConfig
 from zo2.errors import CheckpointError, ConfigError
+from zo2.estimators import make_estimator
 from zo2.loss import Objective, positions_to_keep
 from zo2.perturb import (
     BatchShape,
@@ -149,16 +150,13 @@ class ZOEngine:
         self.step_index = 0
         self.skipped_steps = 0
         self.log: list[dict] = []  # seed log: one record per applied update
-        self.prev_loss: float | None = None  # the one-point estimator's baseline
+        self.estimator = make_estimator(optim.estimator)  # owns its state (one-point)
 
     # ---- training ---------------------------------------------------------------------
     def plan(self, step: int) -> Plan:
+        """The slices step ``step`` measures (the estimator's plan over its seeds)."""
         seeds = [step_seed(self.seed, step, j) for j in range(self.optim.q)]
-        if self.optim.estimator == "one-sided":
-            return Plan.one_sided(seeds, self.optim.eps)
-        if self.optim.estimator == "one-point":
-            return Plan.one_point_plan(seeds, self.optim.eps)
-        return Plan.two_sided(seeds, self.optim.eps)
+        return self.estimator.plan(seeds, self.optim.eps)
 
     def lr(self, step: int) -> float:
         o = self.optim
@@ -185,8 +183,7 @@ class ZOEngine:
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
                             losses=losses, telemetry=self.telemetry() if telemetry else {})
         if all(math.isfinite(g) for g in grads):
-            if plan.one_point:
-                self.prev_loss = losses[0]
+            self.estimator.observe(losses)
             seeds = tuple(sl.seed for sl in plan.slices if sl.seed is not None and sl.sign == 1)
             coefs = tuple(-lr * g / len(grads) for g in grads)
             if self.optim.conservative:
@@ -273,12 +270,7 @@ class ZOEngine:
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -keep:]
 
     def _projected_grads(self, losses: list[float], plan: Plan) -> list[float]:
-        eps = plan.eps
-        if plan.one_point:  # residual feedback: the previous step's perturbed loss
-            return [0.0 if self.prev_loss is None else (losses[0] - self.prev_loss) / eps]
-        if plan.slices[0].sign == 0:  # one-sided
-            return [(loss - losses[0]) / eps for loss in losses[1:]]
-        return [(losses[i] - losses[i + 1]) / (2 * eps) for i in range(0, len(losses), 2)]
+        return self.estimator.grads(losses, plan.eps)
 
     # ---- evaluation -------------------------------------------------------------------
     @torch.no_grad()
@@ -318,7 +310,7 @@ class ZOEngine:
         self.flush()
         return {"step": self.step_index, "seed": self.seed, "skipped_steps": self.skipped_steps,
                 "optim": asdict(self.optim), "total_steps": self.total_steps, "log": self.log,
-                "prev_loss": self.prev_loss}
+                **self.estimator.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
         if state["seed"] != self.seed:
@@ -328,7 +320,7 @@ class ZOEngine:
         self.step_index = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.log = list(state.get("log", []))
-        self.prev_loss = state.get("prev_loss")
+        self.estimator.load_state_dict(state)
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
         """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""

@@ -79,26 +79,6 @@ class Plan:
     def n(self) -> int:
         return len(self.slices)
 
-    @staticmethod
-    def two_sided(seeds: Sequence[int], eps: float) -> Plan:
-        """MeZO / n-SPSA: ``+eps`` and ``-eps`` for each seed."""
-        return Plan(tuple(Slice(s, sign) for s in seeds for sign in (1, -1)), eps)
-
-    @property
-    def one_point(self) -> bool:
-        """Only ``+eps`` slices: the one-point estimator (baseline from the last step)."""
-        return all(sl.sign == 1 for sl in self.slices)
-
-    @staticmethod
-    def one_point_plan(seeds: Sequence[int], eps: float) -> Plan:
-        """``+eps`` for each seed only (one forward per direction)."""
-        return Plan(tuple(Slice(s, 1) for s in seeds), eps)
-
-    @staticmethod
-    def one_sided(seeds: Sequence[int], eps: float) -> Plan:
-        """An unperturbed baseline slice, then ``+eps`` for each seed."""
-        return Plan((Slice(None, 0),) + tuple(Slice(s, 1) for s in seeds), eps)
-
 
 @dataclass(frozen=True)
 class Update:

@@ -1,0 +1,98 @@
+"""Gradient estimators: which perturbed losses a step measures, and the projected
+gradients they give.
+
+An estimator is an object with ``plan(seeds, eps)`` (the slices of the step's stacked
+batch, :class:`~zo2.perturb.Plan`) and ``grads(losses, eps)`` (one projected gradient
+per seed from the slices' losses, in plan order); one that carries information from
+step to step keeps it itself (``observe`` after an applied step, ``state_dict`` /
+``load_state_dict`` for checkpoints). The engine never asks which estimator it runs:
+a new estimator is a new class here and a name in :data:`ESTIMATORS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from zo2.perturb import Plan, Slice
+
+
+class Estimator:
+    """The interface, and the stateless default for ``observe`` and the state."""
+
+    name = ""
+
+    def plan(self, seeds: Sequence[int], eps: float) -> Plan:
+        raise NotImplementedError
+
+    def grads(self, losses: Sequence[float], eps: float) -> list[float]:
+        raise NotImplementedError
+
+    def observe(self, losses: Sequence[float]) -> None:
+        """The losses of a step whose update was applied (finite)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class TwoSided(Estimator):
+    """MeZO / n-SPSA: ``+eps`` and ``-eps`` per seed; ``g = (L+ - L-) / (2 eps)``."""
+
+    name = "two-sided"
+
+    def plan(self, seeds: Sequence[int], eps: float) -> Plan:
+        return Plan(tuple(Slice(s, sign) for s in seeds for sign in (1, -1)), eps)
+
+    def grads(self, losses: Sequence[float], eps: float) -> list[float]:
+        return [(losses[i] - losses[i + 1]) / (2 * eps) for i in range(0, len(losses), 2)]
+
+
+class OneSided(Estimator):
+    """An unperturbed baseline, then ``+eps`` per seed; ``g = (L+ - L0) / eps``."""
+
+    name = "one-sided"
+
+    def plan(self, seeds: Sequence[int], eps: float) -> Plan:
+        return Plan((Slice(None, 0),) + tuple(Slice(s, 1) for s in seeds), eps)
+
+    def grads(self, losses: Sequence[float], eps: float) -> list[float]:
+        return [(loss - losses[0]) / eps for loss in losses[1:]]
+
+
+class OnePoint(Estimator):
+    """Residual feedback: ``+eps`` only; ``g = (L+_t - L+_{t-1}) / eps``, the baseline
+    being the previous applied step's perturbed loss (0 on the first step)."""
+
+    name = "one-point"
+
+    def __init__(self) -> None:
+        self.prev_loss: float | None = None
+
+    def plan(self, seeds: Sequence[int], eps: float) -> Plan:
+        return Plan(tuple(Slice(s, 1) for s in seeds), eps)
+
+    def grads(self, losses: Sequence[float], eps: float) -> list[float]:
+        return [0.0 if self.prev_loss is None else (losses[0] - self.prev_loss) / eps]
+
+    def observe(self, losses: Sequence[float]) -> None:
+        self.prev_loss = losses[0]
+
+    def state_dict(self) -> dict:
+        return {"prev_loss": self.prev_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prev_loss = state.get("prev_loss")
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    cls.name: cls for cls in (TwoSided, OneSided, OnePoint)}
+
+
+def make_estimator(name: str) -> Estimator:
+    """The estimator called ``name`` (``optim.estimator``)."""
+    try:
+        return ESTIMATORS[name]()
+    except KeyError:
+        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {name!r}") from None
