@@ -144,7 +144,7 @@ class Comm(LocalComm):
     def slicing(self):
         from zo2.parallel.slicing import slice_group
 
-        return slice_group(self.mesh, offloading=True)
+        return slice_group(self.mesh)
 
     def _all_reduce(self, buf: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
         self.bytes_sent += buf.numel() * buf.element_size()

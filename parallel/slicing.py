@@ -78,11 +78,12 @@ class SliceGroup:
         return torch.cat(parts)
 
 
-def slice_group(mesh, offloading: bool) -> SliceGroup | None:
-    """The node's slice group when slicing applies (``mesh.config.slicing``), else None."""
+def slice_group(mesh) -> SliceGroup | None:
+    """The node's slice group when slicing applies (``mesh.config.slicing``; offloaded
+    runs only), else None."""
     mode = mesh.config.slicing
     local = mesh.env.local_world
-    if mode == "off" or not offloading or not mesh.distributed or local < 2:
+    if mode == "off" or not mesh.distributed or local < 2:
         return None
     if mode == "auto":
         from zo2.offload.device import Device

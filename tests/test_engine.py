@@ -287,3 +287,21 @@ def test_a_broadcast_output_is_expanded_to_each_slices_rows():
     merged = merge_batch([a, b], rows=3)
     assert merged.tolist() == [[1.0, 1.0]] * 3 + [[2.0, 2.0]] * 3
     assert merge_batch([a, b], rows=1).tolist() == [[1.0, 1.0], [2.0, 2.0]]
+
+
+def test_every_allowed_estimator_is_an_object_with_its_own_state():
+    from zo2 import choices
+    from zo2.estimators import ESTIMATORS, make_estimator
+
+    assert tuple(ESTIMATORS) == choices.ESTIMATORS
+    two = make_estimator("two-sided")
+    assert [(s.seed, s.sign) for s in two.plan([7, 8], 0.5).slices] == [
+        (7, 1), (7, -1), (8, 1), (8, -1)]
+    assert two.grads([3.0, 1.0, 2.0, 2.5], 0.5) == [2.0, -0.5]
+    assert make_estimator("one-sided").grads([1.0, 1.5, 0.5], 0.5) == [1.0, -1.0]
+    point = make_estimator("one-point")
+    assert point.grads([2.0], 0.5) == [0.0]  # no baseline on the first step
+    point.observe([2.0])
+    restored = make_estimator("one-point")
+    restored.load_state_dict(point.state_dict())
+    assert restored.grads([2.5], 0.5) == point.grads([2.5], 0.5) == [1.0]

@@ -12,16 +12,10 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from zo2.adapters import AdapterConfig, validate_adapter
+from zo2.choices import DIRECTIONS, DTYPES, ESTIMATORS, METHODS, ROUNDINGS, WIRE_DTYPES
 from zo2.errors import ConfigError
 from zo2.loss import OBJECTIVES
 from zo2.schedule import SCHEDULES
-
-DIRECTIONS = ("gaussian", "rademacher")
-ESTIMATORS = ("two-sided", "one-sided", "one-point")
-METHODS = ("zo-sgd", "zo-momentum", "zo-adam", "zo-sign")
-DTYPES = ("float32", "bfloat16", "float16")
-WIRE_DTYPES = DTYPES + ("float8_e4m3fn", "float8_e5m2")
-ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclass

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from zo2.adapters import from_peft_format, is_peft_folder
 from zo2.config import OffloadConfig, OptimConfig
 from zo2.errors import CheckpointError, ConfigError
 from zo2.estimators import make_estimator
@@ -380,10 +381,8 @@ class ZOEngine:
                 loaded.update(load_file(file))
             except Exception as err:  # safetensors raises its own error types
                 raise CheckpointError(f"cannot read {file}: {err}") from None
-        adapter_only = (path / "adapter_config.json").is_file()  # peft's format
+        adapter_only = is_peft_folder(path)
         if adapter_only:
-            from zo2.adapters import from_peft_format
-
             loaded = from_peft_format(self.model, loaded)
         own = self.model.state_dict(keep_vars=True)
         unexpected = sorted(loaded.keys() - own.keys())

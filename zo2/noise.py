@@ -79,6 +79,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from zo2.choices import DIRECTIONS, ROUNDINGS
+
 __all__ = [
     "DISTS",
     "ROUNDINGS",
@@ -97,8 +99,7 @@ __all__ = [
     "reference_stochastic_round",
 ]
 
-DISTS = ("gaussian", "rademacher")
-ROUNDINGS = ("nearest", "stochastic")
+DISTS = DIRECTIONS  # the distributions of z (zo2.choices)
 PARALLEL_MIN = 1 << 16
 """CPU tensors with fewer elements run on the calling thread only."""
 

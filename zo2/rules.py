@@ -42,15 +42,15 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from zo2 import noise
+from zo2.choices import METHODS, RULE_SETTINGS
 from zo2.config import OptimConfig
 from zo2.errors import ConfigError
 from zo2.perturb import Update
 from zo2.units import TrainableParam
 
 # each rule and the OptimConfig fields it reads besides lr (e.g. for a seed log's header)
-SETTINGS = {"zo-sgd": (), "zo-momentum": ("momentum", "history", "state_dtype"),
-            "zo-adam": ("beta1", "beta2", "adam_eps", "state_dtype"), "zo-sign": ()}
-RULES = tuple(SETTINGS)
+SETTINGS = RULE_SETTINGS  # each rule's own settings (zo2.choices)
+RULES = METHODS
 
 
 class Rule:

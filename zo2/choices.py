@@ -1,0 +1,16 @@
+"""The allowed values of zo2's settings, written once (a leaf: imports nothing).
+
+The config validation (:mod:`zo2.config`), the kernels (:mod:`zo2.noise`), the update
+rules (:mod:`zo2.rules`), the estimators, the model loader and the seed log all check
+against these; a new value is added here and where it is implemented.
+"""
+
+DIRECTIONS = ("gaussian", "rademacher")  # the distribution of z
+ROUNDINGS = ("nearest", "stochastic")  # of updated bf16 / fp16 weights
+ESTIMATORS = ("two-sided", "one-sided", "one-point")
+# Each update rule and its own settings (OptimConfig fields) besides lr and decay.
+RULE_SETTINGS = {"zo-sgd": (), "zo-momentum": ("momentum", "history", "state_dtype"),
+                 "zo-adam": ("beta1", "beta2", "adam_eps", "state_dtype"), "zo-sign": ()}
+METHODS = tuple(RULE_SETTINGS)
+DTYPES = ("float32", "bfloat16", "float16")  # model and host weights
+WIRE_DTYPES = DTYPES + ("float8_e4m3fn", "float8_e5m2")  # offload transfers
