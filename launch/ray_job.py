@@ -29,6 +29,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from zo2.config import compose, validate  # noqa: E402
+from zo2.errors import ZO2Error  # noqa: E402
+from zo2.train import run  # noqa: E402
 from zo2.trainer import Callback  # noqa: E402
 
 
@@ -55,8 +58,6 @@ def worker(config: dict) -> None:
     from dataclasses import replace
 
     import ray.train
-
-    from zo2.train import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = config["cfg"]
@@ -92,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from zo2.config import compose, validate
-    from zo2.errors import ZO2Error
 
     try:
         cfg = validate(compose(argv[split + 1:]))

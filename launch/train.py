@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from zo2.config import register  # noqa: E402
 from zo2.errors import ZO2Error  # noqa: E402
+from zo2.train import run  # noqa: E402
 
 register()
 
@@ -45,8 +46,6 @@ OmegaConf.register_new_resolver("zo2_run_dir", default_run_dir, replace=True)
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train")
 def _app(cfg: DictConfig) -> None:
-    from zo2.train import run
-
     try:
         conf = OmegaConf.to_object(cfg)
         output_dir = conf.output_dir or HydraConfig.get().runtime.output_dir

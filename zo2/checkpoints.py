@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from zo2.errors import CheckpointError, ConfigError
+from zo2.parallel.comm import LocalComm
 
 log = logging.getLogger("zo2")
 
@@ -124,8 +125,6 @@ class CheckpointManager:
     """
 
     def __init__(self, root: str | Path, keep: int = 2, comm=None) -> None:
-        from zo2.parallel.comm import LocalComm
-
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)

@@ -13,6 +13,7 @@ from typing import Any
 
 from zo2.adapters import AdapterConfig, validate_adapter
 from zo2.choices import DIRECTIONS, DTYPES, ESTIMATORS, METHODS, ROUNDINGS, WIRE_DTYPES
+from zo2.data.tasks import TASK_NAMES
 from zo2.errors import ConfigError
 from zo2.loss import OBJECTIVES
 from zo2.schedule import SCHEDULES
@@ -166,8 +167,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              f"{m.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
     _require(len(m.trainable) > 0, "model.trainable", "needs at least one pattern")
     validate_adapter(m.adapter, m.trainable)
-    from zo2.data.tasks import TASK_NAMES
-
     _require(t.name in TASK_NAMES, "task.name", f"{t.name!r} is not one of {list(TASK_NAMES)}")
     if t.name in ("jsonl", "csv"):
         _require(bool(t.path), "task.path", f"task {t.name!r} needs a data file path")

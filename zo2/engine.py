@@ -43,6 +43,10 @@ from zo2.config import OffloadConfig, OptimConfig
 from zo2.errors import CheckpointError, ConfigError
 from zo2.estimators import make_estimator
 from zo2.loss import Objective, positions_to_keep
+from zo2.offload import Device, Offloader
+from zo2.offload.checkpoint import materialize
+from zo2.offload.telemetry import gpu_metrics
+from zo2.parallel.comm import LocalComm
 from zo2.perturb import (
     BatchShape,
     PendingUpdate,
@@ -102,8 +106,6 @@ class ZOEngine:
                  seed: int = 0, total_steps: int = 0, trainable: Iterable[str] = ("*",),
                  offload: OffloadConfig | None = None,
                  device: torch.device | str | None = None, weights=None, comm=None) -> None:
-        from zo2.parallel.comm import LocalComm
-
         self.comm = comm or LocalComm()
         self.model = model.eval().requires_grad_(False)
         self.optim = optim
@@ -128,8 +130,6 @@ class ZOEngine:
             raise ConfigError("optim.conservative needs optim.method=zo-sgd, optim.q=1, a "
                               "two- or one-sided estimator and parallel.pp=1")
         if offload is not None and offload.enabled:
-            from zo2.offload import Device, Offloader
-
             self.residency = Offloader(
                 model, self.units, self.pending, device=Device(self.device), ring=offload.ring,
                 layers_only=offload.layers_only, resident=offload.resident,
@@ -139,8 +139,6 @@ class ZOEngine:
                 local_ranks=self.comm.local_ranks)
         else:
             if weights is not None:
-                from zo2.offload.checkpoint import materialize
-
                 materialize(model, weights, self.device)
             model.to(self.device)
             self.residency = Resident(self.pending, self.params)
@@ -236,9 +234,6 @@ class ZOEngine:
         allocated since then (the peak counter is reset)."""
         out = self.residency.report()
         if self.device.type == "cuda" and "gpu_allocated_gb" not in out:
-            from zo2.offload.device import Device
-            from zo2.offload.telemetry import gpu_metrics
-
             out.update(gpu_metrics(Device(self.device)))
         return out
 

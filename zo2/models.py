@@ -28,6 +28,7 @@ import torch
 
 from zo2 import choices
 from zo2.errors import ConfigError, ModelError
+from zo2.offload.checkpoint import empty_model
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +285,6 @@ def _load_folder(path: Path, empty: bool = False) -> tuple[torch.nn.Module, Any]
     _check_causal_lm(config, path)
     try:
         if empty:
-            from zo2.offload.checkpoint import empty_model
-
             model = empty_model(config)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)

@@ -53,7 +53,7 @@ from torch import nn
 from zo2.config import OptimConfig
 from zo2.engine import step_seed
 from zo2.errors import CheckpointError, ZO2Error
-from zo2.models import model_identity
+from zo2.models import load_model, model_identity
 from zo2.noise import DISTS, ROUNDINGS
 from zo2.perturb import PendingUpdate, Update
 from zo2.rules import RULES, SETTINGS, Rule, make_rule, settings
@@ -327,7 +327,6 @@ def _info(path: str) -> None:
 
 
 def _replay(base: str, log_path: str, out: str, dtype: str | None) -> None:
-    from zo2.models import load_model
 
     log = SeedLog.load(log_path)
     model, tokenizer = load_model(base, dtype=dtype or log.dtype or "float32")
