@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from zo2.config import register  # noqa: E402
+from zo2.env import main as print_versions  # noqa: E402
 from zo2.errors import ZO2Error  # noqa: E402
 from zo2.train import run  # noqa: E402
 
@@ -65,8 +66,6 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     if sys.argv[1:] == ["--version"]:  # before Hydra, which owns every other argument
-        from zo2.env import main as print_versions
-
         print_versions()
         return
     from transformers.utils import logging as hf_logging

@@ -48,6 +48,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -58,9 +59,11 @@ from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
 from zo2.offload.store import Block, PinnedArena, group_units, host_blocks, populate
 from zo2.offload.telemetry import TransferStats, gpu_metrics, storage_bytes
-from zo2.parallel.slicing import SliceGroup
 from zo2.perturb import PendingUpdate, Resident
 from zo2.units import Unit, find_layer_list, unique_params
+
+if TYPE_CHECKING:  # a type only: zo2.parallel.slicing imports zo2.offload
+    from zo2.parallel.slicing import SliceGroup
 
 
 @dataclass(eq=False)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from zo2.errors import ZO2Error
+from zo2.parallel.slicing import slice_group
 
 
 class LocalComm:
@@ -142,8 +143,6 @@ class Comm(LocalComm):
         self.mesh.wait_for_writer()
 
     def slicing(self):
-        from zo2.parallel.slicing import slice_group
-
         return slice_group(self.mesh)
 
     def _all_reduce(self, buf: torch.Tensor, op=dist.ReduceOp.SUM) -> None:

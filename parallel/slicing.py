@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from zo2.offload.device import Device
 from zo2.parallel.mesh import collective
 
 log = logging.getLogger("zo2")
@@ -86,8 +87,6 @@ def slice_group(mesh) -> SliceGroup | None:
     if mode == "off" or not mesh.distributed or local < 2:
         return None
     if mode == "auto":
-        from zo2.offload.device import Device
-
         if not Device(mesh.device).peers_connected(local):
             reason = (f"only {torch.cuda.device_count()} GPU(s) visible for {local} ranks"
                       if mesh.device.type == "cuda" and torch.cuda.device_count() < local

@@ -9,8 +9,10 @@ raises :class:`~zo2.errors.ConfigError` naming the field and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
+import zo2.configs
 from zo2.adapters import AdapterConfig, validate_adapter
 from zo2.choices import DIRECTIONS, DTYPES, ESTIMATORS, METHODS, ROUNDINGS, WIRE_DTYPES
 from zo2.data.tasks import TASK_NAMES
@@ -253,13 +255,9 @@ def register() -> None:
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """The :class:`TrainConfig` that ``zo2-train <overrides>`` runs (Hydra's compose API),
     for launchers that start the run themselves (Ray) and for tests."""
-    from pathlib import Path
-
-    from hydra import compose as hydra_compose
+    from hydra import compose as hydra_compose  # hydra: only where configs are composed
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
-
-    import zo2.configs
 
     register()
     folder = str(Path(zo2.configs.__file__).parent)

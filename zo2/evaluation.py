@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from zo2.data.batching import _bos, _ids
+from zo2.data.batching import bos_ids, text_ids
 from zo2.data.examples import AnswerExample
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -55,7 +55,7 @@ def best_over_golds(prediction: str, golds: Sequence[str]) -> tuple[float, float
 def _stop_ids(tokenizer: Any) -> list[int]:
     """End of sequence, and the newline token when a newline is one token."""
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    newline = _ids(tokenizer, "\n")
+    newline = text_ids(tokenizer, "\n")
     return stops + newline if len(newline) == 1 else stops
 
 
@@ -72,7 +72,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *,
     room = max(max_length - max_new_tokens, 1)
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [_bos(tokenizer) + _ids(tokenizer, p)[-(room - len(_bos(tokenizer))):]
+        rows = [bos_ids(tokenizer) + text_ids(tokenizer, p)[-(room - len(bos_ids(tokenizer))):]
                 for p in prompts[start: start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def text_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _bos(tokenizer: Any) -> list[int]:
+def bos_ids(tokenizer: Any) -> list[int]:
     """The BOS id if this tokenizer prepends one by default, else nothing."""
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", False) else []
@@ -42,7 +42,7 @@ def label_word_ids(tokenizer: Any, spec: TaskSpec) -> torch.Tensor:
                           f"{spec.kind!r}")
     ids = []
     for word in spec.label_words:
-        tokens = _ids(tokenizer, word)
+        tokens = text_ids(tokenizer, word)
         if not tokens:
             raise DataError(f"task {spec.name!r}: label word {word!r} encodes to no token")
         if len(tokens) > 1:
@@ -66,19 +66,19 @@ def _encode_one(
     tokenizer: Any, spec: TaskSpec, text: str, label_id: int, max_length: int
 ) -> list[int]:
     """Token ids of prompt + label word, cutting the text from its left to fit ``max_length``."""
-    full = _bos(tokenizer) + _ids(tokenizer, spec.prompt(text)) + [label_id]
+    full = bos_ids(tokenizer) + text_ids(tokenizer, spec.prompt(text)) + [label_id]
     if len(full) <= max_length:
         return full
     prefix, suffix = spec.template.split("{text}")
-    head = _bos(tokenizer) + (_ids(tokenizer, prefix) if prefix else [])
-    tail = _ids(tokenizer, suffix) + [label_id]
+    head = bos_ids(tokenizer) + (text_ids(tokenizer, prefix) if prefix else [])
+    tail = text_ids(tokenizer, suffix) + [label_id]
     room = max_length - len(head) - len(tail)
     if room < 1:
         raise ConfigError(
             f"max_length {max_length} is too small for the template {spec.template!r} "
             f"({len(head) + len(tail)} tokens without the text)"
         )
-    return head + _ids(tokenizer, text)[-room:] + tail
+    return head + text_ids(tokenizer, text)[-room:] + tail
 
 
 def encode(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from zo2.data.batching import IGNORE_INDEX, BatchIterator, _bos, _ids
+from zo2.data.batching import IGNORE_INDEX, BatchIterator, bos_ids, text_ids
 from zo2.data.examples import AnswerExample, ChoiceExample
 from zo2.errors import ConfigError, DataError
 
@@ -29,14 +29,14 @@ PAD_ROW = None  # a padding row of a choice group
 def _row(tokenizer: Any, prefix: str, continuation: str, max_length: int
          ) -> tuple[list[int], int]:
     """(token ids, how many of them at the end are the continuation)."""
-    head, tail = _bos(tokenizer), _ids(tokenizer, continuation)
+    head, tail = bos_ids(tokenizer), text_ids(tokenizer, continuation)
     if not tail:
         raise DataError(f"the continuation {continuation!r} encodes to no token")
     tail = tail[: max(max_length - len(head) - 1, 1)]
     room = max_length - len(head) - len(tail)
     if room < 1:
         raise ConfigError(f"max_length {max_length} leaves no room for the prompt")
-    return head + _ids(tokenizer, prefix)[-room:] + tail, len(tail)
+    return head + text_ids(tokenizer, prefix)[-room:] + tail, len(tail)
 
 
 def encode_continuations(tokenizer: Any, rows: Sequence[tuple[str, str] | None],

@@ -30,6 +30,7 @@ from zo2.data.continuations import (
 )
 from zo2.data.tasks import Task
 from zo2.errors import ConfigError
+from zo2.evaluation import evaluate_generation
 from zo2.loss import Objective
 
 
@@ -70,8 +71,6 @@ def build(task: Task, tokenizer: Any, *, objective: str, batch_size: int, eval_b
     splits = {"dev": task.dev, "test": task.test}
     if kind == "lm":
         def evaluate(engine, split: str) -> dict:
-            from zo2.evaluation import evaluate_generation
-
             engine.flush()
             scores = evaluate_generation(engine.model, tokenizer, splits[split],
                                          batch_size=eval_batch_size,
