@@ -19,6 +19,7 @@ with the same clear message everywhere instead of a hang.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ import torch.distributed as dist
 
 from zo2.config import ParallelConfig
 from zo2.errors import ConfigError, DistributedError, ZO2Error
+
+log = logging.getLogger("zo2")
 
 
 @contextmanager
@@ -115,6 +118,11 @@ class Mesh:
         self.config = config
         self.env = env or LaunchEnv.read()
         self.dp, self.pp = resolve_degrees(config.dp, config.pp, self.env.world)
+        if self.env.world == 1 and -1 in (config.dp, config.pp):
+            log.warning("parallel: dp=%d pp=%d asks for the launcher's processes, but this "
+                        "run was started as one process: it runs single-process; start it "
+                        "with torchrun --nproc_per_node=N (or the deepspeed launcher, or "
+                        "python -m zo2.launch.ray_job --workers N)", config.dp, config.pp)
         self.rank, self.world = self.env.rank, self.env.world
         self.dp_rank, self.pp_rank = divmod(self.rank, self.pp)
         self.device = device

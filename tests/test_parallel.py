@@ -357,3 +357,17 @@ def test_two_nodes_slice_within_each_node(tmp_path):
     steady, whole = got[0]["telemetry"][-1], ref["telemetry"][-1]
     pad = steady["offload_uploads"] * (ALIGN // 2) * 4 / 2**20  # as in the test above
     assert 0 <= steady["offload_up_mb"] - whole["offload_up_mb"] / 2 <= pad
+
+
+def test_a_parallel_preset_run_as_one_process_says_which_launcher_to_use(caplog):
+    from zo2.config import ParallelConfig
+    from zo2.parallel import LaunchEnv, Mesh
+
+    with caplog.at_level("WARNING", logger="zo2"):
+        Mesh(ParallelConfig(), torch.device("cpu"), LaunchEnv())  # single: nothing to say
+        assert not caplog.records
+        mesh = Mesh(ParallelConfig(dp=-1), torch.device("cpu"), LaunchEnv())
+    assert (mesh.dp, mesh.pp, mesh.distributed) == (1, 1, False)
+    (record,) = caplog.records
+    assert "started as one process" in record.message
+    assert "torchrun --nproc_per_node=N" in record.message
