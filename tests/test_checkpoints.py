@@ -68,3 +68,37 @@ def test_no_good_checkpoint(tmp_path):
     manager.save(1, _writer(b"a" * 10))
     (manager.path(1) / "weights.bin").write_bytes(b"")
     assert manager.latest() is None
+
+
+def test_an_engine_folder_stores_the_seed_log_once_and_resumes_from_it(tmp_path):
+    """zo2_state.json holds no log: the folder's run.seedlog is the one copy, and a
+    resumed engine continues with exactly the log (and weights) of an uninterrupted one."""
+    import json
+
+    import torch
+    from conftest import make_batch, make_model
+
+    from zo2 import Objective, OptimConfig, ZOEngine
+    from zo2.engine import SEEDLOG_FILE, STATE_FILE
+    from zo2.seedlog import SeedLog
+
+    def engine():
+        return ZOEngine(make_model("llama"), OptimConfig(lr=1e-2, q=2),
+                        Objective("label_words", torch.tensor([5, 9])), seed=3)
+
+    whole, first = engine(), engine()
+    for t in range(4):
+        whole.step(make_batch(seed=t))
+    for t in range(2):
+        first.step(make_batch(seed=t))
+    first.save(tmp_path / "ckpt")
+    assert "log" not in json.loads((tmp_path / "ckpt" / STATE_FILE).read_text())
+    assert SeedLog.load(tmp_path / "ckpt" / SEEDLOG_FILE).records() == [
+        {**r, "grads": [], "lr": 0.0} for r in first.log]  # zo-sgd keeps no grads
+    resumed = engine()
+    resumed.load(tmp_path / "ckpt")
+    for t in range(2, 4):
+        resumed.step(make_batch(seed=t))
+    assert [r["coefs"] for r in resumed.log] == [r["coefs"] for r in whole.log]
+    a, b = resumed.export_state_dict(), whole.export_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

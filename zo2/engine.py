@@ -25,11 +25,9 @@ scratch buffer the size of the largest unit.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,19 +53,16 @@ from zo2.perturb import (
     Resident,
     Slice,
     Wrapped,
+    step_seed,
 )
 from zo2.rules import make_rule
 from zo2.schedule import learning_rate
+from zo2.seedlog import SeedLog
 from zo2.units import find_units, unique_params
 
 STATE_FILE = "zo2_state.json"
 RULE_STATE_FILE = "zo2_rule_state.safetensors"
-
-
-def step_seed(run_seed: int, step: int, direction: int) -> int:
-    """The 64-bit seed of direction ``direction`` at ``step``: a pure function."""
-    digest = hashlib.blake2b(struct.pack("<qqq", run_seed, step, direction), digest_size=8)
-    return int.from_bytes(digest.digest(), "little")
+SEEDLOG_FILE = "run.seedlog"  # the seed log, stored once (not in STATE_FILE)
 
 
 @dataclass
@@ -112,7 +107,8 @@ class ZOEngine:
         self.objective = objective
         self.seed = seed
         self.total_steps = total_steps
-        self.units = find_units(model, tuple(trainable))
+        self.trainable = tuple(trainable)  # the globs: the seed log records them
+        self.units = find_units(model, self.trainable)
         self.params = unique_params(self.units)
         if device is None:
             device = self.params[0].param.device
@@ -331,7 +327,10 @@ class ZOEngine:
             self.model.save_pretrained(path, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(path)
-            (path / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
+            state = self.state_dict()
+            SeedLog.from_engine(self, self.trainable).save(path / SEEDLOG_FILE)
+            state.pop("log")  # stored once, in SEEDLOG_FILE
+            (path / STATE_FILE).write_text(json.dumps(state, indent=2))
             if self.rule.stateful:  # the rule's moments (zo-momentum / zo-adam buffers)
                 save_file({k: v.contiguous().cpu() for k, v in rule_state.items()},
                           path / RULE_STATE_FILE)
@@ -349,6 +348,10 @@ class ZOEngine:
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{state_file} is corrupt: {err}") from None
         self.load_weights(path)
+        if "log" not in state:  # zo2 0.1 folders kept the log in STATE_FILE
+            if not (path / SEEDLOG_FILE).is_file():
+                raise CheckpointError(f"{path} has no seed log ({SEEDLOG_FILE})")
+            state["log"] = SeedLog.load(path / SEEDLOG_FILE).records()
         self.load_state_dict(state)
         if self.rule.stateful:
             rule_file = path / RULE_STATE_FILE

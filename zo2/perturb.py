@@ -49,6 +49,8 @@ each family's stacked forward against separate forwards bit for bit.
 from __future__ import annotations
 
 import functools
+import hashlib
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -58,6 +60,12 @@ import torch
 from zo2 import noise
 from zo2.errors import ModelError
 from zo2.units import TrainableParam, Unit
+
+
+def step_seed(run_seed: int, step: int, direction: int) -> int:
+    """The 64-bit seed of direction ``direction`` at ``step``: a pure function."""
+    digest = hashlib.blake2b(struct.pack("<qqq", run_seed, step, direction), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")
 
 
 @dataclass(frozen=True)

@@ -51,11 +51,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from zo2.config import OptimConfig
-from zo2.engine import step_seed
 from zo2.errors import CheckpointError, ZO2Error
 from zo2.models import load_model, model_identity
 from zo2.noise import DISTS, ROUNDINGS
-from zo2.perturb import PendingUpdate, Update
+from zo2.perturb import PendingUpdate, Update, step_seed
 from zo2.rules import RULES, SETTINGS, Rule, make_rule, settings
 from zo2.units import find_units, unique_params
 
@@ -210,6 +209,15 @@ class SeedLog:
                                 direction=engine.optim.direction,
                                 rounding=engine.optim.rounding, trainable=list(trainable),
                                 dtype=dtype, rule=settings(engine.optim))
+
+    def records(self) -> list[dict]:
+        """The log as :attr:`ZOEngine.log` records (the inverse of :meth:`from_records`;
+        ``grads`` and ``lr`` are empty / 0 where the rule does not keep them)."""
+        return [{"step": step, "seeds": [step_seed(self.seed, step, j) for j in range(len(cs))],
+                 "coefs": list(cs), "decay": decay,
+                 "grads": list(self.grads[i]) if self.grads else [],
+                 "lr": self.lr[i] if self.lr else 0.0}
+                for i, (step, cs, decay) in enumerate(zip(self.steps, self.coefs, self.decay))]
 
     # ---- the file ---------------------------------------------------------------------
     def header(self) -> dict[str, Any]:
