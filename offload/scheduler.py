@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from zo2 import noise
+from zo2.config import OffloadConfig
 from zo2.errors import ConfigError
 from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
@@ -102,16 +103,13 @@ class Offloader:
             ``device``).
         units: the model's units (:func:`zo2.units.find_units`).
         pending: the pending update shared with the perturbation context.
+        config: the offload settings (:class:`~zo2.config.OffloadConfig`): ``ring``
+            (K, the device buffers blocks stream through), ``layers_only`` and
+            ``resident`` (which units stay on the device), ``host_dtype`` and
+            ``wire_dtype`` (a wire narrower than the host copy needs an fp32 host master
+            and moves the update to the host), ``disk_dir`` and ``host_budget_gb`` (blocks
+            beyond the budget are memory-mapped there), ``timing`` (events per transfer).
         device: the compute device.
-        ring: K, the number of device buffers blocks stream through.
-        layers_only: offload only the decoder layers; other units stay resident.
-        resident: glob patterns over unit names that stay resident.
-        host_dtype: dtype of the host copy (None: the model's dtype).
-        wire_dtype: dtype on the bus (None: the host dtype). A narrower one needs an
-            fp32 host master and moves the update to the host.
-        disk_dir: where blocks beyond ``host_budget_gb`` are memory-mapped.
-        host_budget_gb: host memory for blocks when ``disk_dir`` is set.
-        timing: time every transfer with events (for telemetry).
         weights: where parameters still on ``meta`` are read from (a model built
             empty, larger than host memory; :mod:`zo2.offload.checkpoint`).
         slicing: the node's ranks sharing every block's uploads
@@ -121,23 +119,21 @@ class Offloader:
             node's pinned total is checked against the host memory available first.
     """
 
-    def __init__(self, model: nn.Module, units: Sequence[Unit], pending: PendingUpdate, *,
-                 device: Device, ring: int = 2, layers_only: bool = True,
-                 resident: Sequence[str] = (), host_dtype: str | None = None,
-                 wire_dtype: str | None = None, disk_dir: str | None = None,
-                 host_budget_gb: float = 0.0, timing: bool = True,
+    def __init__(self, model: nn.Module, units: Sequence[Unit], pending: PendingUpdate,
+                 config: OffloadConfig, *, device: Device,
                  weights: SafetensorsWeights | None = None,
                  slicing: SliceGroup | None = None, local_ranks: int = 1) -> None:
-        if ring < 1:
-            raise ConfigError(f"offload.ring: must be >= 1, got {ring}")
+        if config.ring < 1:
+            raise ConfigError(f"offload.ring: must be >= 1, got {config.ring}")
         self.device = device
         self.pending = pending
-        self.ring = ring
-        self.timing = timing
+        self.ring = config.ring
+        self.timing = config.timing
         self.stats = TransferStats()
         layers_name, _ = find_layer_list(model)
-        chosen = [(not layers_only or u.name.startswith(layers_name + "."))
-                  and not any(fnmatch.fnmatchcase(u.name, g) for g in resident) for u in units]
+        chosen = [(not config.layers_only or u.name.startswith(layers_name + "."))
+                  and not any(fnmatch.fnmatchcase(u.name, g) for g in config.resident)
+                  for u in units]
         self.blocks, self.resident_units = group_units(model, units, chosen)
         self.slicing = slicing
         if slicing is not None:
@@ -147,8 +143,8 @@ class Offloader:
         compute = {b.compute_dtype for b in self.blocks}
         if len(compute) > 1:
             raise ConfigError("offload: offloaded units must share one dtype")
-        host = _dtype(host_dtype) or (compute.pop() if compute else None)
-        wire = _dtype(wire_dtype) or host
+        host = _dtype(config.host_dtype) or (compute.pop() if compute else None)
+        wire = _dtype(config.wire_dtype) or host
         # The update is applied to the host copy (which is then the master) for a wire
         # narrower than the host copy, and for a rule with per-parameter state, which
         # lives on the host next to the master (zo2.rules): upload only, no write-back.
@@ -157,24 +153,7 @@ class Offloader:
             raise ConfigError(f"offload.wire_dtype: {wire} differs from the host copy "
                               f"({host}); set offload.host_dtype=float32")
         self._holders: dict[torch.dtype, torch.Tensor] = {}
-        self._arena = None
-        allocate = lambda numel, dtype: torch.empty(numel, dtype=dtype)  # noqa: E731
-        budget = host_budget_gb * 2**30
-        in_host = host_blocks(self.blocks, host, disk_dir, budget)  # the rest: on disk
-        size = torch.empty((), dtype=host).element_size() if self.blocks else 0
-        pinned = sum(b.hi - b.lo for b in in_host) * size
-        if device.is_cuda and in_host:  # pinned memory for the blocks kept in host memory
-            # the parameters' own CPU storage (not on meta) is given back as blocks fill
-            freed = sum(e.param.numel() * e.param.element_size() for b in in_host
-                        for e in b.entries if e.param.device.type == "cpu")
-            check_host_memory(local_ranks, pinned, freed=freed)
-            self._arena = PinnedArena(lambda n: device.host_empty(n, torch.uint8),
-                                      largest=max(b.hi - b.lo for b in in_host) * size,
-                                      total=pinned)
-            allocate = self._arena.take
-        suffix = f".slice{slicing.rank}of{slicing.size}" if slicing else ""
-        populate(self.blocks, host, disk_dir, budget, allocate=allocate,
-                 placeholder=self._placeholder, weights=weights, suffix=suffix)
+        self._populate(host, config, weights, local_ranks)
         if weights is not None:
             materialize(model, weights, device.device)  # the resident units
         model.to(device.device)  # resident units, buffers; placeholders are already there
@@ -194,6 +173,30 @@ class Offloader:
         self._gathered = 0  # slicing: bytes all-gathered as of the last report
 
     # ---- construction ---------------------------------------------------------------
+    def _populate(self, host: torch.dtype, config: OffloadConfig,
+                  weights: SafetensorsWeights | None, local_ranks: int) -> None:
+        """Fill the blocks' host copies (in ``host`` dtype): pinned memory on a GPU for
+        the blocks kept in host memory, the rest memory-mapped in ``config.disk_dir``."""
+        device, slicing = self.device, self.slicing
+        self._arena = None
+        allocate = lambda numel, dtype: torch.empty(numel, dtype=dtype)  # noqa: E731
+        disk_dir, budget = config.disk_dir, config.host_budget_gb * 2**30
+        in_host = host_blocks(self.blocks, host, disk_dir, budget)  # the rest: on disk
+        size = torch.empty((), dtype=host).element_size() if self.blocks else 0
+        pinned = sum(b.hi - b.lo for b in in_host) * size
+        if device.is_cuda and in_host:  # pinned memory for the blocks kept in host memory
+            # the parameters' own CPU storage (not on meta) is given back as blocks fill
+            freed = sum(e.param.numel() * e.param.element_size() for b in in_host
+                        for e in b.entries if e.param.device.type == "cpu")
+            check_host_memory(local_ranks, pinned, freed=freed)
+            self._arena = PinnedArena(lambda n: device.host_empty(n, torch.uint8),
+                                      largest=max(b.hi - b.lo for b in in_host) * size,
+                                      total=pinned)
+            allocate = self._arena.take
+        suffix = f".slice{slicing.rank}of{slicing.size}" if slicing else ""
+        populate(self.blocks, host, disk_dir, budget, allocate=allocate,
+                 placeholder=self._placeholder, weights=weights, suffix=suffix)
+
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         """One element on the device; expanded, it stands in for an offloaded parameter."""
         if dtype not in self._holders:

@@ -127,12 +127,8 @@ class ZOEngine:
                               "two- or one-sided estimator and parallel.pp=1")
         if offload is not None and offload.enabled:
             self.residency = Offloader(
-                model, self.units, self.pending, device=Device(self.device), ring=offload.ring,
-                layers_only=offload.layers_only, resident=offload.resident,
-                host_dtype=offload.host_dtype, wire_dtype=offload.wire_dtype,
-                disk_dir=offload.disk_dir, host_budget_gb=offload.host_budget_gb,
-                timing=offload.timing, weights=weights, slicing=self.comm.slicing(),
-                local_ranks=self.comm.local_ranks)
+                model, self.units, self.pending, offload, device=Device(self.device),
+                weights=weights, slicing=self.comm.slicing(), local_ranks=self.comm.local_ranks)
         else:
             if weights is not None:
                 materialize(model, weights, self.device)
