@@ -79,7 +79,7 @@ def correct_fraction(model, tokenizer) -> float:
 @pytest.mark.parametrize("args,line", [
     (["model.name=/nonexistent/model"], "error: model '/nonexistent/model' not found: not a "
      "local folder, 'smollm2-135m', or tiny-<family> with family in opt, llama, qwen2, qwen3, "
-     "mistral"),
+     "mistral, gpt2, gpt_neo, gpt_bigcode"),
     (["task=jsonl", "task.path=/nonexistent/data.jsonl", "model=tiny-llama"],
      "error: data file /nonexistent/data.jsonl not found"),
     (["optim.schedule=bogus"],
