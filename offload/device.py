@@ -28,19 +28,6 @@ class HostEvent:
     def query(self) -> bool:
         return True
 
-    def nvml_keys(self) -> tuple[str | None, str | None]:
-        """(UUID as NVML writes it, ``GPU-...``; PCI bus id ``dddddddd:bb:dd.0``): how
-        NVML finds this GPU whatever ``CUDA_VISIBLE_DEVICES`` did to its index."""
-        props = torch.cuda.get_device_properties(self.device)
-        uuid = getattr(props, "uuid", None)
-        if uuid is not None:
-            uuid = str(uuid)
-            uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-        bus = getattr(props, "pci_bus_id", None)
-        pci = None if bus is None else (f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:"
-                                        f"{getattr(props, 'pci_device_id', 0):02x}.0")
-        return uuid, pci
-
     def synchronize(self) -> None:
         pass
 

@@ -250,6 +250,24 @@ def _combine_kernel(
     _store(out, pos, tl.fma(z, coef, _load(base, pos, mask, BASE_BF16)), mask, OUT_BF16)
 
 
+@triton.jit
+def _update(ptr, pos, mask, acc, table, n_seeds, q0, p0, p1, rk0, rk1, GAUSS: tl.constexpr,
+            OUT_BF16: tl.constexpr, STOCH: tl.constexpr, BLOCK: tl.constexpr):
+    """acc += sum_s coef_s * z_s over the update table's (k0, k1, coef bits) rows, then
+    store it (rounded to nearest, or stochastically with the words of (rk0, rk1))."""
+    for s in range(n_seeds):
+        k0 = tl.load(table + 3 * s)
+        k1 = tl.load(table + 3 * s + 1)
+        c = tl.load(table + 3 * s + 2).to(tl.float32, bitcast=True)
+        z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
+        acc = tl.fma(z, c, acc)
+    if STOCH:
+        x0, x1, x2, x3 = _words(q0, rk0, rk1, p0, p1, BLOCK)
+        _store_sr(ptr, pos, acc, mask, _quads(x0, x1, x2, x3, BLOCK), OUT_BF16)
+    else:
+        _store(ptr, pos, acc, mask, OUT_BF16)
+
+
 @triton.jit(do_not_specialize=["n", "q_lo", "shift", "p0", "p1", "rk0", "rk1", "n_seeds"])
 def _add_kernel(
     w,
@@ -270,17 +288,8 @@ def _add_kernel(
 ):
     q0, pos, mask = _positions(n, q_lo, shift, BLOCK)
     acc = _load(w, pos, mask, OUT_BF16) * decay
-    for s in range(n_seeds):
-        k0 = tl.load(table + 3 * s)
-        k1 = tl.load(table + 3 * s + 1)
-        c = tl.load(table + 3 * s + 2).to(tl.float32, bitcast=True)
-        z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
-        acc = tl.fma(z, c, acc)
-    if STOCH:
-        x0, x1, x2, x3 = _words(q0, rk0, rk1, p0, p1, BLOCK)
-        _store_sr(w, pos, acc, mask, _quads(x0, x1, x2, x3, BLOCK), OUT_BF16)
-    else:
-        _store(w, pos, acc, mask, OUT_BF16)
+    _update(w, pos, mask, acc, table, n_seeds, q0, p0, p1, rk0, rk1, GAUSS, OUT_BF16, STOCH,
+            BLOCK)
 
 
 @triton.jit(do_not_specialize=["n_seeds", "n_segs", "rk0", "rk1"])
@@ -321,17 +330,8 @@ def _add_segments_kernel(
     q0 = q_lo + j * BLOCK
     ptr = w + tl.load(row)
     acc = _load(ptr, pos, mask, OUT_BF16) * tl.where(tl.load(row + 6) != 0, decay, 1.0)
-    for i in range(n_seeds):
-        k0 = tl.load(table + 3 * i)
-        k1 = tl.load(table + 3 * i + 1)
-        c = tl.load(table + 3 * i + 2).to(tl.float32, bitcast=True)
-        z = _z(q0, k0, k1, p0, p1, GAUSS, BLOCK)
-        acc = tl.fma(z, c, acc)
-    if STOCH:
-        x0, x1, x2, x3 = _words(q0, rk0, rk1, p0, p1, BLOCK)
-        _store_sr(ptr, pos, acc, mask, _quads(x0, x1, x2, x3, BLOCK), OUT_BF16)
-    else:
-        _store(ptr, pos, acc, mask, OUT_BF16)
+    _update(ptr, pos, mask, acc, table, n_seeds, q0, p0, p1, rk0, rk1, GAUSS, OUT_BF16, STOCH,
+            BLOCK)
 
 
 def _i32(v: int) -> int:

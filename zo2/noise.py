@@ -294,12 +294,7 @@ def add_(
     ``round_seed`` (see the module docstring); ``"nearest"`` rounds to nearest even.
     """
     flat = _check_common(w, start, dist, "w")
-    seeds = [_check_u64(s, "seed") for s in seeds]
-    coefs = [float(c) for c in coefs]
-    if len(seeds) != len(coefs):
-        raise ValueError(f"{len(seeds)} seeds but {len(coefs)} coefs")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    seeds, coefs = _check_update(seeds, coefs, rounding)
     round_seed = _check_u64(round_seed, "round_seed")
     pkey, gauss = _check_u64(pkey, "pkey"), dist == DISTS[0]
     stoch = rounding == ROUNDINGS[1] and flat.dtype != torch.float32
@@ -321,6 +316,18 @@ def add_(
     )
     _run_cpu(k.add_blocks, _np(flat), *args)
     return w
+
+
+def _check_update(seeds: Sequence[int], coefs: Sequence[float],
+                  rounding: str) -> tuple[list[int], list[float]]:
+    """An update's seeds (u64) and coefficients, one each, and its rounding."""
+    seeds = [_check_u64(s, "seed") for s in seeds]
+    coefs = [float(c) for c in coefs]
+    if len(seeds) != len(coefs):
+        raise ValueError(f"{len(seeds)} seeds but {len(coefs)} coefs")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return seeds, coefs
 
 
 def add_segments_(
@@ -353,12 +360,7 @@ def add_segments_(
             add_(flat[offset: offset + n], seeds, coefs, pkey, start, dist,
                  decay if decays else 1.0, rounding, round_seed)
         return flat
-    seeds = [_check_u64(s, "seed") for s in seeds]
-    coefs = [float(c) for c in coefs]
-    if len(seeds) != len(coefs):
-        raise ValueError(f"{len(seeds)} seeds but {len(coefs)} coefs")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    seeds, coefs = _check_update(seeds, coefs, rounding)
     segments = [(int(o), int(n), _check_u64(k, "pkey"), int(s), bool(d))
                 for o, n, k, s, d in segments if n > 0]
     if segments:
