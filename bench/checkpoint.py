@@ -1,15 +1,16 @@
 """What a run checkpoint costs to write, verify and load, and what the seed log costs instead.
 
 On the embedded SmolLM2-135M-Instruct (fp32, CPU), batch 2 x 32 tokens, loss at the
-last position. A checkpoint is written the way ``zo2.train.run`` writes one:
-``CheckpointManager(root, keep=2).save(step, write)``, with ``write(folder)`` calling
-``engine.save(folder)`` and writing a small run-state JSON. Each save follows an
+last position. A checkpoint is written the way the trainer writes one:
+``RunCheckpoints(root, keep=2, comm).save(step, engine, states)``, which calls
+``engine.save(folder)`` and writes the named states (here a small fixed trainer and data
+state) to ``run_state.json``. Each save follows an
 ``engine.step``, so it has a pending update to apply first, as in a run. The save
 time is split into three parts:
 
 * ``flush``: applying the pending update to the weights (``engine.flush``);
 * ``engine.save``: the state dict export, the safetensors file and the engine state;
-* the rest of ``CheckpointManager.save``: the manifest (fsync and SHA-256 of every
+* the rest of the save: the manifest (fsync and SHA-256 of every
   file), the rename and pruning to ``keep``. ``write_manifest`` is also timed alone
   on the published folder, to show what the hashing costs.
 
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, classification_batch, median, report, timed  # noqa: E402
 
 from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
-from zo2.checkpoints import CheckpointManager, verify, write_manifest  # noqa: E402
+from zo2.checkpoints import RunCheckpoints, verify, write_manifest  # noqa: E402
 from zo2.config import OffloadConfig  # noqa: E402
 from zo2.engine import step_seed  # noqa: E402
 from zo2.models import load_model, model_identity  # noqa: E402
@@ -61,7 +62,29 @@ from zo2.seedlog import SeedLog, replay  # noqa: E402
 MODEL = "smollm2-135m"
 LABELS = (5, 9)
 SEED = 0
-RUN_STATE = "run_state.json"  # the name zo2.train gives it
+
+
+class Fixed:
+    """A :class:`~zo2.checkpoints.Stateful` with a fixed state (the trainer's, the data's)."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+class TimedSave:
+    """The engine as the checkpoint sees it, its ``save`` timed into ``parts``."""
+
+    def __init__(self, engine: ZOEngine, parts: dict) -> None:
+        self.engine, self.parts = engine, parts
+
+    def save(self, folder: Path) -> None:
+        self.parts["engine_save_s"] = timed(lambda: self.engine.save(folder))
 
 
 def make_engine(offload: bool = False) -> ZOEngine:
@@ -76,21 +99,17 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def save_checkpoint(engine: ZOEngine, manager: CheckpointManager) -> dict:
-    """One ``manager.save`` as zo2.train does it, its parts timed; the engine has a
+def save_checkpoint(engine: ZOEngine, checkpoints: RunCheckpoints) -> dict:
+    """One ``checkpoints.save`` as the trainer makes it, its parts timed; the engine has a
     pending update (it just stepped)."""
-    parts: dict[str, float] = {}
-
-    def write(folder: Path) -> None:
-        parts["flush_s"] = timed(engine.flush)
-        parts["engine_save_s"] = timed(lambda: engine.save(folder))
-        state = {"step": engine.step_index, "data": {"epoch": 0, "position": 0},
-                 "best": {"step": 0}, "zero_shot": {}, "config": {}}
-        (folder / RUN_STATE).write_text(json.dumps(state, indent=1))
-
+    parts: dict[str, float] = {"flush_s": timed(engine.flush)}  # the save's first act
     step = engine.step_index
-    total = timed(lambda: manager.save(step, write))
-    folder = manager.path(step)
+    states = {"trainer": Fixed({"step": step, "best": {"step": 0}, "zero_shot": {},
+                                "config": {}}),
+              "data": Fixed({"epoch": 0, "position": 0})}
+    total = parts["flush_s"] + timed(lambda: checkpoints.save(step, TimedSave(engine, parts),
+                                                              states))
+    folder = checkpoints.steps.path(step)
     # Rewriting the published folder's manifest gives the same manifest (same files).
     manifest = timed(lambda: write_manifest(folder, step=step))
     return {"total_s": total, **parts, "publish_s": total - parts["flush_s"]
@@ -123,11 +142,11 @@ def resident(root: Path, batch_seq: int, rounds: int) -> dict:
     engine = make_engine()
     batch = classification_batch(2, batch_seq, engine.model.config.vocab_size, LABELS)
     step_s = [timed(lambda: engine.step(batch))]  # the first of "a couple" of steps
-    manager = CheckpointManager(root, keep=2)
+    checkpoints = RunCheckpoints(root, keep=2, comm=engine.comm)
     saves = []
     for _ in range(rounds):
         step_s.append(timed(lambda: engine.step(batch)))  # leaves a pending update
-        saves.append(save_checkpoint(engine, manager))
+        saves.append(save_checkpoint(engine, checkpoints))
     folder = saves[-1]["folder"]
     fresh = make_engine()
     verify_s, load_s = load_checkpoint(folder, fresh, rounds)
@@ -144,7 +163,7 @@ def offloaded(root: Path, batch: dict, rounds: int) -> dict:
     """One step and one save of the offloaded engine; load into a fresh offloaded one."""
     engine = make_engine(offload=True)
     step_s = timed(lambda: engine.step(batch))
-    save = save_checkpoint(engine, CheckpointManager(root, keep=2))
+    save = save_checkpoint(engine, RunCheckpoints(root, keep=2, comm=engine.comm))
     fresh = make_engine(offload=True)
     verify_s, load_s = load_checkpoint(save["folder"], fresh, rounds)
     assert same_weights(engine, fresh), "the offloaded load differs from the offloaded save"

@@ -41,11 +41,11 @@ def run_adam(overrides: list[str], lr: float) -> dict:
     from omegaconf import OmegaConf
 
     from zo2.config import register
-    from zo2.data.batching import BatchIterator, label_word_ids
+    from zo2.data.batching import BatchIterator, encode, label_word_ids
     from zo2.data.tasks import load_task
     from zo2.loss import Objective, positions_to_keep
     from zo2.models import load_model
-    from zo2.train import _batches, peak_rss_mb
+    from zo2.trainer import peak_rss_mb
 
     register()
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -57,8 +57,12 @@ def run_adam(overrides: list[str], lr: float) -> dict:
     task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
                      balanced=t.balanced)
     objective = Objective(t.objective, candidates=label_word_ids(tok, task.spec))
-    dev = _batches(tok, task.dev, task.spec, cfg.eval_batch_size, t.max_length)
-    test = _batches(tok, task.test, task.spec, cfg.eval_batch_size, t.max_length)
+    def batches(examples) -> list[dict]:  # as the run's pipeline cuts them
+        size = cfg.eval_batch_size
+        return [encode(tok, examples[i: i + size], task.spec, t.max_length)
+                for i in range(0, len(examples), size)]
+
+    dev, test = batches(task.dev), batches(task.test)
     train = BatchIterator(tok, task.train, task.spec, batch_size=cfg.optim.batch_size,
                           seed=cfg.seed, max_length=t.max_length)
 
