@@ -58,9 +58,11 @@ from zo2.config import OffloadConfig
 from zo2.errors import ConfigError
 from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
+from zo2.offload.sliced_state import gather_rule_state, slice_rule_state
 from zo2.offload.store import Block, PinnedArena, group_units, host_blocks, populate
 from zo2.offload.telemetry import TransferStats, gpu_metrics, storage_bytes
-from zo2.perturb import PendingUpdate, Resident
+from zo2.perturb import PendingUpdate
+from zo2.residency import Resident
 from zo2.units import Unit, find_layer_list, unique_params
 
 if TYPE_CHECKING:  # a type only: zo2.parallel.slicing imports zo2.offload
@@ -332,65 +334,25 @@ class Offloader:
                 value.reshape(-1)[a - e.offset: b - e.offset])
 
     def rule_state(self, rule, writer_only: bool = False) -> dict[str, torch.Tensor]:
-        """A stateful update rule's whole state (:mod:`zo2.rules`), for checkpoints.
-
-        With slicing each rank keeps the state of its slice of every block only; the
-        slices are all-gathered block by block like the host masters (a collective:
-        every rank of the node calls it); ``writer_only``: gathered to rank 0 only.
-        """
-        state = rule.state()
+        """A stateful update rule's whole state (:mod:`zo2.rules`), for checkpoints; with
+        slicing gathered from the ranks' slices (:mod:`zo2.offload.sliced_state`)."""
         if self.slicing is None:
-            return state
-        for block in self.blocks:
-            for which in rule.buffers:
-                mine = torch.zeros(block.hi - block.lo, dtype=rule.state_dtype)
-                for e, key, a, b in self._sliced_state(block, rule, which):
-                    kept = rule.portion(key, a - e.offset, b - e.offset)
-                    if kept is not None:
-                        mine[a - block.lo: b - block.lo] = kept
-                # a copy, not arithmetic: bfloat16 travels as float16 bits (gloo has no bf16)
-                wire = mine.view(torch.float16) if mine.dtype == torch.bfloat16 else mine
-                whole = self.slicing.gather_host(wire) if writer_only \
-                    else self.slicing.all_gather_host(wire)
-                if whole is None:
-                    continue  # not the writer
-                whole = whole.view(mine.dtype)
-                for e in block.trainable:
-                    state[rule.key(e.trainable.name, which)] = whole[
-                        e.offset: e.offset + e.numel].clone()
-        return state
+            return rule.state()
+        return gather_rule_state(self.blocks, self.slicing, rule, writer_only)
 
     def load_rule_state(self, rule, tensors: dict[str, torch.Tensor]) -> None:
         """Give a stateful rule its whole state (a checkpoint's); with slicing this rank
-        keeps the part of each offloaded parameter its slice holds, and nothing of the
-        parameters wholly in other ranks' slices."""
+        keeps the part of each offloaded parameter its slice holds."""
         if self.slicing is None:
             rule.load_state(tensors)
             return
-        given, tensors, starts = tensors, dict(tensors), {}
-        for block in self.blocks:
-            for which in rule.buffers:
-                for e in block.trainable:  # offloaded: only the part in this slice stays
-                    tensors.pop(rule.key(e.trainable.name, which), None)
-                for e, key, a, b in self._sliced_state(block, rule, which):
-                    if key in given:
-                        tensors[key] = given[key].reshape(-1)[a - e.offset: b - e.offset].clone()
-                        starts[key] = a - e.offset
-        rule.load_state(tensors, starts)
-
-    @staticmethod
-    def _sliced_state(block: Block, rule, which: str):
-        """(entry, state key, a, b): each trainable entry's flat range [a, b) in this
-        rank's slice of ``block``, with the key of its buffer ``which``."""
-        for e, a, b in block.overlaps(block.lo, block.hi):
-            if e.trainable is not None:
-                yield e, rule.key(e.trainable.name, which), a, b
+        rule.load_state(*slice_rule_state(self.blocks, rule, tensors))
 
     def replicated_tensors(self) -> list[torch.Tensor]:
         """Tensors every rank holds identically (for cross-rank checksums)."""
         self.synchronize()
         hosts = [] if self.slicing else [b.host for b in self.blocks]
-        return self._resident.replicated_tensors() + hosts
+        return [p.param.data for p in self._resident.params] + hosts
 
     def invalidate(self) -> None:
         """Forget device copies (host values were changed from outside)."""

@@ -50,11 +50,11 @@ from zo2.perturb import (
     PendingUpdate,
     PerturbationContext,
     Plan,
-    Resident,
     Slice,
     Wrapped,
     step_seed,
 )
+from zo2.residency import InPlaceWeights, Residency, Resident, WeightStore
 from zo2.rules import make_rule
 from zo2.schedule import learning_rate
 from zo2.seedlog import SeedLog
@@ -125,8 +125,12 @@ class ZOEngine:
                                    or optim.estimator == "one-point" or self.comm.pp != 1):
             raise ConfigError("optim.conservative needs optim.method=zo-sgd, optim.q=1, a "
                               "two- or one-sided estimator and parallel.pp=1")
+        # the hot path (Residency) and the weights' state (WeightStore): the offloader
+        # is both; resident weights are their own parameters
+        self.residency: Residency
+        self.store: WeightStore
         if offload is not None and offload.enabled:
-            self.residency = Offloader(
+            self.residency = self.store = Offloader(
                 model, self.units, self.pending, offload, device=Device(self.device),
                 weights=weights, slicing=self.comm.slicing(), local_ranks=self.comm.local_ranks)
         else:
@@ -134,6 +138,7 @@ class ZOEngine:
                 materialize(model, weights, self.device)
             model.to(self.device)
             self.residency = Resident(self.pending, self.params)
+            self.store = InPlaceWeights(self.params)
         self.context = PerturbationContext(self.pending, self.residency)
         self._wrapped = Wrapped(self.units, self.context)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
@@ -192,7 +197,7 @@ class ZOEngine:
         self.step_index += 1
         every = self.comm.check_every
         if every and self.step_index % every == 0:
-            self.comm.check_in_sync(self.residency.replicated_tensors())
+            self.comm.check_in_sync(self.store.replicated_tensors())
         return result
 
     def _losses(self, batch: Mapping[str, torch.Tensor], plan: Plan) -> list[float]:
@@ -315,10 +320,9 @@ class ZOEngine:
         path = Path(path)
         # with offload slicing every rank takes part, block by block, in gathering the
         # slices to the writer (rank 0); only the writer ends up holding whole blocks
-        sliced = {"writer_only": True} if getattr(self.residency, "slicing", None) else {}
-        state_dict = self.export_state_dict(**sliced)
-        rule_state = self.residency.rule_state(self.rule, **sliced) if self.rule.stateful \
-            else {}
+        state_dict = self.export_state_dict(writer_only=True)
+        rule_state = self.store.rule_state(self.rule, writer_only=True) \
+            if self.rule.stateful else {}
         if self.comm.is_main:
             self.model.save_pretrained(path, state_dict=state_dict)
             if tokenizer is not None:
@@ -354,7 +358,7 @@ class ZOEngine:
             if not rule_file.is_file():
                 raise CheckpointError(f"{path} has no {RULE_STATE_FILE}: it was not made with "
                                       f"optim.method={self.optim.method}")
-            self.residency.load_rule_state(self.rule, load_file(rule_file))
+            self.store.load_rule_state(self.rule, load_file(rule_file))
 
     @torch.no_grad()
     def load_weights(self, path: str | Path) -> None:
@@ -393,8 +397,8 @@ class ZOEngine:
                 f"missing {missing[:3]}, shape mismatch {wrong[:3]}")
         self.pending.set(None)
         for name, tensor in loaded.items():
-            self.residency.assign(own[name], tensor)
-        self.residency.invalidate()
+            self.store.assign(own[name], tensor)
+        self.store.invalidate()
 
     def export_state_dict(self, writer_only: bool = False) -> dict[str, torch.Tensor]:
         """The model's state dict with current values (offloaded ones from host memory).
@@ -403,7 +407,7 @@ class ZOEngine:
         only; on the other ranks they are placeholders.
         """
         self.flush()
-        homes = self.residency.host_tensors(**({"writer_only": True} if writer_only else {}))
+        homes = self.store.host_tensors(writer_only)
         return {k: homes.get(id(v), v.detach())
                 for k, v in self.model.state_dict(keep_vars=True).items()}
 
@@ -413,5 +417,5 @@ class ZOEngine:
         Offloaded parameters get their own tensors again, in host memory.
         """
         self.flush()
-        self.residency.materialize()
+        self.store.materialize()
         self._wrapped.remove()

@@ -53,13 +53,16 @@ import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zo2 import noise
 from zo2.errors import ModelError
 from zo2.units import TrainableParam, Unit
+
+if TYPE_CHECKING:  # zo2.residency imports this module
+    from zo2.residency import Residency
 
 
 def step_seed(run_seed: int, step: int, direction: int) -> int:
@@ -159,77 +162,6 @@ class PendingUpdate:
         """Count ``p`` as updated (its values live elsewhere, e.g. on another rank)."""
         if self.update is not None:
             self._applied.add(id(p))
-
-
-class Residency(Protocol):
-    """Where units' weights live between uses; the offloader (:mod:`zo2.offload`) is one.
-
-    ``acquire(unit)`` makes the unit's parameters hold their current values on the
-    compute device, with the pending update applied; ``release(unit)`` ends that use.
-    """
-
-    def begin_pass(self) -> None: ...
-    def end_pass(self) -> None: ...
-    def acquire(self, unit: Unit) -> None: ...
-    def release(self, unit: Unit) -> None: ...
-    def flush(self) -> None: ...
-    def report(self) -> dict: ...
-    def replicated_tensors(self) -> list[torch.Tensor]: ...
-    def host_tensors(self) -> dict[int, torch.Tensor]: ...
-    def rule_state(self, rule) -> dict[str, torch.Tensor]: ...
-    def load_rule_state(self, rule, tensors: dict[str, torch.Tensor]) -> None: ...
-    def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None: ...
-    def invalidate(self) -> None: ...
-    def materialize(self) -> None: ...
-
-
-class Resident:
-    """Every unit stays on the compute device; the update is applied in place."""
-
-    def __init__(self, pending: PendingUpdate, params: Sequence[TrainableParam]) -> None:
-        self.pending = pending
-        self.params = list(params)
-
-    def begin_pass(self) -> None:
-        pass
-
-    def end_pass(self) -> None:
-        pass
-
-    def acquire(self, unit: Unit) -> None:
-        for p in unit.params:
-            self.pending.apply(p, p.param.data)
-
-    def release(self, unit: Unit) -> None:
-        pass
-
-    def flush(self) -> None:
-        for p in self.params:
-            self.pending.apply(p, p.param.data)
-
-    def report(self) -> dict:
-        return {}
-
-    def replicated_tensors(self) -> list[torch.Tensor]:
-        return [p.param.data for p in self.params]
-
-    def host_tensors(self) -> dict[int, torch.Tensor]:
-        return {}
-
-    def rule_state(self, rule) -> dict[str, torch.Tensor]:
-        return rule.state()
-
-    def load_rule_state(self, rule, tensors: dict[str, torch.Tensor]) -> None:
-        rule.load_state(tensors)
-
-    def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
-        param.data.copy_(value)
-
-    def invalidate(self) -> None:
-        pass
-
-    def materialize(self) -> None:
-        pass
 
 
 class Scratch:
