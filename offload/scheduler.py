@@ -56,8 +56,8 @@ from torch import nn
 from zo2 import noise
 from zo2.config import OffloadConfig
 from zo2.errors import ConfigError
-from zo2.offload.checkpoint import SafetensorsWeights, materialize
 from zo2.offload.device import Device
+from zo2.offload.lazy_weights import SafetensorsWeights, materialize
 from zo2.offload.sliced_state import gather_rule_state, slice_rule_state
 from zo2.offload.store import Block, PinnedArena, group_units, host_blocks, populate
 from zo2.offload.telemetry import TransferStats, gpu_metrics, storage_bytes
@@ -113,7 +113,7 @@ class Offloader:
             beyond the budget are memory-mapped there), ``timing`` (events per transfer).
         device: the compute device.
         weights: where parameters still on ``meta`` are read from (a model built
-            empty, larger than host memory; :mod:`zo2.offload.checkpoint`).
+            empty, larger than host memory; :mod:`zo2.offload.lazy_weights`).
         slicing: the node's ranks sharing every block's uploads
             (:class:`zo2.parallel.slicing.SliceGroup`): this rank keeps, uploads and
             writes back only its slice, and the slices are all-gathered on the devices.

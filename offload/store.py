@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from zo2.errors import ConfigError
-from zo2.offload.checkpoint import assign
 from zo2.offload.disk import DiskBuffer, map_flat, write_flat
+from zo2.offload.lazy_weights import assign
 from zo2.units import TrainableParam, Unit
 
 ALIGN = 64  # elements: every parameter starts on a 256-byte (fp32) boundary

@@ -235,7 +235,7 @@ def test_a_model_built_empty_streams_from_its_checkpoint(tmp_path):
     models larger than host memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from zo2.offload.checkpoint import SafetensorsWeights, empty_model
+    from zo2.offload.lazy_weights import SafetensorsWeights, empty_model
 
     make_model("mistral", layers=3).save_pretrained(tmp_path / "ckpt")
     resident = engine_for(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval())

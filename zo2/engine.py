@@ -42,7 +42,7 @@ from zo2.errors import CheckpointError, ConfigError
 from zo2.estimators import make_estimator
 from zo2.loss import Objective, positions_to_keep
 from zo2.offload import Device, Offloader
-from zo2.offload.checkpoint import materialize
+from zo2.offload.lazy_weights import materialize
 from zo2.offload.telemetry import gpu_metrics
 from zo2.parallel.comm import LocalComm
 from zo2.perturb import (
@@ -91,7 +91,7 @@ class ZOEngine:
         offload: ZO2 offloading (:class:`~zo2.config.OffloadConfig`); off when None.
         device: the compute device (default: where the model's parameters are).
         weights: for a model built empty (parameters on ``meta``), where to read them
-            (:class:`zo2.offload.checkpoint.SafetensorsWeights`); with offloading, one
+            (:class:`zo2.offload.lazy_weights.SafetensorsWeights`); with offloading, one
             block at a time, so the model never has to fit in host memory.
         comm: DistZO2 collectives (:class:`zo2.parallel.comm.Comm` over a mesh); one
             process when None.

@@ -28,7 +28,7 @@ import torch
 
 from zo2 import choices
 from zo2.errors import ConfigError, ModelError
-from zo2.offload.checkpoint import empty_model
+from zo2.offload.lazy_weights import empty_model
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from zo2.data.tasks import load_task
 from zo2.engine import StepResult, ZOEngine
 from zo2.errors import ConfigError, TrainingError
 from zo2.models import check_context, load_model, model_identity, weights_folder
-from zo2.offload.checkpoint import SafetensorsWeights
+from zo2.offload.lazy_weights import SafetensorsWeights
 from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
 from zo2.seedlog import SeedLog
 from zo2.tracking import MetricsLogger, plot_curves
