@@ -1,9 +1,10 @@
 """One mesh object: validates the parallel degrees and builds every process group.
 
-The world is a ``dp x pp`` grid (``torch.distributed.device_mesh``, dims ``"dp"`` and
-``"pp"``); rank ``r`` sits at ``dp_rank = r // pp``, ``pp_rank = r % pp``, so the ranks
-of a perturbation group are neighbours (on one node when ``pp`` divides the GPUs per
-node). Besides the mesh:
+The world is a ``dp x pp`` grid; rank ``r`` sits at ``dp_rank = r // pp``,
+``pp_rank = r % pp``, so the ranks of a perturbation group are neighbours (on one node
+when ``pp`` divides the GPUs per node). ZO communicates scalars only, so no device
+group per grid dimension is built (a ``DeviceMesh`` would create NCCL communicators no
+collective uses); the groups are:
 
 * a *host group* (gloo) for the few scalars ZO communicates (losses, evaluation sums,
   checksums), so they never need a device tensor, also when the mesh uses NCCL;
@@ -126,8 +127,7 @@ class Mesh:
         self.rank, self.world = self.env.rank, self.env.world
         self.dp_rank, self.pp_rank = divmod(self.rank, self.pp)
         self.device = device
-        self.device_mesh = None
-        self.dp_group = self.pp_group = self.host_group = None
+        self.host_group = None
         self.slice_group = self.slice_host_group = None
         self.save_group = None
         if self.world > 1:
@@ -148,17 +148,11 @@ class Mesh:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
     def _init_groups(self) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-
         timeout = timedelta(seconds=self.config.timeout_s)
         if not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(self.backend, timeout=timeout, **_attempt_store(timeout))
-        self.device_mesh = init_device_mesh(self.device.type, (self.dp, self.pp),
-                                            mesh_dim_names=("dp", "pp"))
-        self.dp_group = self.device_mesh.get_group("dp")
-        self.pp_group = self.device_mesh.get_group("pp")
         if dist.get_backend() == "gloo":
             self.host_group = dist.group.WORLD
         else:
