@@ -90,6 +90,7 @@ from common import RESULTS, classification_batch, report  # noqa: E402
 
 from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
 from zo2.config import OffloadConfig  # noqa: E402
+from zo2.offload.store import host_available_bytes  # noqa: E402
 
 LABELS = (5, 9)
 VOCAB = 50272
@@ -200,16 +201,6 @@ def pinned_gb(dev: torch.device) -> float | None:
         return torch.cuda.host_memory_stats()["allocated_bytes.current"] / 1e9
     except Exception:  # older torch: no host allocator statistics
         return None
-
-
-def host_available_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def pow2ceil(n: int) -> int:

@@ -59,7 +59,14 @@ from zo2.errors import ConfigError
 from zo2.offload.device import Device
 from zo2.offload.lazy_weights import SafetensorsWeights, materialize
 from zo2.offload.sliced_state import gather_rule_state, slice_rule_state
-from zo2.offload.store import Block, PinnedArena, group_units, host_blocks, populate
+from zo2.offload.store import (
+    Block,
+    PinnedArena,
+    check_host_memory,
+    group_units,
+    host_blocks,
+    populate,
+)
 from zo2.offload.telemetry import TransferStats, gpu_metrics, storage_bytes
 from zo2.perturb import PendingUpdate
 from zo2.residency import Resident
@@ -612,40 +619,3 @@ class Offloader:
         slot = self._slot_of(block)
         if slot is not None and slot.users == 0:
             self._drop(slot)  # its device copy predates the update
-
-
-def check_host_memory(local_ranks: int, pinned_bytes: int, available: int | None = None,
-                      freed: int = 0) -> None:
-    """ConfigError when the node's ranks would pin more host memory than is available.
-
-    Page-locked memory cannot be swapped out: ``local_ranks`` processes pinning
-    ``pinned_bytes`` each beyond what the host has would end in the OOM killer, after
-    minutes of loading. ``available``: bytes (default: ``MemAvailable`` of
-    ``/proc/meminfo``; no check where it cannot be read); ``freed``: bytes each rank
-    gives back while pinning (its model's own CPU copy of the offloaded parameters).
-    """
-    if available is None:
-        available = host_available_bytes()
-    if available is not None:
-        available += local_ranks * freed
-    need = local_ranks * pinned_bytes
-    if available is None or need <= available:
-        return
-    raise ConfigError(
-        f"offload: {local_ranks} rank(s) on this node would pin {local_ranks} x "
-        f"{pinned_bytes / 2**30:.1f} GiB = {need / 2**30:.1f} GiB of host memory, but only "
-        f"{available / 2**30:.1f} GiB are available: turn on parallel.slicing (each rank "
-        f"keeps 1/N of the model; needs GPUs with peer access), put blocks on disk "
-        f"(offload.disk_dir with offload.host_budget_gb), or run fewer ranks per node")
-
-
-def host_available_bytes() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

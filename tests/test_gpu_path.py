@@ -243,7 +243,7 @@ def test_pinned_arena_is_sized_from_the_blocks_kept_in_host_memory():
 
 def test_node_pinning_more_than_the_host_has_is_a_clear_error():
     from zo2.errors import ConfigError
-    from zo2.offload.scheduler import check_host_memory
+    from zo2.offload.store import check_host_memory
 
     check_host_memory(8, 10 * 2**30, available=80 * 2**30)  # fits exactly
     with pytest.raises(ConfigError, match=r"8 rank\(s\) on this node would pin 8 x 10.0 GiB"
