@@ -46,6 +46,7 @@ and events are wall-clock stamps.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -146,6 +147,7 @@ class Offloader:
         self.blocks, self.resident_units = group_units(model, units, chosen)
         self.slicing = slicing
         if slicing is not None:
+            check_same_blocks(self.blocks, slicing)
             for block in self.blocks:
                 block.shard(slicing.rank, slicing.size)
         self._block_of = {id(u): b for b in self.blocks for u in b.units}
@@ -619,3 +621,17 @@ class Offloader:
         slot = self._slot_of(block)
         if slot is not None and slot.users == 0:
             self._drop(slot)  # its device copy predates the update
+
+
+def check_same_blocks(blocks: Sequence[Block], slicing: SliceGroup) -> None:
+    """Once, before any slice moves: every rank of the slice group cut the model into
+    the same blocks (names and sizes, in order), or a ConfigError on every rank; ranks
+    that disagreed would exchange slices of different tensors without noticing."""
+    layout = ";".join(f"{b.name}:{b.numel}:{b.compute_dtype}" for b in blocks)
+    digest = hashlib.blake2b(layout.encode(), digest_size=8).digest()
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+    every = slicing.all_gather_host(mine)
+    if not bool((every == mine).all()):
+        raise ConfigError(f"offload slicing: the {slicing.size} ranks of this node cut the "
+                          "model into different blocks (another model, trainable set or "
+                          "offload setting on some rank); every rank must run the same config")

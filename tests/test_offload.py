@@ -298,3 +298,24 @@ def test_stochastic_rounding_offloaded_equals_resident_and_keeps_small_updates()
     slope = float((moved * expected).sum() / (expected * expected).sum())
     assert 0.7 < slope < 1.3, slope  # nearest rounding would give 0
     assert float((moved != 0).double().mean()) > 0.05
+
+
+def test_slice_ranks_check_once_that_they_cut_the_same_blocks():
+    from zo2.errors import ConfigError
+    from zo2.offload.scheduler import check_same_blocks
+
+    blocks = engine_for(make_model("llama", layers=2),
+                        OffloadConfig(enabled=True, ring=1)).residency.blocks
+
+    class Peers:  # two ranks' all-gather: the peer's digest as given
+        size = 2
+
+        def __init__(self, peer_delta: int) -> None:
+            self.delta = peer_delta
+
+        def all_gather_host(self, mine):
+            return torch.cat([mine, mine + self.delta])
+
+    check_same_blocks(blocks, Peers(0))
+    with pytest.raises(ConfigError, match="cut the model into different blocks"):
+        check_same_blocks(blocks, Peers(1))
