@@ -1,9 +1,11 @@
 """The offload scheduler: streams blocks through a ring of K device buffers.
 
-One object owns the upload and write-back streams, the ring, the staging buffers and
-every event. The unit wrapper of :mod:`zo2.perturb` calls :meth:`Offloader.acquire`
-before a unit runs and :meth:`Offloader.release` after; the engine brackets each
-forward with :meth:`begin_pass` / :meth:`end_pass`.
+The offloader owns the ring and the order blocks go through it (prefetching the order
+the last pass used); :class:`~zo2.offload.transfers.Transfers` owns what crosses the
+bus (the upload and write-back streams, their events, the staging buffers). The unit
+wrapper of :mod:`zo2.perturb` calls :meth:`Offloader.acquire` before a unit runs and
+:meth:`Offloader.release` after; the engine brackets each forward with
+:meth:`begin_pass` / :meth:`end_pass`.
 
 Timeline of block i in a step (K >= 2, a GPU)::
 
@@ -48,7 +50,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,37 +69,14 @@ from zo2.offload.store import (
     host_blocks,
     populate,
 )
-from zo2.offload.telemetry import TransferStats, gpu_metrics, storage_bytes
+from zo2.offload.telemetry import gpu_metrics, storage_bytes
+from zo2.offload.transfers import Slot, Transfers
 from zo2.perturb import PendingUpdate
 from zo2.residency import Resident
 from zo2.units import Unit, find_layer_list, unique_params
 
 if TYPE_CHECKING:  # a type only: zo2.parallel.slicing imports zo2.offload
     from zo2.parallel.slicing import SliceGroup
-
-
-@dataclass(eq=False)
-class _Slot:
-    store: torch.Tensor  # flat device buffer in the transfer dtype
-    work: torch.Tensor  # flat device buffer in the compute dtype (may be ``store``)
-    block: Block | None = None
-    ready: object = None  # upload finished
-    free: object = None  # the last use of ``store`` finished (compute or write-back)
-    users: int = 0
-    dirty: bool = False  # updated on the device, not yet written back
-    work_current: bool = False  # ``work`` holds ``store``'s values
-    tick: int = 0
-
-
-STAGE_ON_CPU = False  # tests: run the disk tier's staging path on the CPU too
-
-
-@dataclass(eq=False)
-class _Staging:
-    buf: torch.Tensor  # pinned host buffer in the wire dtype (disk tier: the host dtype)
-    copied: object = None  # the copy reading or filling it finished
-    landing: Block | None = None  # disk tier: a write-back of this block waits in ``buf``
-    count: int = 0  # elements of that write-back
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -139,7 +117,6 @@ class Offloader:
         self.pending = pending
         self.ring = config.ring
         self.timing = config.timing
-        self.stats = TransferStats()
         layers_name, _ = find_layer_list(model)
         chosen = [(not config.layers_only or u.name.startswith(layers_name + "."))
                   and not any(fnmatch.fnmatchcase(u.name, g) for g in config.resident)
@@ -171,16 +148,15 @@ class Offloader:
         self._resident = Resident(pending, unique_params(self.resident_units))
         self._entry_of = {id(e.param): (b, e) for b in self.blocks for e in b.entries}
         self._slots = self._make_ring(wire)
-        self._staging = self._make_staging(wire)
-        self._upload_stream = device.new_stream()
-        self._down_stream = device.new_stream()
-        self._written: dict[int, object] = {}  # id(block) -> its last write-back event
+        self.transfers = Transfers(device, self.blocks, ring=self.ring, wire=wire,
+                                   master_on_host=self.master_on_host, timing=self.timing,
+                                   slicing=slicing)
+        self.stats = self.transfers.stats  # bytes, bandwidth and stalls (telemetry)
         self._model = model
         self._order: list[Block] = list(self.blocks)
         self._trace: list[Block] = []
         self._cursor = -1
         self._tick = 0
-        self._stage_index = 0
         self._gathered = 0  # slicing: bytes all-gathered as of the last report
 
     # ---- construction ---------------------------------------------------------------
@@ -214,7 +190,7 @@ class Offloader:
             self._holders[dtype] = torch.zeros(1, dtype=dtype, device=self.device.device)
         return self._holders[dtype]
 
-    def _make_ring(self, wire: torch.dtype | None) -> list[_Slot]:
+    def _make_ring(self, wire: torch.dtype | None) -> list[Slot]:
         if not self.blocks:
             return []
         numel = max(b.numel for b in self.blocks)
@@ -224,42 +200,8 @@ class Offloader:
         for _ in range(min(self.ring, len(self.blocks))):
             store = self.device.empty(numel, transfer)
             work = store if transfer == compute else self.device.empty(numel, compute)
-            slots.append(_Slot(store, work))
+            slots.append(Slot(store, work))
         return slots
-
-    def _make_staging(self, wire: torch.dtype | None) -> list[_Staging]:
-        """Pinned buffers between host copies and the bus: for the compressed wire (the
-        cast), and for blocks on disk (a mapping is pageable memory)."""
-        on_disk = [b for b in self.blocks if b.disk is not None]
-        if not (self.device.is_cuda or STAGE_ON_CPU and not self.master_on_host) \
-                or not (self.master_on_host or on_disk):
-            return []
-        staged = self.blocks if self.master_on_host else on_disk
-        dtype = wire if self.master_on_host else staged[0].host.dtype
-        numel = max(b.hi - b.lo for b in staged)
-        return [_Staging(self.device.host_empty(numel, dtype)) for _ in range(self.ring)]
-
-    def _stage(self) -> _Staging:
-        """The next staging buffer, free: its last copy done, its write-back landed."""
-        stage = self._staging[self._stage_index % len(self._staging)]
-        self._stage_index += 1
-        self._land(stage)
-        return stage
-
-    def _land(self, stage: _Staging) -> None:
-        """Wait for the buffer's last copy; a write-back in it goes on into its mapping."""
-        if stage.copied is not None:
-            stage.copied.synchronize()  # a host wait: the host touches the buffer next
-            stage.copied = None
-        if stage.landing is not None:
-            stage.landing.host[: stage.count].copy_(stage.buf[: stage.count])
-            stage.landing = None
-
-    def _land_block(self, block: Block) -> None:
-        """Before the host reads ``block`` (or uploads it): its staged write-back lands."""
-        for stage in self._staging:
-            if stage.landing is block:
-                self._land(stage)
 
     # ---- the residency protocol (called by the unit wrapper and the engine) ----------
     def begin_pass(self) -> None:
@@ -366,31 +308,14 @@ class Offloader:
     def invalidate(self) -> None:
         """Forget device copies (host values were changed from outside)."""
         self.synchronize()
-        self._quiesce()
+        self.transfers.quiesce()
         for slot in self._slots:
             if slot.users == 0:
                 self._drop(slot)
 
-    def _quiesce(self) -> None:
-        """Order the compute stream after all uploads and write-backs queued so far
-        (event waits, no host block): ring buffers dropped or freed after this are
-        reused only once the side streams are done with them."""
-        compute = self.device.compute_stream()
-        for stream in (self._upload_stream, self._down_stream):
-            self.device.wait(compute, self.device.record(stream) if stream is not None
-                             else None)
-
     def synchronize(self) -> None:
         """Wait until every write-back has landed in host memory (outside the hot path)."""
-        for event in self._written.values():
-            event.synchronize()
-        self._written.clear()
-        for stage in self._staging:
-            if stage.landing is not None:
-                self._land(stage)
-        for block in self.blocks:
-            if block.disk is not None:
-                block.disk.sync()
+        self.transfers.synchronize(self.blocks)
 
     def materialize(self) -> None:
         """Give every offloaded parameter its own CPU tensor again (on close)."""
@@ -399,7 +324,7 @@ class Offloader:
             whole = self._whole(block)
             for e in block.entries:
                 e.param.data = block.view(whole, e).to(e.param.dtype, copy=True)
-        self._quiesce()  # the ring is freed to the compute stream's allocator next
+        self.transfers.quiesce()  # the ring is freed to the compute stream's allocator next
         self._slots = []
 
     def _whole(self, block: Block) -> torch.Tensor:
@@ -462,7 +387,7 @@ class Offloader:
             if block.disk is not None:
                 block.disk.prefetch()
 
-    def _load(self, block: Block) -> _Slot:
+    def _load(self, block: Block) -> Slot:
         """The slot holding ``block``, current and updated, ready on the compute stream."""
         slot = self._slot_of(block)
         if slot is not None and self._needs_update(block):
@@ -474,27 +399,27 @@ class Offloader:
                 raise RuntimeError(f"offload: no free device buffer for {block.name} "
                                    f"(ring={self.ring} is too small for nested units)")
             self._upload(block, slot)
-        self._wait_ready(slot)
+        self.transfers.wait_ready(slot)
         if not slot.work_current:
             slot.work.copy_(slot.store)
             slot.work_current = True
         return slot
 
-    def _finish(self, slot: _Slot) -> None:
+    def _finish(self, slot: Slot) -> None:
         """The compute stream is done with ``slot``: write it back if it was updated."""
         self._tick += 1
         slot.tick = self._tick
         slot.free = self.device.record(self.device.compute_stream())
         if slot.dirty:
-            self._write_back(slot.block, slot)
+            self.transfers.write_back(slot.block, slot)
 
-    def _slot_of(self, block: Block) -> _Slot | None:
+    def _slot_of(self, block: Block) -> Slot | None:
         for slot in self._slots:
             if slot.block is block:
                 return slot
         return None
 
-    def _take_slot(self, block: Block, keep: Sequence[Block] = ()) -> _Slot | None:
+    def _take_slot(self, block: Block, keep: Sequence[Block] = ()) -> Slot | None:
         """The least recently used idle slot whose block is not about to be used."""
         keep_ids = {id(b) for b in keep if b is not block}
         idle = [s for s in self._slots
@@ -505,46 +430,23 @@ class Offloader:
         self._drop(slot)
         return slot
 
-    def _drop(self, slot: _Slot) -> None:
+    def _drop(self, slot: Slot) -> None:
         if slot.block is not None and slot.dirty:
-            self._write_back(slot.block, slot)
+            self.transfers.write_back(slot.block, slot)
         slot.block = None
         slot.work_current = False
 
     def _needs_update(self, block: Block) -> bool:
         return any(self.pending.needs(e.trainable) for e in block.trainable)
 
-    # ---- transfers ------------------------------------------------------------------
-    def _upload(self, block: Block, slot: _Slot) -> None:
-        """Host -> slot: this rank's slice, with the pending update, then the others'."""
+    # ---- transfers (the bus itself: zo2.offload.transfers) ------------------------------
+    def _upload(self, block: Block, slot: Slot) -> None:
+        """Host -> slot, with the pending update: on the host master, or on the way up."""
         if self.master_on_host:
             self._update_on_host(block)
-        lo, hi = block.lo, block.hi
-        source = block.host
-        stage = None
-        if self._staging and (self.master_on_host or block.disk is not None):
-            self._land_block(block)  # its last write-back, still in a staging buffer
-            stage = self._stage()
-            stage.buf[: hi - lo].copy_(block.host)  # the wire cast / out of the mapping
-            source = stage.buf[: hi - lo]
-        stream = self._upload_stream
-        self.device.wait(stream, slot.free)
-        self.device.wait(stream, self._written.get(id(block)))
-        with self.device.on(stream):
-            start = self.device.record(stream, self.timing)
-            slot.store[lo:hi].copy_(source, non_blocking=True)
-            uploaded = self.device.record(stream, self.timing)
-            dirty = not self.master_on_host and self._needs_update(block)
-            if dirty:  # the previous step's update, fused into the upload
-                self._apply_update(block, slot.store[lo:hi], lo)
-            if self.slicing is not None:
-                self.slicing.all_gather(slot.store[: block.numel])
-            slot.ready = self.device.record(stream, self.timing)
-        if stage is not None:
-            stage.copied = slot.ready
-        if self.timing:
-            self.stats.add("up", (hi - lo) * slot.store.element_size(), start, uploaded)
-        slot.block, slot.dirty, slot.work_current = block, dirty, slot.work is slot.store
+        dirty = not self.master_on_host and self._needs_update(block)
+        self.transfers.upload(block, slot, (lambda flat, base: self._apply_update(
+            block, flat, base)) if dirty else None)
 
     def _apply_update(self, block: Block, flat: torch.Tensor, base: int) -> None:
         """Apply the pending update to ``flat``, elements ``[base, base+len)`` of the block.
@@ -575,46 +477,9 @@ class Offloader:
                                 dist=self.pending.dist, decay=update.decay,
                                 rounding=self.pending.rounding, round_seed=update.round_seed)
 
-    def _wait_ready(self, slot: _Slot) -> None:
-        compute = self.device.compute_stream()
-        if not self.timing:
-            self.device.wait(compute, slot.ready)
-            return
-        before = self.device.record(compute, True)
-        self.device.wait(compute, slot.ready)
-        self.stats.add("wait", 0, before, self.device.record(compute, True))
-
-    def _write_back(self, block: Block, slot: _Slot) -> None:
-        """Slot -> host: the trainable prefix of this rank's slice (frozen parts never)."""
-        slot.dirty = False
-        lo, hi = block.lo, min(block.hi, block.trained_end)
-        if hi <= lo:
-            return  # this rank's slice holds frozen parameters only
-        stream = self._down_stream
-        self.device.wait(stream, slot.ready)  # its upload (and the update riding it)
-        self.device.wait(stream, slot.free)  # and its last use
-        stage = None
-        if self._staging and block.disk is not None:  # into pinned memory, then the map
-            self._land_block(block)
-            stage = self._stage()
-        target = block.host if stage is None else stage.buf
-        with self.device.on(stream):
-            start = self.device.record(stream, self.timing)
-            target[: hi - lo].copy_(slot.store[lo:hi], non_blocking=True)
-            done = self.device.record(stream, self.timing)
-        if stage is not None:
-            stage.copied, stage.landing, stage.count = done, block, hi - lo
-        slot.free = done
-        self._written[id(block)] = done
-        if self.timing:
-            self.stats.add("down", (hi - lo) * slot.store.element_size(), start, done)
-
     def _update_on_host(self, block: Block) -> None:
         """Apply the pending update to the fp32 host master (compressed-wire mode)."""
-        event = self._written.pop(id(block), None)
-        if event is not None:
-            event.synchronize()
-        self._land_block(block)
+        self.transfers.wait_written(block)
         if not self._needs_update(block):
             return
         self._apply_update(block, block.host, block.lo)

@@ -191,9 +191,9 @@ def test_the_engine_and_the_gpu_kernels_import_without_cpu_only_packages(tmp_pat
 def test_disk_tier_stages_through_pinned_buffers_and_matches_resident(tmp_path, monkeypatch):
     """A mapping is pageable memory: on a GPU, blocks on disk go up and come back
     through the ring of staging buffers (run here on the CPU with the same code)."""
-    from zo2.offload import scheduler
+    from zo2.offload import transfers
 
-    monkeypatch.setattr(scheduler, "STAGE_ON_CPU", True)
+    monkeypatch.setattr(transfers, "STAGE_ON_CPU", True)
     batches = [make_batch(seed=i) for i in range(6)]
     model = make_model("qwen2", layers=4)
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
@@ -213,12 +213,13 @@ def test_disk_tier_stages_through_pinned_buffers_and_matches_resident(tmp_path, 
                           offload=offload)
         if offload is not None:
             res = engine.residency
-            assert len(res._staging) == 2 and sum(b.disk is not None for b in res.blocks) == 3
-            watch(res, res._land)
+            bus = res.transfers
+            assert len(bus.staging) == 2 and sum(b.disk is not None for b in res.blocks) == 3
+            watch(bus, bus._land)
         losses = [engine.step(b).losses for b in batches]
         runs.append((losses, {k: v.clone() for k, v in engine.export_state_dict().items()}))
     assert any(b is not None and b.disk is not None for b in landed)  # write-backs landed
-    assert all(s.landing is None for s in res._staging)  # export waited for every one
+    assert all(s.landing is None for s in bus.staging)  # export waited for every one
     (la, wa), (lb, wb) = runs
     assert la == lb and all(torch.equal(wa[k], wb[k]) for k in wa)
     disk_block = next(b for b in res.blocks if b.disk is not None)
@@ -281,10 +282,10 @@ def test_write_back_waits_for_its_slots_upload_and_freed_rings_for_the_side_stre
     res.device.wait = lambda stream, event: waited.append(event)  # this instance only
     slot = next(s for s in res._slots if s.block is not None)
     ready, free = slot.ready, slot.free = object(), object()
-    res._write_back(slot.block, slot)
+    res.transfers.write_back(slot.block, slot)
     assert waited[:2] == [ready, free]
     quiesced = []
-    res._quiesce = lambda: quiesced.append(len(res._slots))
+    res.transfers.quiesce = lambda: quiesced.append(len(res._slots))
     res.invalidate()
     res.materialize()
     assert quiesced == [2, 2] and res._slots == []  # before the ring was let go
@@ -354,8 +355,9 @@ def test_saving_with_slicing_gathers_to_the_writer_and_waits_with_its_own_timeou
 
 HOT_PATH = {  # file -> functions that run for every unit of every step
     "offload/scheduler.py": ("acquire", "release", "begin_pass", "end_pass", "_prefetch",
-                             "_load", "_finish", "_upload", "_apply_update", "_wait_ready",
-                             "_write_back", "_take_slot", "_drop", "_advance"),
+                             "_load", "_finish", "_upload", "_apply_update", "_take_slot",
+                             "_drop", "_advance"),
+    "offload/transfers.py": ("upload", "wait_ready", "write_back"),
     "zo2/_noise_triton.py": ("_launch", "_on_device", "_table", "_segments", "fill",
                              "combine", "add_", "add_segments_"),
     "zo2/rules.py": ("estimate", "scratch", "apply", "chunk", "step", "stream_of"),
