@@ -12,30 +12,33 @@ a new estimator is a new class here, in :data:`ESTIMATORS`, and its name in
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from zo2.perturb import Plan, Slice
 
 
-class Estimator:
+class Estimator(ABC):
     """The interface, and the stateless default for ``observe`` and the state."""
 
     name = ""
 
+    @abstractmethod
     def plan(self, seeds: Sequence[int], eps: float) -> Plan:
-        raise NotImplementedError
+        """The slices of the step's stacked batch for these seeds."""
 
+    @abstractmethod
     def grads(self, losses: Sequence[float], eps: float) -> list[float]:
-        raise NotImplementedError
+        """One projected gradient per seed from the slices' losses (plan order)."""
 
-    def observe(self, losses: Sequence[float]) -> None:
+    def observe(self, losses: Sequence[float]) -> None:  # noqa: B027 (stateless: nothing)
         """The losses of a step whose update was applied (finite)."""
 
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 (stateless: nothing)
+        """Restore what :meth:`state_dict` returned."""
 
 
 class TwoSided(Estimator):
