@@ -49,8 +49,6 @@ from zo2.perturb import Update
 from zo2.units import TrainableParam
 
 # each rule and the OptimConfig fields it reads besides lr (e.g. for a seed log's header)
-SETTINGS = RULE_SETTINGS  # each rule's own settings (zo2.choices)
-RULES = METHODS
 
 
 class Rule:
@@ -304,14 +302,14 @@ def make_rule(optim: OptimConfig) -> Rule:
         return Adam(optim.beta1, optim.beta2, optim.adam_eps, state_dtype)
     if optim.method == "zo-sign":
         return Sign()
-    raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(RULES)}")
+    raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(METHODS)}")
 
 
 def settings(optim: OptimConfig) -> dict:
     """``optim.method`` and the fields its rule reads: enough to rebuild the rule."""
-    if optim.method not in SETTINGS:
-        raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(RULES)}")
-    return {"method": optim.method, **{k: getattr(optim, k) for k in SETTINGS[optim.method]}}
+    if optim.method not in RULE_SETTINGS:
+        raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(METHODS)}")
+    return {"method": optim.method, **{k: getattr(optim, k) for k in RULE_SETTINGS[optim.method]}}
 
 
 def state_bytes(rule: Rule, numel: int) -> int:

@@ -50,12 +50,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from zo2.choices import METHODS, RULE_SETTINGS
 from zo2.config import OptimConfig
 from zo2.errors import CheckpointError, ZO2Error
 from zo2.models import load_model, model_identity
 from zo2.noise import DISTS, ROUNDINGS
 from zo2.perturb import PendingUpdate, Update, step_seed
-from zo2.rules import RULES, SETTINGS, Rule, make_rule, settings
+from zo2.rules import Rule, make_rule, settings
 from zo2.units import find_units, unique_params
 
 FORMAT = "zo2-seedlog"
@@ -110,8 +111,8 @@ class SeedLog:
         self.lr = [float(x) for x in self.lr]
         self.rule = dict(self.rule)
         method = self.rule.get("method")
-        if method not in RULES or set(self.rule) - {"method", *SETTINGS[method]}:
-            raise ValueError(f"rule: {self.rule!r} is not the settings of one of {RULES}")
+        if method not in METHODS or set(self.rule) - {"method", *RULE_SETTINGS[method]}:
+            raise ValueError(f"rule: {self.rule!r} is not the settings of one of {METHODS}")
         if self.needs_grads and not (len(self.grads) == len(self.lr) == len(self.steps)):
             raise ValueError(f"a {self.rule['method']} log needs the grads and lr of every "
                              f"record: {len(self.steps)} steps, {len(self.grads)} grads, "
