@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from zo2 import _noise_cpu, noise
+from zo2 import _noise_cpu, noise, noise_reference
 
 # The float32 Gaussian kernel against the float64 specification (reference_z). z = r*c,
 # r = sqrt(-2 ln u) <= sqrt(48 ln 2) = 5.77, c = cos or sin of theta in [-pi/4, pi/4] after
@@ -53,7 +53,7 @@ def _check(got: torch.Tensor, ref: np.ndarray, dist: str) -> None:
 
 @pytest.mark.parametrize("ctr,key,expected", KAT)
 def test_philox_known_answers(ctr, key, expected):
-    ref = noise.philox4x32_reference(np.array([ctr], dtype=np.uint32), key)[0]
+    ref = noise_reference.philox4x32_reference(np.array([ctr], dtype=np.uint32), key)[0]
     assert tuple(int(v) for v in ref) == expected
     assert tuple(int(v) for v in _noise_cpu.philox4x32(*ctr, *key)) == expected
 
@@ -72,7 +72,7 @@ def test_param_key():
 def test_numba_matches_reference(dist, n, start):
     for seed, pkey in ((0, 0), (2**64 - 1, KEY), (12345, 2**63 + 7)):
         got = _fill(n, seed, pkey, start, dist)
-        _check(got, noise.reference_fill(n, seed, pkey, start, dist), dist)
+        _check(got, noise_reference.reference_fill(n, seed, pkey, start, dist), dist)
 
 
 @pytest.mark.parametrize("dist", DISTS)
@@ -116,7 +116,7 @@ def test_add_several_seeds_with_decay_matches_reference(dist, n):
     w0 = torch.randn(n, generator=torch.Generator().manual_seed(2))
     seeds, coefs = [1, 2**64 - 1, 99, 2**32], [1e-3, -2e-3, 0.5, -0.25]
     got = noise.add_(w0.clone(), seeds, coefs, KEY, start=5, dist=dist, decay=0.98)
-    _check(got, noise.reference_add(w0.numpy(), seeds, coefs, KEY, 5, dist, 0.98), dist)
+    _check(got, noise_reference.reference_add(w0.numpy(), seeds, coefs, KEY, 5, dist, 0.98), dist)
     got = noise.add_(w0.clone(), [], [], KEY, decay=0.5)
     assert torch.equal(got, w0 * 0.5)
 
@@ -125,7 +125,7 @@ def test_add_several_seeds_with_decay_matches_reference(dist, n):
 def test_combine(dist):
     base = torch.randn(BIG, generator=torch.Generator().manual_seed(3))
     got = noise.combine(torch.empty(BIG), base, 4, KEY, 1e-3, 11, dist)
-    _check(got, noise.reference_combine(base.numpy(), 4, KEY, 1e-3, 11, dist), dist)
+    _check(got, noise_reference.reference_combine(base.numpy(), 4, KEY, 1e-3, 11, dist), dist)
     assert torch.equal(noise.combine(torch.empty(BIG), base, 4, KEY, 0.0, 11, dist), base)
     inplace = base.clone()
     assert torch.equal(noise.combine(inplace, inplace, 4, KEY, 1e-3, 11, dist), got)
@@ -134,7 +134,7 @@ def test_combine(dist):
 def test_gaussian_accuracy_vs_float64():
     n = 1_000_000
     got = _fill(n, 31, KEY, 1).numpy().astype(np.float64)
-    ref = noise.reference_z(n, 31, KEY, 1, dtype=np.float64)
+    ref = noise_reference.reference_z(n, 31, KEY, 1, dtype=np.float64)
     assert np.abs(got - ref).max() <= GAUSS_ATOL
 
 
@@ -231,14 +231,14 @@ def test_stochastic_add_matches_reference(dtype, n, start):
         got = noise.add_(
             w0.clone(), seeds, coefs, KEY, start, "rademacher", 0.999, "stochastic", rs
         )
-        ref = noise.reference_add(
+        ref = noise_reference.reference_add(
             w0, seeds, coefs, KEY, start, "rademacher", 0.999, "stochastic", rs
         )
         np.testing.assert_array_equal(_bits32(got), _ref_bits32(ref))
         # gaussian: round the kernel's own float32 accumulator with the reference rule
         acc = noise.add_(w0.float(), seeds, coefs, KEY, start, "gaussian", 0.999)
         got = noise.add_(w0.clone(), seeds, coefs, KEY, start, "gaussian", 0.999, "stochastic", rs)
-        ref = noise.reference_add(
+        ref = noise_reference.reference_add(
             acc.numpy(), [], [], KEY, start, rounding="stochastic", round_seed=rs, dtype=dtype
         )
         np.testing.assert_array_equal(_bits32(got), _ref_bits32(ref))
@@ -288,7 +288,7 @@ def test_stochastic_round_rule_on_any_float32(dtype):
     out = np.empty(acc.size, np.int16 if dtype == torch.bfloat16 else np.uint16)
     _noise_cpu.stochastic_round(acc, x, out)
     got = torch.from_numpy(out.view(np.int16)).view(dtype)
-    ref = noise.reference_stochastic_round(acc, dtype, x)
+    ref = noise_reference.reference_stochastic_round(acc, dtype, x)
     np.testing.assert_array_equal(_bits32(got), _ref_bits32(ref))
     # inside the range, where the fraction below the spacing is about uniform, a quarter
     # of the values go to the farther neighbour; specials are rounded to nearest
@@ -327,8 +327,8 @@ def test_stochastic_rounding_keeps_small_updates(dtype):
         noise.add_(
             stoch, seeds, coefs, KEY, dist="rademacher", rounding="stochastic", round_seed=2**63 + t
         )
-        exact += c * noise.reference_z(n, 1000 + t, KEY, dist="rademacher", dtype=np.float64)
-    z = noise.reference_z(n, fixed, KEY, dist="rademacher", dtype=np.float64)
+        exact += c * noise_reference.reference_z(n, 1000 + t, KEY, dist="rademacher", dtype=np.float64)
+    z = noise_reference.reference_z(n, fixed, KEY, dist="rademacher", dtype=np.float64)
     exact += steps * c * z
     assert torch.equal(near, torch.ones(n, dtype=dtype))  # nearest loses every update
     err = stoch.double().numpy() - exact
@@ -381,8 +381,8 @@ def test_stochastic_on_float32_is_nearest(dist):
     want = noise.add_(w0.clone(), *args)
     got = noise.add_(w0.clone(), *args, "stochastic", 12)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
-    ref = noise.reference_add(w0.numpy(), *args, "stochastic", 12)
-    np.testing.assert_array_equal(ref, noise.reference_add(w0.numpy(), *args))
+    ref = noise_reference.reference_add(w0.numpy(), *args, "stochastic", 12)
+    np.testing.assert_array_equal(ref, noise_reference.reference_add(w0.numpy(), *args))
 
 
 def test_add_rejects_bad_rounding():
