@@ -122,8 +122,3 @@ class Device:
         pci = None if bus is None else (f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:"
                                         f"{getattr(props, 'pci_device_id', 0):02x}.0")
         return uuid, pci
-
-    def synchronize(self) -> None:
-        """Wait for all work on the device: only outside the hot path (export, close)."""
-        if self.is_cuda:
-            torch.cuda.synchronize(self.device)

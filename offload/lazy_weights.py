@@ -74,8 +74,9 @@ def assign(param: nn.Parameter, value: torch.Tensor) -> None:
         param.data = value
 
 
-def materialize(model: nn.Module, weights: SafetensorsWeights, device: torch.device) -> None:
-    """Load every parameter still on ``meta`` from ``weights`` onto ``device``."""
+def load_into(model: nn.Module, weights: SafetensorsWeights, device: torch.device) -> None:
+    """Fill a model built on ``meta``: load every parameter still on ``meta`` from
+    ``weights`` onto ``device``."""
     for name, param in model.named_parameters():
         if param.is_meta:
             assign(param, weights(name).to(device=device, dtype=param.dtype))

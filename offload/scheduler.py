@@ -1,11 +1,13 @@
 """The offload scheduler: streams blocks through a ring of K device buffers.
 
-The offloader owns the ring and the order blocks go through it (prefetching the order
-the last pass used); :class:`~zo2.offload.transfers.Transfers` owns what crosses the
-bus (the upload and write-back streams, their events, the staging buffers). The unit
-wrapper of :mod:`zo2.perturb` calls :meth:`Offloader.acquire` before a unit runs and
-:meth:`Offloader.release` after; the engine brackets each forward with
-:meth:`begin_pass` / :meth:`end_pass`.
+The offloader is the hot path (:class:`zo2.residency.Residency`): it owns the ring and
+the order blocks go through it (prefetching the order the last pass used), and applies
+the pending update on the way. :class:`~zo2.offload.transfers.Transfers` owns what
+crosses the bus (the upload and write-back streams, their events, the staging
+buffers); :attr:`Offloader.store` (:class:`~zo2.offload.weights.OffloadedWeights`)
+the weights' state outside steps. The unit wrapper of :mod:`zo2.perturb` calls
+:meth:`Offloader.acquire` before a unit runs and :meth:`Offloader.release` after; the
+engine brackets each forward with :meth:`begin_pass` / :meth:`end_pass`.
 
 Timeline of block i in a step (K >= 2, a GPU)::
 
@@ -29,17 +31,11 @@ Timeline of block i in a step (K >= 2, a GPU)::
   ``lr=0``, no trainable parameter) are not written back.
 
 *Compressed wire with an fp32 master* (``wire_dtype`` narrower than ``host_dtype``):
-the host keeps fp32 masters and applies the update there (CPU kernels, while the
-GPU computes the previous block); the block is cast to the wire dtype into a pinned
-staging buffer (a ring of K; a staging buffer is reused only after its copy's event
-fired) and uploaded; nothing is written back. Small updates accumulate in fp32.
-
-*Disk tier* (blocks memory-mapped from ``disk_dir``): a copy from or into pageable
-(mapped) memory is synchronous whatever ``non_blocking`` says, so on a GPU such a block
-goes through a ring of K pinned staging buffers both ways: the host copies the mapping
-into a free staging buffer and the upload reads that; a write-back lands in a staging
-buffer and is copied into the mapping once its event fired (before the block is next
-read on the host or uploaded, or the buffer is reused).
+the update is applied to the fp32 host master (CPU kernels, while the GPU computes the
+previous block), which goes up cast to the wire dtype through the staging ring;
+nothing is written back. Small updates accumulate in fp32. *Disk tier* (blocks
+memory-mapped from ``disk_dir``): a GPU's copies to and from a mapping go through the
+staging ring both ways (:mod:`~zo2.offload.transfers`).
 
 On the CPU the same code runs with the host as the device: copies are synchronous
 and events are wall-clock stamps.
@@ -47,8 +43,6 @@ and events are wall-clock stamps.
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -57,30 +51,19 @@ from torch import nn
 
 from zo2 import noise
 from zo2.config import OffloadConfig
-from zo2.errors import ConfigError
 from zo2.offload.device import Device
-from zo2.offload.lazy_weights import SafetensorsWeights, materialize
-from zo2.offload.sliced_state import gather_rule_state, slice_rule_state
-from zo2.offload.store import (
-    Block,
-    PinnedArena,
-    check_host_memory,
-    group_units,
-    host_blocks,
-    populate,
-)
+from zo2.offload.lazy_weights import SafetensorsWeights, load_into
+from zo2.offload.plan import check_same_blocks, plan_blocks, plan_dtypes
+from zo2.offload.store import Block, PinnedArena, check_host_memory, host_blocks, populate
 from zo2.offload.telemetry import gpu_metrics, storage_bytes
 from zo2.offload.transfers import Slot, Transfers
+from zo2.offload.weights import OffloadedWeights
 from zo2.perturb import PendingUpdate
 from zo2.residency import Resident
-from zo2.units import Unit, find_layer_list, unique_params
+from zo2.units import Unit, unique_params
 
 if TYPE_CHECKING:  # a type only: zo2.parallel.slicing imports zo2.offload
     from zo2.parallel.slicing import SliceGroup
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else getattr(torch, name)
 
 
 class Offloader:
@@ -111,47 +94,35 @@ class Offloader:
                  config: OffloadConfig, *, device: Device,
                  weights: SafetensorsWeights | None = None,
                  slicing: SliceGroup | None = None, local_ranks: int = 1) -> None:
-        if config.ring < 1:
-            raise ConfigError(f"offload.ring: must be >= 1, got {config.ring}")
+        config.check()  # the config's own checks (ring, dtypes), again if it was changed
         self.device = device
         self.pending = pending
         self.ring = config.ring
         self.timing = config.timing
-        layers_name, _ = find_layer_list(model)
-        chosen = [(not config.layers_only or u.name.startswith(layers_name + "."))
-                  and not any(fnmatch.fnmatchcase(u.name, g) for g in config.resident)
-                  for u in units]
-        self.blocks, self.resident_units = group_units(model, units, chosen)
         self.slicing = slicing
-        if slicing is not None:
+        self.blocks, self.resident_units = plan_blocks(model, units, config)
+        if slicing is not None:  # this rank's slices, once every rank cut the same blocks
             check_same_blocks(self.blocks, slicing)
             for block in self.blocks:
                 block.shard(slicing.rank, slicing.size)
         self._block_of = {id(u): b for b in self.blocks for u in b.units}
-        compute = {b.compute_dtype for b in self.blocks}
-        if len(compute) > 1:
-            raise ConfigError("offload: offloaded units must share one dtype")
-        host = _dtype(config.host_dtype) or (compute.pop() if compute else None)
-        wire = _dtype(config.wire_dtype) or host
-        # The update is applied to the host copy (which is then the master) for a wire
-        # narrower than the host copy, and for a rule with per-parameter state, which
-        # lives on the host next to the master (zo2.rules): upload only, no write-back.
-        self.master_on_host = wire != host or pending.stateful
-        if wire != host and host != torch.float32:
-            raise ConfigError(f"offload.wire_dtype: {wire} differs from the host copy "
-                              f"({host}); set offload.host_dtype=float32")
+        # a wire narrower than the host copy, or a stateful rule: the update is applied
+        # to the host master (zo2.offload.plan), which is uploaded, never written back
+        host, wire, self.master_on_host = plan_dtypes(self.blocks, config, pending.stateful)
         self._holders: dict[torch.dtype, torch.Tensor] = {}
         self._populate(host, config, weights, local_ranks)
         if weights is not None:
-            materialize(model, weights, device.device)  # the resident units
+            load_into(model, weights, device.device)  # the resident units
         model.to(device.device)  # resident units, buffers; placeholders are already there
         self._resident = Resident(pending, unique_params(self.resident_units))
-        self._entry_of = {id(e.param): (b, e) for b in self.blocks for e in b.entries}
         self._slots = self._make_ring(wire)
         self.transfers = Transfers(device, self.blocks, ring=self.ring, wire=wire,
                                    master_on_host=self.master_on_host, timing=self.timing,
                                    slicing=slicing)
         self.stats = self.transfers.stats  # bytes, bandwidth and stalls (telemetry)
+        # the weights' state (WeightStore): export, checkpoints, loading, rule state
+        self.store = OffloadedWeights(self.blocks, self._resident.params, self,
+                                      slicing=slicing)
         self._model = model
         self._order: list[Block] = list(self.blocks)
         self._trace: list[Block] = []
@@ -253,86 +224,6 @@ class Offloader:
             else:
                 self._finish(self._load(block))
 
-    # ---- host-side access (export, checkpoints, weight loading) ---------------------
-    def host_tensors(self, writer_only: bool = False) -> dict[int, torch.Tensor]:
-        """id(param) -> a host tensor holding its current value (after :meth:`flush`).
-
-        With slicing the slices are all-gathered first (a collective: every rank of
-        the node calls it), so every rank briefly holds whole blocks; ``writer_only``
-        (saving): block by block to the checkpoint writer (rank 0) only, and the other
-        ranks get nothing for the offloaded parameters.
-        """
-        self.synchronize()
-        out = {}
-        for b in self.blocks:
-            flat = self._whole(b) if not writer_only or self.slicing is None \
-                else self.slicing.gather_host(b.host)
-            if flat is not None:
-                out.update({id(e.param): b.view(flat, e) for e in b.entries})
-        return out
-
-    def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
-        """Set ``param``'s current value (loading weights): this rank's slice of it."""
-        entry = self._entry_of.get(id(param))
-        if entry is None:
-            param.data.copy_(value)
-            return
-        self.synchronize()  # no write-back may land on top of it
-        block, e = entry
-        a, b = max(block.lo, e.offset), min(block.hi, e.offset + e.numel)
-        if a < b:
-            block.host[a - block.lo: b - block.lo].copy_(
-                value.reshape(-1)[a - e.offset: b - e.offset])
-
-    def rule_state(self, rule, writer_only: bool = False) -> dict[str, torch.Tensor]:
-        """A stateful update rule's whole state (:mod:`zo2.rules`), for checkpoints; with
-        slicing gathered from the ranks' slices (:mod:`zo2.offload.sliced_state`)."""
-        if self.slicing is None:
-            return rule.state()
-        return gather_rule_state(self.blocks, self.slicing, rule, writer_only)
-
-    def load_rule_state(self, rule, tensors: dict[str, torch.Tensor]) -> None:
-        """Give a stateful rule its whole state (a checkpoint's); with slicing this rank
-        keeps the part of each offloaded parameter its slice holds."""
-        if self.slicing is None:
-            rule.load_state(tensors)
-            return
-        rule.load_state(*slice_rule_state(self.blocks, rule, tensors))
-
-    def replicated_tensors(self) -> list[torch.Tensor]:
-        """Tensors every rank holds identically (for cross-rank checksums)."""
-        self.synchronize()
-        hosts = [] if self.slicing else [b.host for b in self.blocks]
-        return [p.param.data for p in self._resident.params] + hosts
-
-    def invalidate(self) -> None:
-        """Forget device copies (host values were changed from outside)."""
-        self.synchronize()
-        self.transfers.quiesce()
-        for slot in self._slots:
-            if slot.users == 0:
-                self._drop(slot)
-
-    def synchronize(self) -> None:
-        """Wait until every write-back has landed in host memory (outside the hot path)."""
-        self.transfers.synchronize(self.blocks)
-
-    def materialize(self) -> None:
-        """Give every offloaded parameter its own CPU tensor again (on close)."""
-        self.synchronize()
-        for block in self.blocks:
-            whole = self._whole(block)
-            for e in block.entries:
-                e.param.data = block.view(whole, e).to(e.param.dtype, copy=True)
-        self.transfers.quiesce()  # the ring is freed to the compute stream's allocator next
-        self._slots = []
-
-    def _whole(self, block: Block) -> torch.Tensor:
-        """The block's whole flat host buffer (gathered from the slices with slicing)."""
-        if self.slicing is None:
-            return block.host
-        return self.slicing.all_gather_host(block.host)
-
     def device_bytes(self) -> int:
         """Bytes of model tensors and ring buffers on the compute device.
 
@@ -352,6 +243,23 @@ class Offloader:
             self._gathered = gathered
         out.update(gpu_metrics(self.device))
         return out
+
+    # ---- the device side of the weights' state (OffloadedWeights, outside steps) ------
+    def synchronize(self) -> None:
+        """Wait until every write-back has landed in host memory (outside the hot path)."""
+        self.transfers.synchronize(self.blocks)
+
+    def drop_copies(self) -> None:
+        """Forget the device copies of the slots not in use (host values were changed)."""
+        self.transfers.quiesce()
+        for slot in self._slots:
+            if slot.users == 0:
+                self._drop(slot)
+
+    def free_ring(self) -> None:
+        """Free the ring (on close, once the parameters hold their values again)."""
+        self.transfers.quiesce()  # the ring is freed to the compute stream's allocator next
+        self._slots = []
 
     # ---- scheduling -----------------------------------------------------------------
     def _advance(self, block: Block) -> None:
@@ -487,16 +395,3 @@ class Offloader:
         if slot is not None and slot.users == 0:
             self._drop(slot)  # its device copy predates the update
 
-
-def check_same_blocks(blocks: Sequence[Block], slicing: SliceGroup) -> None:
-    """Once, before any slice moves: every rank of the slice group cut the model into
-    the same blocks (names and sizes, in order), or a ConfigError on every rank; ranks
-    that disagreed would exchange slices of different tensors without noticing."""
-    layout = ";".join(f"{b.name}:{b.numel}:{b.compute_dtype}" for b in blocks)
-    digest = hashlib.blake2b(layout.encode(), digest_size=8).digest()
-    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
-    every = slicing.all_gather_host(mine)
-    if not bool((every == mine).all()):
-        raise ConfigError(f"offload slicing: the {slicing.size} ranks of this node cut the "
-                          "model into different blocks (another model, trainable set or "
-                          "offload setting on some rank); every rank must run the same config")

@@ -6,23 +6,17 @@ its slice ``[block.lo, block.hi)`` of every offloaded block, and so the update r
 checkpoint holds whole tensors: :func:`gather_rule_state` all-gathers the slices block
 by block (a collective: every rank of the node calls it), and
 :func:`slice_rule_state` cuts a checkpoint's whole tensors back to this rank's slice.
+The rule is seen through its view of a slice (:class:`zo2.rules.StateShard`: buffers,
+dtype, keys, each parameter's part), never through its storage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from zo2.offload.store import Block, Entry
-
-
-def _entries(block: Block, rule, which: str) -> Iterator[tuple[Entry, str, int, int]]:
-    """(entry, state key, a, b): each trainable entry's flat range [a, b) in this rank's
-    slice of ``block``, with the key of its buffer ``which``."""
-    for e, a, b in block.overlaps(block.lo, block.hi):
-        if e.trainable is not None:
-            yield e, rule.key(e.trainable.name, which), a, b
+from zo2.offload.store import Block
 
 
 def gather_rule_state(blocks: Sequence[Block], slicing, rule,
@@ -32,12 +26,14 @@ def gather_rule_state(blocks: Sequence[Block], slicing, rule,
     the other ranks get the resident parameters' state alone)."""
     state = rule.state()
     for block in blocks:
-        for which in rule.buffers:
-            mine = torch.zeros(block.hi - block.lo, dtype=rule.state_dtype)
-            for e, key, a, b in _entries(block, rule, which):
-                kept = rule.portion(key, a - e.offset, b - e.offset)
+        shard = rule.shard(block.lo, block.hi)
+        for which in shard.buffers:
+            mine = torch.zeros(block.hi - block.lo, dtype=shard.dtype)
+            for e in block.trainable:
+                kept = shard.portion(e.trainable.name, which, e.offset, e.numel)
                 if kept is not None:
-                    mine[a - block.lo: b - block.lo] = kept
+                    a, b = shard.span(e.offset, e.numel)
+                    mine[e.offset + a - block.lo: e.offset + b - block.lo] = kept
             # a copy, not arithmetic: bfloat16 travels as float16 bits (gloo has no bf16)
             wire = mine.view(torch.float16) if mine.dtype == torch.bfloat16 else mine
             whole = slicing.gather_host(wire) if writer_only else slicing.all_gather_host(wire)
@@ -45,7 +41,7 @@ def gather_rule_state(blocks: Sequence[Block], slicing, rule,
                 continue  # not the writer
             whole = whole.view(mine.dtype)
             for e in block.trainable:
-                state[rule.key(e.trainable.name, which)] = whole[
+                state[shard.key(e.trainable.name, which)] = whole[
                     e.offset: e.offset + e.numel].clone()
     return state
 
@@ -57,11 +53,12 @@ def slice_rule_state(blocks: Sequence[Block], rule, tensors: dict[str, torch.Ten
     those wholly in other ranks' slices; ``rule.load_state(*result)`` takes it."""
     given, tensors, starts = tensors, dict(tensors), {}
     for block in blocks:
-        for which in rule.buffers:
+        shard = rule.shard(block.lo, block.hi)
+        for which in shard.buffers:
             for e in block.trainable:  # offloaded: only the part in this slice stays
-                tensors.pop(rule.key(e.trainable.name, which), None)
-            for e, key, a, b in _entries(block, rule, which):
-                if key in given:
-                    tensors[key] = given[key].reshape(-1)[a - e.offset: b - e.offset].clone()
-                    starts[key] = a - e.offset
+                key = shard.key(e.trainable.name, which)
+                tensors.pop(key, None)
+                part = shard.cut(given[key], e.offset, e.numel) if key in given else None
+                if part is not None:
+                    tensors[key], starts[key] = part
     return tensors, starts

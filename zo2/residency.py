@@ -7,7 +7,8 @@
   cross-rank checks, weight loading, the update rule's state; called outside steps.
 
 :class:`Resident` and :class:`InPlaceWeights` are the two for weights that stay on the
-compute device; the offloader (:class:`zo2.offload.Offloader`) is both for streamed ones.
+compute device; for streamed ones the offloader (:class:`zo2.offload.Offloader`) is the
+residency and its ``store`` (:class:`zo2.offload.OffloadedWeights`) the weight store.
 """
 
 from __future__ import annotations

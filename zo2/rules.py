@@ -235,6 +235,10 @@ class _Stateful(_Materialized):
         lo = self._start[key]
         return have[a - lo: b - lo]
 
+    def shard(self, lo: int, hi: int) -> StateShard:
+        """The state seen from slice ``[lo, hi)`` of a flat parameter space."""
+        return StateShard(self, lo, hi)
+
     def state(self) -> dict[str, torch.Tensor]:
         """The state kept by this process (whole tensors unless offload slicing is on)."""
         return dict(self._state)
@@ -249,6 +253,52 @@ class _Stateful(_Materialized):
         for which in self.buffers:
             self._state.pop(self.key(p.name, which), None)
             self._start.pop(self.key(p.name, which), None)
+
+
+class StateShard:
+    """A stateful rule's state seen from slice ``[lo, hi)`` of a flat parameter space.
+
+    The space holds parameters back to back, each at its offset: an offloaded block,
+    and with offload slicing a rank's slice of one (:mod:`zo2.offload.sliced_state`).
+    The view answers what the holder of the slice needs, with the rule's storage kept
+    behind it: which buffers there are (:attr:`buffers`, in :attr:`dtype`), the key a
+    parameter's buffer is saved under (:meth:`key`), and for the part of a parameter
+    inside the slice (:meth:`span`) the state kept (:meth:`portion`) or the same part
+    cut from a whole state tensor (:meth:`cut`).
+    """
+
+    def __init__(self, rule: _Stateful, lo: int, hi: int) -> None:
+        self._rule, self.lo, self.hi = rule, lo, hi
+
+    @property
+    def buffers(self) -> tuple[str, ...]:
+        return self._rule.buffers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._rule.state_dtype
+
+    def key(self, name: str, which: str) -> str:
+        """The state key (in checkpoints) of buffer ``which`` of parameter ``name``."""
+        return self._rule.key(name, which)
+
+    def span(self, offset: int, numel: int) -> tuple[int, int]:
+        """Elements ``[a, b)`` of a parameter at ``offset`` (``numel`` long) that lie in
+        the slice, counted from the parameter's start; none when ``a >= b``."""
+        return max(self.lo - offset, 0), min(self.hi - offset, numel)
+
+    def portion(self, name: str, which: str, offset: int, numel: int) -> torch.Tensor | None:
+        """The kept state ``which`` of parameter ``name``'s part in the slice (:meth:`span`);
+        None if the rule keeps none for it or no part of it lies in the slice."""
+        a, b = self.span(offset, numel)
+        return self._rule.portion(self.key(name, which), a, b) if a < b else None
+
+    def cut(self, whole: torch.Tensor, offset: int, numel: int
+            ) -> tuple[torch.Tensor, int] | None:
+        """A parameter's part in the slice, cut from its ``whole`` state tensor (a
+        checkpoint's), with the element it starts at; None if no part lies in the slice."""
+        a, b = self.span(offset, numel)
+        return (whole.reshape(-1)[a:b].clone(), a) if a < b else None
 
 
 class Momentum(_Stateful):
