@@ -2,7 +2,7 @@
 
 On the embedded SmolLM2-135M-Instruct (fp32, CPU), batch 2 x 32 tokens, loss at the
 last position. A checkpoint is written the way the trainer writes one:
-``RunCheckpoints(root, keep=2, comm).save(step, engine, states)``, which calls
+``RunCheckpoints(root, keep=2, mesh).save(step, engine, states)``, which calls
 ``engine.save(folder)`` and writes the named states (here a small fixed trainer and data
 state) to ``run_state.json``. Each save follows an
 ``engine.step``, so it has a pending update to apply first, as in a run. The save
@@ -28,7 +28,7 @@ depend on the values). Replay time is measured for ``--replay-steps`` records on
 fresh SmolLM2 and extrapolated (linearly: one pass over every weight per record) to
 1,000 steps. Medians of ``--rounds``; the machine is shared, so timings are noisy.
 
-    python bench/checkpoint.py [--rounds 3] [--replay-steps 50] [--root DIR]
+    python -m bench.checkpoint [--rounds 3] [--replay-steps 50] [--root DIR]
 
 Last line: ``ckpt_write_s=... ckpt_bytes=... ckpt_load_s=... verify_s=...
 offload_write_s=... offload_load_s=... seedlog_1000_bytes=... seedlog_q4_1000_bytes=...
@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,15 +48,13 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, classification_batch, median, report, timed  # noqa: E402
-
-from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
-from zo2.checkpoints import RunCheckpoints, verify, write_manifest  # noqa: E402
-from zo2.config import OffloadConfig  # noqa: E402
-from zo2.engine import step_seed  # noqa: E402
-from zo2.models import load_model, model_identity  # noqa: E402
-from zo2.seedlog import SeedLog, replay  # noqa: E402
+from bench.common import RESULTS, classification_batch, median, report, timed
+from zo2 import Objective, OptimConfig, ZOEngine
+from zo2.checkpoints import RunCheckpoints, verify, write_manifest
+from zo2.config import OffloadConfig
+from zo2.engine import step_seed
+from zo2.models import load_model, model_identity
+from zo2.seedlog import SeedLog, replay
 
 MODEL = "smollm2-135m"
 LABELS = (5, 9)
@@ -142,7 +139,7 @@ def resident(root: Path, batch_seq: int, rounds: int) -> dict:
     engine = make_engine()
     batch = classification_batch(2, batch_seq, engine.model.config.vocab_size, LABELS)
     step_s = [timed(lambda: engine.step(batch))]  # the first of "a couple" of steps
-    checkpoints = RunCheckpoints(root, keep=2, comm=engine.comm)
+    checkpoints = RunCheckpoints(root, keep=2, mesh=engine.mesh)
     saves = []
     for _ in range(rounds):
         step_s.append(timed(lambda: engine.step(batch)))  # leaves a pending update
@@ -163,7 +160,7 @@ def offloaded(root: Path, batch: dict, rounds: int) -> dict:
     """One step and one save of the offloaded engine; load into a fresh offloaded one."""
     engine = make_engine(offload=True)
     step_s = timed(lambda: engine.step(batch))
-    save = save_checkpoint(engine, RunCheckpoints(root, keep=2, comm=engine.comm))
+    save = save_checkpoint(engine, RunCheckpoints(root, keep=2, mesh=engine.mesh))
     fresh = make_engine(offload=True)
     verify_s, load_s = load_checkpoint(save["folder"], fresh, rounds)
     assert same_weights(engine, fresh), "the offloaded load differs from the offloaded save"

@@ -6,11 +6,11 @@ Every process runs ONE thread (torch intra-op, OpenMP, MKL and the numba noise k
 all set to 1), so the comparison is 2 processes x 1 thread against 1 process x 1
 thread. ``single_2threads_step_s`` is one process using both cores, for reference.
 
-* single: one process, no mesh (``LocalComm``), the whole batch; its one forward stacks
-  the +eps and -eps slices (2B rows).
+* single: one process, a single-process mesh (``Mesh.local()``), the whole batch; its
+  one forward stacks the +eps and -eps slices (2B rows).
 * DDP(2): ``dp=2``; both ranks are handed the same global batch and keep B/2 rows each
   (+eps and -eps slices of B/2 rows); one all-reduce of (loss, count) x 2 per step.
-* PertP(2): ``pp=2``; both ranks get the whole batch, rank 0 runs the +eps slice and
+* PertP(2): ``pertp=2``; both ranks get the whole batch, rank 0 runs the +eps slice and
   rank 1 the -eps slice (B rows each).
 
 Only the forward work is divided: every rank, like the single process, still draws z
@@ -34,15 +34,15 @@ per-rank CPU seconds in the JSON), plus any contention for caches and memory.
 Every configuration first runs 1 warm-up step; then ``--rounds`` rounds; medians are
 reported (the JSON adds the medians of the per-round ratios, ``per_round_median``). A
 step's time is the slowest rank's, from a common barrier. ``ddp_bytes_per_step`` is
-``comm.bytes_sent`` per step and rank (no weight checksums: ``check_every=0``);
+``mesh.bytes_sent`` per step and rank (no weight checksums: ``check_every=0``);
 ``ddp_bytes_per_step_small`` the same for a hidden 256 x 4 layers OPT on the same mesh.
 ``load_start`` / ``load_end`` are the 1-minute load averages (other jobs may share the
 machine and then slow every figure). The JSON also holds each step's per-rank wall and
 CPU seconds (``steps``); CPU close to wall means the rank was not waiting for a core.
-The parent launches the job (this file with ``--worker``), reads the JSON rank 0
+The parent launches the job (this module with ``--worker``), reads the JSON rank 0
 writes, and computes the ratios.
 
-    python bench/parallel_cpu.py [--rounds 10] [--batch 8] [--seq 128]
+    python -m bench.parallel_cpu [--rounds 10] [--batch 8] [--seq 128]
 
 Last line: ``ddp2_speedup=... pertp2_step_ratio=... ddp_bytes_per_step=...
 ddp_bytes_per_step_small=... single_step_s=... ddp2_step_s=... pertp2_step_s=...
@@ -60,9 +60,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-HERE = Path(__file__).resolve().parent
 LABELS = (5, 9)
 SMALL = dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4,
              word_embed_proj_dim=256)
@@ -89,21 +87,26 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    sys.path.insert(0, str(HERE))
-    from common import classification_batch, opt_shape
-
     import zo2.noise
+    from bench.common import classification_batch, opt_shape
     from zo2 import Objective, OptimConfig, ZOEngine
     from zo2.config import ParallelConfig
-    from zo2.parallel import Comm, LocalComm, Mesh
+    from zo2.parallel import LaunchEnv, Mesh, ProcessGroups
 
-    class SoloComm(Comm):
-        """Rank 1's share of a dp x pp step, run alone: the real rows and slices, no peer."""
+    class SoloMesh(Mesh):
+        """Rank 1's share of a dp x pertp step, run alone: the real rows and slices, no
+        peer (no process group is joined; the other ranks' losses are copies)."""
 
-        def __init__(self, dp: int, pp: int, rank: int = 1) -> None:
-            super().__init__(SimpleNamespace(
-                dp=dp, pp=pp, world=dp * pp, rank=rank, dp_rank=rank // pp,
-                pp_rank=rank % pp, is_main=True, config=SimpleNamespace(check_every=0)))
+        def __init__(self, dp: int, pertp: int, rank: int = 1) -> None:
+            self.config = ParallelConfig(dp=dp, pertp=pertp, check_every=0)
+            self.env = LaunchEnv(rank=rank, world=dp * pertp, local_world=1)
+            self.dp, self.pertp, self.rank, self.world = dp, pertp, rank, dp * pertp
+            self.dp_rank, self.pertp_rank = divmod(rank, pertp)
+            self.device, self.groups = torch.device("cpu"), ProcessGroups()
+
+        @property
+        def is_main(self) -> bool:
+            return True
 
         def combine_losses(self, n: int, mine) -> list[float]:
             own = [mine[i][0] for i in sorted(mine)]  # the missing slices: copies
@@ -113,23 +116,23 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(n)
         zo2.noise.set_num_threads(n)
 
-    def engine(model, comm):
+    def engine(model, mesh):
         return ZOEngine(model, OptimConfig(lr=1e-7, eps=1e-3),
                         Objective("label_words", candidates=torch.tensor(LABELS)), seed=0,
-                        comm=comm)
+                        mesh=mesh)
 
     load_start = os.getloadavg()[0]
     threads(1)
     cpu = torch.device("cpu")
-    ddp_mesh = Mesh(ParallelConfig(dp=2, pp=1, check_every=0), cpu)
-    pp_mesh = Mesh(ParallelConfig(dp=1, pp=2, check_every=0), cpu)
+    ddp_mesh = Mesh(ParallelConfig(dp=2, pertp=1, check_every=0), cpu)
+    pertp_mesh = Mesh(ParallelConfig(dp=1, pertp=2, check_every=0), cpu)
     assert ddp_mesh.world == 2, "launch with torchrun --nproc_per_node=2"
-    rank, comms = ddp_mesh.rank, {"ddp2": Comm(ddp_mesh), "pertp2": Comm(pp_mesh)}
-    engines = {name: engine(opt_shape(), comm) for name, comm in comms.items()}
+    rank, meshes = ddp_mesh.rank, {"ddp2": ddp_mesh, "pertp2": pertp_mesh}
+    engines = {name: engine(opt_shape(), mesh) for name, mesh in meshes.items()}
     if rank == 0:  # the engines that run alone live on rank 0 only
-        engines["single"] = engines["single_2threads"] = engine(opt_shape(), LocalComm())
-        engines["ddp2_alone"] = engine(opt_shape(), SoloComm(dp=2, pp=1))
-        engines["pertp2_alone"] = engine(opt_shape(), SoloComm(dp=1, pp=2))  # -eps + mirror
+        engines["single"] = engines["single_2threads"] = engine(opt_shape(), Mesh.local())
+        engines["ddp2_alone"] = engine(opt_shape(), SoloMesh(dp=2, pertp=1))
+        engines["pertp2_alone"] = engine(opt_shape(), SoloMesh(dp=1, pertp=2))  # -eps + mirror
     vocab = engines["ddp2"].model.config.vocab_size
     batch = classification_batch(args.batch, args.seq, vocab, LABELS)  # same on both ranks
 
@@ -142,10 +145,10 @@ def worker(args: argparse.Namespace) -> None:
         ddp_mesh.barrier()
         wall, used, sent = time.perf_counter(), time.process_time(), 0
         if runs:
-            comm = engines[name].comm
-            before = comm.bytes_sent
+            mesh = engines[name].mesh
+            before = mesh.bytes_sent
             engines[name].step(batch)
-            sent = comm.bytes_sent - before if not alone else 0
+            sent = mesh.bytes_sent - before if not alone else 0
         wall = time.perf_counter() - wall
         threads(1)
         if alone:
@@ -153,7 +156,7 @@ def worker(args: argparse.Namespace) -> None:
         used = time.process_time() - used
         figures = torch.zeros(2, 2, dtype=torch.float64)
         figures[rank] = torch.tensor([wall, used])
-        dist.all_reduce(figures)  # plain gloo, outside comm.bytes_sent
+        dist.all_reduce(figures)  # plain gloo, outside mesh.bytes_sent
         if alone:  # rank 1's wall time is the barrier's; only its CPU seconds count
             return {"s": figures[0, 0].item(), "cpu": [figures[0, 1].item()],
                     "idle_rank_cpu_s": figures[1, 1].item(), "bytes": sent}
@@ -168,18 +171,18 @@ def worker(args: argparse.Namespace) -> None:
             steps[name].append(step(name))
 
     # model-size independence of the bytes: a small OPT on the same DDP mesh
-    small = engine(small_shape(), comms["ddp2"])
+    small = engine(small_shape(), meshes["ddp2"])
     steps["ddp2_small"] = []
     for _ in range(SMALL_STEPS):
-        before = small.comm.bytes_sent
+        before = small.mesh.bytes_sent
         small.step(classification_batch(args.batch, args.seq, vocab, LABELS))
-        steps["ddp2_small"].append({"bytes": small.comm.bytes_sent - before})
+        steps["ddp2_small"].append({"bytes": small.mesh.bytes_sent - before})
 
     if rank == 0:
         record = {"steps": steps, "load_start": load_start, "load_end": os.getloadavg()[0],
                   "torch_threads": torch.get_num_threads(),
                   "noise_threads": zo2.noise.get_num_threads(),
-                  "meshes": {"ddp2": ddp_mesh.describe(), "pertp2": pp_mesh.describe()},
+                  "meshes": {"ddp2": ddp_mesh.describe(), "pertp2": pertp_mesh.describe()},
                   "params_m": {name: sum(p.numel() for p in e.model.parameters()) / 1e6
                                for name, e in (("opt-125m", engines["ddp2"]), ("small", small))}}
         Path(args.out).write_text(json.dumps(record))
@@ -201,8 +204,7 @@ def main() -> None:
 
     import torch
 
-    sys.path.insert(0, str(HERE))
-    from common import RESULTS, median, report
+    from bench.common import RESULTS, ROOT, median, report
 
     torch.set_num_threads(1)  # report() records this (idle) parent's threads
     load_start = os.getloadavg()[0]
@@ -214,10 +216,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "worker.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(Path(__file__).resolve()), "--worker",
+               "--nproc_per_node=2", "--module", "bench.parallel_cpu", "--worker",
                "--out", str(out), "--batch", str(args.batch), "--seq", str(args.seq),
                "--rounds", str(args.rounds)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800,
+                              cwd=ROOT)
         if proc.returncode != 0:
             sys.exit(f"worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         record = json.loads(out.read_text())

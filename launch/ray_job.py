@@ -48,7 +48,7 @@ class RayReporter(Callback):
         import ray.train
 
         checkpoint = (ray.train.Checkpoint.from_directory(str(folder))
-                      if trainer.comm.is_main else None)
+                      if trainer.mesh.is_main else None)
         ray.train.report({"step": step}, checkpoint=checkpoint)
 
 

@@ -1,19 +1,24 @@
-"""One mesh object: validates the parallel degrees and builds every process group.
+"""One mesh object: the parallel degrees, the process groups, and ZO's collectives.
 
-The world is a ``dp x pp`` grid; rank ``r`` sits at ``dp_rank = r // pp``,
-``pp_rank = r % pp``, so the ranks of a perturbation group are neighbours (on one node
-when ``pp`` divides the GPUs per node). ZO communicates scalars only, so no device
-group per grid dimension is built (a ``DeviceMesh`` would create NCCL communicators no
-collective uses); the groups are:
+The world is a ``dp x pertp`` grid (data parallel x perturbation parallel); rank ``r``
+sits at ``dp_rank = r // pertp``, ``pertp_rank = r % pertp``, so the ranks of a
+perturbation group are neighbours (on one node when ``pertp`` divides the GPUs per
+node). A run started as one process has a single-process mesh (:meth:`Mesh.local`):
+the same object, whose collectives (:mod:`zo2.parallel.comm`) communicate nothing.
+
+ZO communicates scalars only, so no device group per grid dimension is built (a
+``DeviceMesh`` would create NCCL communicators no collective uses); the groups are:
 
 * a *host group* (gloo) for the few scalars ZO communicates (losses, evaluation sums,
   checksums), so they never need a device tensor, also when the mesh uses NCCL;
 * a *slice group*: the ranks of one node (``LOCAL_WORLD_SIZE`` of them, from the
   launcher), which share the uploads of offloaded units (:mod:`zo2.offload`).
 
-Ranks, local ranks and node sizes are read from the launcher's environment
-(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``: torchrun, the deepspeed
-launcher and Ray set them), so nothing assumes one node. Degrees that do not fit the
+The degrees are checked against the world size in :func:`resolve_degrees`; the groups
+are built by :func:`init_process_groups`, apart from the mesh. Ranks, local ranks and
+node sizes are read from the launcher's environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``: torchrun, the deepspeed launcher and Ray set
+them), so nothing assumes one node. Degrees that do not fit the
 world size are rejected on every rank before any communication, so a bad mesh ends
 with the same clear message everywhere instead of a hang.
 """
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,44 +34,28 @@ import torch
 import torch.distributed as dist
 
 from zo2.config import ParallelConfig
-from zo2.errors import ConfigError, DistributedError, ZO2Error
+from zo2.errors import ConfigError, ZO2Error
+from zo2.parallel.comm import Collectives, collective
+from zo2.parallel.slicing import SliceGroup, slice_group
 
 log = logging.getLogger("zo2")
 
 
-@contextmanager
-def collective(what: str, timeout_s: float, setting: str = "parallel.timeout_s"):
-    """Turn a failed collective into one clear DistributedError.
-
-    gloo and NCCL raise when a peer's connection closes (it died) or when the operation
-    waits longer than the process group's timeout (it hangs); either way this rank
-    stops with a message naming the operation, and the launcher ends or restarts the
-    job (``torchrun --max-restarts`` resumes it from the last checkpoint).
-    """
-    try:
-        yield
-    except RuntimeError as err:  # torch.distributed.DistError and backend errors
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        rank = dist.get_rank() if dist.is_initialized() else "?"
-        raise DistributedError(
-            f"rank {rank}: {what} failed: another rank died or hung longer than "
-            f"{setting}={timeout_s:g} s ({first})") from err
-
-
-def resolve_degrees(dp: int, pp: int, world: int) -> tuple[int, int]:
-    """Fill in a ``-1`` degree and check ``dp * pp == world``; ConfigError otherwise."""
+def resolve_degrees(dp: int, pertp: int, world: int) -> tuple[int, int]:
+    """Fill in a ``-1`` degree and check ``dp * pertp == world``; ConfigError otherwise."""
     if dp == -1:
-        if world % pp:
-            raise ConfigError(f"parallel.pp={pp} does not divide the world size {world}")
-        dp = world // pp
-    if pp == -1:
+        if world % pertp:
+            raise ConfigError(f"parallel.pertp={pertp} does not divide the world size {world}")
+        dp = world // pertp
+    if pertp == -1:
         if world % dp:
             raise ConfigError(f"parallel.dp={dp} does not divide the world size {world}")
-        pp = world // dp
-    if dp * pp != world:
-        raise ConfigError(f"parallel: dp={dp} x pp={pp} = {dp * pp} processes, but the world "
-                          f"size is {world} (set dp and pp so that dp x pp = {world})")
-    return dp, pp
+        pertp = world // dp
+    if dp * pertp != world:
+        raise ConfigError(f"parallel: dp={dp} x pertp={pertp} = {dp * pertp} processes, but "
+                          f"the world size is {world} (set dp and pertp so that dp x pertp = "
+                          f"{world})")
+    return dp, pertp
 
 
 @dataclass(frozen=True)
@@ -105,8 +93,46 @@ def _attempt_store(timeout: timedelta) -> dict:
             "world_size": world}
 
 
-class Mesh:
-    """The ``dp x pp`` process grid, its groups, and this rank's coordinates.
+@dataclass(frozen=True)
+class ProcessGroups:
+    """The groups of a multi-process mesh (all None on one process).
+
+    ``host``: gloo, for the scalars ZO communicates; ``save``: gloo, with the checkpoint
+    timeout; ``slice`` / ``slice_host``: the ranks of one node, for device and host
+    tensors (the same gloo group on the CPU).
+    """
+
+    host: object = None
+    save: object = None
+    slice: object = None
+    slice_host: object = None
+
+
+def init_process_groups(config: ParallelConfig, device: torch.device,
+                        env: LaunchEnv) -> ProcessGroups:
+    """Join the launcher's process group (if not yet) and build the mesh's groups."""
+    timeout = timedelta(seconds=config.timeout_s)
+    if env.world % env.local_world:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={env.local_world} does not divide "
+                          f"WORLD_SIZE={env.world}")
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = config.backend if config.backend != "auto" else \
+            "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout, **_attempt_store(timeout))
+    gloo = dist.get_backend() == "gloo"
+    host = dist.group.WORLD if gloo else dist.new_group(backend="gloo", timeout=timeout)
+    save = dist.new_group(backend="gloo", timeout=timedelta(seconds=config.save_timeout_s))
+    node, _ = dist.new_subgroups(group_size=env.local_world)
+    node_host = node if gloo else dist.new_subgroups(group_size=env.local_world,
+                                                     backend="gloo")[0]
+    return ProcessGroups(host=host, save=save, slice=node, slice_host=node_host)
+
+
+class Mesh(Collectives):
+    """The ``dp x pertp`` process grid, its groups, this rank's coordinates, and ZO's
+    scalar collectives (:class:`~zo2.parallel.comm.Collectives`).
 
     Args:
         config: degrees, backend and timeout (:class:`~zo2.config.ParallelConfig`).
@@ -118,20 +144,22 @@ class Mesh:
                  env: LaunchEnv | None = None) -> None:
         self.config = config
         self.env = env or LaunchEnv.read()
-        self.dp, self.pp = resolve_degrees(config.dp, config.pp, self.env.world)
-        if self.env.world == 1 and -1 in (config.dp, config.pp):
-            log.warning("parallel: dp=%d pp=%d asks for the launcher's processes, but this "
-                        "run was started as one process: it runs single-process; start it "
-                        "with torchrun --nproc_per_node=N (or the deepspeed launcher, or "
-                        "python -m zo2.launch.ray_job --workers N)", config.dp, config.pp)
+        self.dp, self.pertp = resolve_degrees(config.dp, config.pertp, self.env.world)
+        if self.env.world == 1 and -1 in (config.dp, config.pertp):
+            log.warning("parallel: dp=%d pertp=%d asks for the launcher's processes, but "
+                        "this run was started as one process: it runs single-process; start "
+                        "it with torchrun --nproc_per_node=N (or the deepspeed launcher, or "
+                        "python -m zo2.launch.ray_job --workers N)", config.dp, config.pertp)
         self.rank, self.world = self.env.rank, self.env.world
-        self.dp_rank, self.pp_rank = divmod(self.rank, self.pp)
+        self.dp_rank, self.pertp_rank = divmod(self.rank, self.pertp)
         self.device = device
-        self.host_group = None
-        self.slice_group = self.slice_host_group = None
-        self.save_group = None
-        if self.world > 1:
-            self._init_groups()
+        self.groups = init_process_groups(config, device, self.env) if self.world > 1 \
+            else ProcessGroups()
+
+    @classmethod
+    def local(cls, device: torch.device | str = "cpu") -> Mesh:
+        """A single-process mesh (whatever the environment says): nothing to communicate."""
+        return cls(ParallelConfig(), torch.device(device), LaunchEnv())
 
     @property
     def distributed(self) -> bool:
@@ -142,31 +170,24 @@ class Mesh:
         return self.rank == 0
 
     @property
+    def local_ranks(self) -> int:
+        """Processes on this node (each pins its own offloaded blocks)."""
+        return self.env.local_world
+
+    @property
+    def host_group(self):
+        return self.groups.host
+
+    @property
     def backend(self) -> str:
         if self.config.backend != "auto":
             return self.config.backend
         return "nccl" if self.device.type == "cuda" else "gloo"
 
-    def _init_groups(self) -> None:
-        timeout = timedelta(seconds=self.config.timeout_s)
-        if not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group(self.backend, timeout=timeout, **_attempt_store(timeout))
-        if dist.get_backend() == "gloo":
-            self.host_group = dist.group.WORLD
-        else:
-            self.host_group = dist.new_group(backend="gloo", timeout=timeout)
-        local = self.env.local_world
-        if self.world % local:
-            raise ConfigError(f"LOCAL_WORLD_SIZE={local} does not divide WORLD_SIZE={self.world}")
-        self.save_group = dist.new_group(
-            backend="gloo", timeout=timedelta(seconds=self.config.save_timeout_s))
-        self.slice_group, _ = dist.new_subgroups(group_size=local)
-        if dist.get_backend() == "gloo":
-            self.slice_host_group = self.slice_group
-        else:
-            self.slice_host_group, _ = dist.new_subgroups(group_size=local, backend="gloo")
+    def slicing(self, device) -> SliceGroup | None:
+        """The slice group for offloaded units on ``device`` (:mod:`zo2.parallel.slicing`,
+        an :class:`zo2.offload.Device`), or None."""
+        return slice_group(self, device)
 
     def collective(self, what: str):
         """Context for one collective: a dead or hung peer becomes a DistributedError."""
@@ -184,8 +205,7 @@ class Mesh:
         if self.distributed:
             with collective("wait for the checkpoint write", self.config.save_timeout_s,
                             "parallel.save_timeout_s"):
-                dist.barrier(group=self.save_group)
-
+                dist.barrier(group=self.groups.save)
     def agree(self, value):
         """Rank 0's ``value`` on every rank (e.g. a run directory named by a timestamp)."""
         if not self.distributed:
@@ -225,6 +245,6 @@ class Mesh:
             dist.destroy_process_group()
 
     def describe(self) -> dict:
-        return {"world": self.world, "dp": self.dp, "pp": self.pp, "rank": self.rank,
-                "dp_rank": self.dp_rank, "pp_rank": self.pp_rank,
+        return {"world": self.world, "dp": self.dp, "pertp": self.pertp, "rank": self.rank,
+                "dp_rank": self.dp_rank, "pertp_rank": self.pertp_rank,
                 "local_world": self.env.local_world, "backend": self.backend}

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from zo2.offload.device import Device
-from zo2.parallel.mesh import collective
+from zo2.parallel.comm import collective
 
 log = logging.getLogger("zo2")
 
@@ -79,15 +78,16 @@ class SliceGroup:
         return torch.cat(parts)
 
 
-def slice_group(mesh) -> SliceGroup | None:
+def slice_group(mesh, device) -> SliceGroup | None:
     """The node's slice group when slicing applies (``mesh.config.slicing``; offloaded
-    runs only), else None."""
+    runs only), else None. ``device``: this rank's :class:`zo2.offload.Device`, asked
+    whether the node's GPUs are peers."""
     mode = mesh.config.slicing
     local = mesh.env.local_world
     if mode == "off" or not mesh.distributed or local < 2:
         return None
     if mode == "auto":
-        if not Device(mesh.device).peers_connected(local):
+        if not device.peers_connected(local):
             reason = (f"only {torch.cuda.device_count()} GPU(s) visible for {local} ranks"
                       if mesh.device.type == "cuda" and torch.cuda.device_count() < local
                       else "the node's GPUs lack peer access (NVLink / P2P)"
@@ -96,5 +96,5 @@ def slice_group(mesh) -> SliceGroup | None:
                 log.warning("parallel.slicing=auto: off (%s); each of the %d ranks of this "
                             "node keeps and pins the whole offloaded model", reason, local)
             return None
-    return SliceGroup(rank=mesh.env.local_rank, size=local, group=mesh.slice_group,
-                      host_group=mesh.slice_host_group, timeout_s=mesh.config.timeout_s)
+    return SliceGroup(rank=mesh.env.local_rank, size=local, group=mesh.groups.slice,
+                      host_group=mesh.groups.slice_host, timeout_s=mesh.config.timeout_s)

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=N tests/dist_job.py OUT SPEC_JSON [SPEC_JSON ...]
 
 Each spec (JSON) is one scenario run in turn on the same processes: a tiny model of
-``family``, a ``dp x pp`` mesh, ``steps`` ZO steps on batches of ``batch`` rows, with
+``family``, a ``dp x pertp`` mesh, ``steps`` ZO steps on batches of ``batch`` rows, with
 optional ``offload`` settings (an OffloadConfig dict), ``slicing`` and ``optim`` fields
 (an OptimConfig dict, lr 1e-3 by default). Rank 0 writes
 ``OUT/<name>.safetensors`` (the final weights) and ``OUT/<name>.json`` (losses,
@@ -31,12 +31,12 @@ from conftest import make_batch, make_model  # noqa: E402
 from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
 from zo2.config import OffloadConfig, ParallelConfig  # noqa: E402
 from zo2.errors import ZO2Error  # noqa: E402
-from zo2.parallel import Comm, LocalComm, Mesh  # noqa: E402
+from zo2.parallel import Mesh  # noqa: E402
 
 
 class EmulatedDP(ZOEngine):
     """One process whose step losses are computed as ``dp`` data-parallel ranks compute
-    them (``Comm.shard`` + ``Comm.combine_losses``): each shard's float32 mean loss, times
+    them (``Mesh.shard`` + ``Mesh.combine_losses``): each shard's float32 mean loss, times
     its count of labelled positions, summed in float64 and divided by the total count.
 
     The forward is row-independent (a row's logits do not depend on the other rows of
@@ -67,7 +67,7 @@ class EmulatedDP(ZOEngine):
         return out
 
 
-def build(spec: dict, comm) -> tuple[ZOEngine, torch.nn.Module]:
+def build(spec: dict, mesh: Mesh) -> tuple[ZOEngine, torch.nn.Module]:
     """The scenario's engine and model (fresh weights)."""
     offload = OffloadConfig(**spec["offload"]) if spec.get("offload") else None
     model = make_model(spec.get("family", "llama"), layers=spec.get("layers", 3))
@@ -76,7 +76,7 @@ def build(spec: dict, comm) -> tuple[ZOEngine, torch.nn.Module]:
     if spec.get("emulate_dp", 1) > 1:
         cls = type("EmulatedDP", (EmulatedDP,), {"dp": spec["emulate_dp"]})
     engine = cls(model, optim, Objective("label_words", candidates=torch.tensor([5, 9])),
-                 seed=3, total_steps=spec.get("steps", 10), offload=offload, comm=comm)
+                 seed=3, total_steps=spec.get("steps", 10), offload=offload, mesh=mesh)
     return engine, model
 
 
@@ -85,27 +85,26 @@ def batch(spec: dict, t: int) -> dict:
 
 
 def run(out: Path, spec: dict) -> None:
-    config = ParallelConfig(dp=spec.get("dp", 1), pp=spec.get("pp", 1),
+    config = ParallelConfig(dp=spec.get("dp", 1), pertp=spec.get("pertp", 1),
                             slicing=spec.get("slicing", "off"),
                             timeout_s=spec.get("timeout_s", 60), check_every=2)
     mesh = Mesh(config, torch.device("cpu"))
-    comm = Comm(mesh) if mesh.distributed else LocalComm()
-    engine, model = build(spec, comm)
+    engine, model = build(spec, mesh)
     record = {"losses": [], "grads": [], "bytes": []}
     for t in range(spec.get("steps", 10)):
         if spec.get("resume_at") == t:
             checkpoint = engine.save(out / f"{spec['name']}-step{t}")
-            engine, model = build(spec, comm)
+            engine, model = build(spec, mesh)
             engine.load(checkpoint)
         if spec.get("die_at") == t and mesh.rank == 1:
             os._exit(17)
         if spec.get("corrupt_at") == t and mesh.rank == 1:  # a silent divergence
             next(model.parameters()).data.view(-1)[0] += 1e-3
-        before = comm.bytes_sent
+        before = mesh.bytes_sent
         result = engine.step(batch(spec, t))
         record["losses"].append(result.losses)
         record["grads"].append(result.grads)
-        record["bytes"].append(comm.bytes_sent - before)  # a checksum step sends 16 more
+        record["bytes"].append(mesh.bytes_sent - before)  # a checksum step sends 16 more
         record.setdefault("telemetry", []).append(result.telemetry)
     record["state_elements"] = sum(v.numel() for v in engine.rule.state().values())
     record["offloaded_elements"] = sum(  # trainable elements in offloaded blocks

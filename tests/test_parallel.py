@@ -41,16 +41,16 @@ from _procs import retry_on_port_clash  # noqa: E402
 from conftest import make_batch, make_model  # noqa: E402
 
 from zo2.offload.store import ALIGN  # noqa: E402
-from zo2.parallel import LocalComm  # noqa: E402
+from zo2.parallel import Mesh  # noqa: E402
 
 U32 = 2.0**-24  # float32 unit roundoff
 EPS = 1e-3  # dist_job's optim.eps (OptimConfig's default)
 
 TWO = [
-    {"name": "pertp-llama", "pp": 2},
-    {"name": "pertp-opt", "pp": 2, "family": "opt"},
+    {"name": "pertp-llama", "pertp": 2},
+    {"name": "pertp-opt", "pertp": 2, "family": "opt"},
     {"name": "ddp2", "dp": 2},
-    {"name": "slice-pertp", "pp": 2, "offload": {"enabled": True, "ring": 2}, "slicing": "on"},
+    {"name": "slice-pertp", "pertp": 2, "offload": {"enabled": True, "ring": 2}, "slicing": "on"},
     {"name": "slice-ddp", "dp": 2, "offload": {"enabled": True, "ring": 1,
                                                "host_dtype": "float32", "wire_dtype": "bfloat16"},
      "slicing": "on"},
@@ -58,15 +58,15 @@ TWO = [
     {"name": "ddp-bf16", "dp": 2, "offload": {"enabled": True, "ring": 1,
                                               "host_dtype": "float32", "wire_dtype": "bfloat16"}},
     # stateful rules shard their moments with the slices; resumed from a checkpoint
-    {"name": "slice-adam", "pp": 2, "offload": {"enabled": True, "ring": 2}, "slicing": "on",
+    {"name": "slice-adam", "pertp": 2, "offload": {"enabled": True, "ring": 2}, "slicing": "on",
      "optim": {"method": "zo-adam", "state_dtype": "bfloat16"}, "resume_at": 4},
     {"name": "slice-momentum", "dp": 2, "offload": {"enabled": True, "ring": 1},
      "slicing": "on", "optim": {"method": "zo-momentum"}},
 ]
 FOUR = [
     {"name": "ddp4", "dp": 4},
-    {"name": "2d", "dp": 2, "pp": 2},
-    {"name": "pertp4-q2", "pp": 4, "q": 2},
+    {"name": "2d", "dp": 2, "pertp": 2},
+    {"name": "pertp4-q2", "pertp": 4, "q": 2},
 ]
 
 
@@ -96,7 +96,7 @@ def single(tmp_path: Path, **spec) -> tuple[dict, dict[str, torch.Tensor]]:
     step losses as that many data-parallel ranks do (``dist_job.EmulatedDP``)."""
     spec = {"name": "single", **spec}
     dp = spec.pop("dp", 1)
-    for key in ("pp", "slicing"):
+    for key in ("pertp", "slicing"):
         spec.pop(key, None)
     if dp > 1:
         spec["emulate_dp"] = dp
@@ -227,7 +227,7 @@ def test_stateful_rules_with_slicing_shard_their_state_and_resume_exactly(runs, 
     assert got["losses"] == ref["losses"] and got["grads"] == ref["grads"]
     assert_same_weights(got_w, ref_w)
     saved = load_file(runs / "slice-adam-step4" / "zo2_rule_state.safetensors")
-    engine, _ = dist_job.build({"optim": adam}, LocalComm())  # the same 4 steps, 1 process
+    engine, _ = dist_job.build({"optim": adam}, Mesh.local())  # the same 4 steps, 1 process
     for t in range(4):
         engine.step(dist_job.batch({}, t))
     engine.flush()
@@ -264,7 +264,7 @@ def test_slicing_with_a_compressed_wire_and_data_parallel(runs, tmp_path):
 def test_a_bad_mesh_is_one_clear_error_on_every_rank(tmp_path):
     proc = torchrun(2, tmp_path, [{"name": "bad", "dp": 3}], timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: parallel: dp=3 x pp=1 = 3 processes") == 2
+    assert proc.stderr.count("error: parallel: dp=3 x pertp=1 = 3 processes") == 2
 
 
 def test_ranks_that_drift_apart_stop_with_a_clear_error(tmp_path):
@@ -320,7 +320,7 @@ def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
 def test_two_nodes_slice_within_each_node(tmp_path):
     """Two torchrun agents on this machine as two nodes of two ranks: a 2 x 2 mesh whose
     slice groups are the node-local pairs (LOCAL_WORLD_SIZE), offloaded and sliced."""
-    spec = {"name": "nodes", "dp": 2, "pp": 2, "slicing": "on",
+    spec = {"name": "nodes", "dp": 2, "pertp": 2, "slicing": "on",
             "offload": {"enabled": True, "ring": 2}}
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
@@ -367,7 +367,7 @@ def test_a_parallel_preset_run_as_one_process_says_which_launcher_to_use(caplog)
         Mesh(ParallelConfig(), torch.device("cpu"), LaunchEnv())  # single: nothing to say
         assert not caplog.records
         mesh = Mesh(ParallelConfig(dp=-1), torch.device("cpu"), LaunchEnv())
-    assert (mesh.dp, mesh.pp, mesh.distributed) == (1, 1, False)
+    assert (mesh.dp, mesh.pertp, mesh.distributed) == (1, 1, False)
     (record,) = caplog.records
     assert "started as one process" in record.message
     assert "torchrun --nproc_per_node=N" in record.message

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from zo2.errors import CheckpointError, ConfigError
-from zo2.parallel.comm import LocalComm
+from zo2.parallel.mesh import Mesh
 
 log = logging.getLogger("zo2")
 
@@ -121,15 +121,15 @@ class CheckpointManager:
     Args:
         root: the folder holding ``step-*`` checkpoints (created on first save).
         keep: how many complete checkpoints to keep (>= 1).
-        comm: the run's communicator (``is_main``, ``barrier``); one process when None.
+        mesh: the run's mesh (``is_main``, ``barrier``); one process when None.
     """
 
-    def __init__(self, root: str | Path, keep: int = 2, comm=None) -> None:
+    def __init__(self, root: str | Path, keep: int = 2, mesh: Mesh | None = None) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
-        self.comm = comm or LocalComm()
+        self.mesh = mesh or Mesh.local()
 
     def path(self, step: int) -> Path:
         return self.root / f"{PREFIX}{step:08d}"
@@ -149,19 +149,19 @@ class CheckpointManager:
         """
         final = self.path(step)
         tmp = self.root / f".{final.name}.tmp"
-        if self.comm.is_main:
+        if self.mesh.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".*.tmp"):  # a save cut short earlier
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
-        self.comm.barrier()
+        self.mesh.barrier()
         write(tmp)
-        if self.comm.is_main:
+        if self.mesh.is_main:
             write_manifest(tmp, step=step)
             replace_dir(tmp, final)
             for old in self.all()[:-self.keep]:
                 shutil.rmtree(old)
-        self.comm.wait_for_writer()  # the manifest hashes every file: its own timeout
+        self.mesh.wait_for_writer()  # the manifest hashes every file: its own timeout
         return final
 
     def latest(self) -> Path | None:
@@ -202,10 +202,10 @@ class RunCheckpoints:
     atomically with a manifest. Called on every rank; the main rank writes.
     """
 
-    def __init__(self, out: Path, keep: int, comm) -> None:
+    def __init__(self, out: Path, keep: int, mesh: Mesh) -> None:
         self.out = out
-        self.steps = CheckpointManager(out / "checkpoints", keep=keep, comm=comm)
-        self.comm = comm
+        self.steps = CheckpointManager(out / "checkpoints", keep=keep, mesh=mesh)
+        self.mesh = mesh
 
     # -- resuming ---------------------------------------------------------------------------
     def resume_point(self, resume: str) -> str | None:
@@ -253,7 +253,7 @@ class RunCheckpoints:
     def copy_best_from(self, folder: str | Path) -> None:
         """Resumed into another directory: take the source run's ``best/`` along."""
         source = Path(folder).parent.parent / "best"  # <run>/checkpoints/step-N
-        if self.comm.is_main and not (self.out / "best").exists() and source.is_dir():
+        if self.mesh.is_main and not (self.out / "best").exists() and source.is_dir():
             shutil.copytree(source, self.out / "best")
 
     # -- saving -----------------------------------------------------------------------------
@@ -262,7 +262,7 @@ class RunCheckpoints:
 
         def write(folder: Path) -> None:
             engine.save(folder)
-            if self.comm.is_main:
+            if self.mesh.is_main:
                 run_state = {name: obj.state_dict() for name, obj in states.items()}
                 (folder / RUN_STATE).write_text(json.dumps(run_state, indent=1))
 
@@ -272,13 +272,13 @@ class RunCheckpoints:
         """Write ``best/`` (a collective with several ranks): atomically replaced, with a
         manifest like every checkpoint."""
         best, tmp = self.out / "best", self.out / ".best.tmp"
-        if self.comm.is_main and tmp.exists():
+        if self.mesh.is_main and tmp.exists():
             shutil.rmtree(tmp)
         engine.save(tmp, tokenizer)
-        if self.comm.is_main:
+        if self.mesh.is_main:
             write_manifest(tmp, step=engine.step_index)
             replace_dir(tmp, best)
-        self.comm.wait_for_writer()
+        self.mesh.wait_for_writer()
         return best
 
     def latest(self) -> Path | None:

@@ -52,7 +52,7 @@ from zo2.engine import StepResult, ZOEngine
 from zo2.errors import ConfigError, TrainingError
 from zo2.models import check_context, load_model, model_identity, weights_folder
 from zo2.offload.lazy_weights import SafetensorsWeights
-from zo2.parallel import Comm, LaunchEnv, LocalComm, Mesh
+from zo2.parallel import LaunchEnv, Mesh
 from zo2.seedlog import SeedLog
 from zo2.tracking import MetricsLogger, plot_curves
 
@@ -60,7 +60,7 @@ log = logging.getLogger("zo2")
 
 
 class Callback:
-    """Observes a run; every hook is called on every rank (``trainer.comm`` tells which)."""
+    """Observes a run; every hook is called on every rank (``trainer.mesh`` tells which)."""
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
         """After step ``result.step + 1`` of the run is computed and logged."""
@@ -119,11 +119,10 @@ class Trainer:
 
     def _build(self, output_dir: str | Path, engine_factory: Callable[..., ZOEngine]) -> None:
         cfg, mesh = self.cfg, self.mesh
-        self.comm = Comm(mesh) if mesh.distributed else LocalComm()
         self.out = Path(mesh.agree(str(output_dir)))  # rank 0's directory
-        if not self.comm.is_main:
+        if not self.mesh.is_main:
             log.setLevel(logging.WARNING)  # one rank reports progress
-        self.checkpoints = RunCheckpoints(self.out, cfg.checkpoint.keep, self.comm)
+        self.checkpoints = RunCheckpoints(self.out, cfg.checkpoint.keep, mesh)
         # Decided before anything is written: a bad resume request ends here.
         self.resumed_from = mesh.on_main(lambda: self.checkpoints.resume_point(
             cfg.checkpoint.resume))
@@ -134,8 +133,10 @@ class Trainer:
         self.data = self.pipe.train
         self.best: dict = {}
         self.zero_shot: dict = {}
+        self._window = (0, time.perf_counter())  # train_step also works without train()
+        self._nonfinite = 0
         run_state = saved["trainer"] if saved else {}
-        self.metrics = MetricsLogger(cfg.logging, self.out, to_dict(cfg), self.comm.is_main,
+        self.metrics = MetricsLogger(cfg.logging, self.out, to_dict(cfg), self.mesh.is_main,
                                      resume_step=run_state.get("step"),
                                      run_id=run_state.get("wandb_id"))
         if saved:
@@ -164,7 +165,7 @@ class Trainer:
         engine = engine_factory(model, cfg.optim, pipe.objective, seed=cfg.seed,
                                 total_steps=cfg.steps, trainable=self.trainable,
                                 offload=self._offload(), device=self.device,
-                                weights=weights, comm=self.comm)
+                                weights=weights, mesh=self.mesh)
         return pipe, tokenizer, engine
 
     def _offload(self) -> OffloadConfig:
@@ -206,7 +207,7 @@ class Trainer:
         """Run to ``cfg.steps`` (from where a resumed run stopped); returns the summary."""
         if not self.resumed_from:
             self._evaluate_zero_shot()
-        progress = _progress(self.cfg, self.engine.step_index) if self.comm.is_main else None
+        progress = _progress(self.cfg, self.engine.step_index) if self.mesh.is_main else None
         self._window = (0, time.perf_counter())  # tokens since the last logged step
         self._nonfinite = 0  # steps in a row whose loss was NaN or inf (no update)
         for step in range(self.engine.step_index + 1, self.cfg.steps + 1):
@@ -242,7 +243,7 @@ class Trainer:
                         result.losses, self._nonfinite)
         if self._nonfinite >= cfg.nonfinite_limit:
             self.metrics.write(event="stopped", step=step, reason="non-finite losses")
-            last_good = self.checkpoints.latest() if self.comm.is_main else None
+            last_good = self.checkpoints.latest() if self.mesh.is_main else None
             raise TrainingError(
                 f"{self._nonfinite} steps in a row (to step {step}) had a non-finite loss: "
                 f"stopping (nonfinite_limit={cfg.nonfinite_limit}); the last good checkpoint "
@@ -284,7 +285,7 @@ class Trainer:
         """The seed log, the test accuracy of ``best/``, the summary."""
         engine, out, cfg = self.engine, self.out, self.cfg
         final_step, seedlog = engine.step_index, out / "run.seedlog"
-        if self.comm.is_main:  # every update of the run: replayed onto the base
+        if self.mesh.is_main:  # every update of the run: replayed onto the base
             SeedLog.from_engine(engine, self.trainable).save(seedlog)
         tested = "best"
         if self.best["step"] != final_step:
@@ -305,11 +306,11 @@ class Trainer:
             "peak_rss_mb": peak_rss_mb(), "checkpoint": str(out / "best"),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "seedlog": str(seedlog),
-            "seedlog_bytes": seedlog.stat().st_size if self.comm.is_main else None,
+            "seedlog_bytes": seedlog.stat().st_size if self.mesh.is_main else None,
             "parallel": {k: v for k, v in self.mesh.describe().items() if "rank" not in k},
         }
         self.metrics.write(event="summary", **summary)
-        if self.comm.is_main:
+        if self.mesh.is_main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
             if cfg.logging.plot:
                 self.metrics.close()  # flushed before the plot reads it
