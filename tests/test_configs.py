@@ -108,3 +108,30 @@ def test_a_value_outside_the_choices_names_the_key_and_every_allowed_value(overr
     extra = ["task.path=data.file"] if key == "task.name" else []  # file tasks need one
     for choice in allowed:
         validate(load([f"{key}={choice}", *extra]))
+
+
+def test_each_section_checks_itself_when_built():
+    """The Python API gets the same one-line message as the CLI, at construction."""
+    from zo2.config import OffloadConfig, OptimConfig, ParallelConfig
+
+    with pytest.raises(ConfigError, match=r"^optim\.eps: must be > 0, got 0$"):
+        OptimConfig(eps=0)
+    with pytest.raises(ConfigError, match=r"^offload\.ring: must be >= 1, got 0$"):
+        OffloadConfig(ring=0)
+    with pytest.raises(ConfigError, match=r"^parallel\.slicing: 'sometimes' is not one of"):
+        ParallelConfig(slicing="sometimes")
+    cfg = TrainConfig()
+    cfg.optim.q = 0  # changed after it was built: validate() checks it again
+    with pytest.raises(ConfigError, match=r"^optim\.q: must be >= 1$"):
+        validate(cfg)
+
+
+def test_the_old_name_of_perturbation_parallelism_still_works_and_warns(caplog):
+    """``parallel.pp`` reads as pipeline parallel; it is now ``parallel.pertp``."""
+    with caplog.at_level("WARNING", logger="zo2"):
+        cfg = validate(load(["parallel.pp=2"]))
+    assert (cfg.parallel.pertp, cfg.parallel.pp) == (2, None)
+    assert any("parallel.pp is the old name of parallel.pertp" in r.message
+               for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"^parallel\.pp: is the old name of parallel\.pertp"):
+        load(["parallel.pp=2", "parallel.pertp=4"])

@@ -30,9 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zo2.choices import ADAPTERS as KINDS
 from zo2.errors import ConfigError
-
-KINDS = ("none", "lora", "prefix")
 
 
 @dataclass
@@ -48,6 +47,9 @@ class AdapterConfig:
     alpha: float = 16.0  # lora: scaling alpha / r
     target_modules: list[str] | None = None  # lora: module names; None: peft's per-model default
     num_virtual_tokens: int = 16  # prefix: virtual tokens prepended at every layer
+
+    def __post_init__(self) -> None:  # OmegaConf.to_object and the Python API
+        validate_adapter(self)
 
 
 def validate_adapter(a: AdapterConfig, trainable: list[str] | None = None) -> AdapterConfig:
@@ -152,9 +154,9 @@ def save_adapter(source, path: str | Path) -> Path:
     state = engine.export_state_dict()  # flushed; offloaded values from host memory
     own = {n for n, _ in model.named_parameters()} & set(state)
     adapter = {k: state[k].clone() for k in own if _is_adapter_key(k, model)}
-    if engine.comm.is_main:
+    if engine.mesh.is_main:
         model.save_pretrained(path, state_dict=adapter)
-    engine.comm.wait_for_writer()
+    engine.mesh.wait_for_writer()
     return path
 
 

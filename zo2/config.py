@@ -2,27 +2,65 @@
 
 The YAML presets in ``configs/`` (groups ``model/``, ``task/``, ``optim/``) are merged
 into these schemas, so an unknown key or an ill-typed value is rejected by OmegaConf
-with the full key named; :func:`validate` then checks ranges and allowed values and
-raises :class:`~zo2.errors.ConfigError` naming the field and what is allowed.
+with the full key named. Each dataclass checks its own ranges and allowed values in
+``__post_init__`` (``OmegaConf.to_object`` and the Python API both construct it), and
+raises :class:`~zo2.errors.ConfigError` naming the field and what is allowed; the
+allowed values come from :mod:`zo2.choices`. :func:`validate` checks a whole config
+again (one changed after it was built).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import zo2.configs
 from zo2.adapters import AdapterConfig, validate_adapter
-from zo2.choices import DIRECTIONS, DTYPES, ESTIMATORS, METHODS, ROUNDINGS, WIRE_DTYPES
+from zo2.choices import (
+    BACKENDS,
+    DIRECTIONS,
+    DTYPES,
+    ESTIMATORS,
+    METHODS,
+    OBJECTIVES,
+    ROUNDINGS,
+    SCHEDULES,
+    SLICINGS,
+    STATE_DTYPES,
+    WANDB_MODES,
+    WIRE_DTYPES,
+)
 from zo2.data.tasks import TASK_NAMES
 from zo2.errors import ConfigError
-from zo2.loss import OBJECTIVES
-from zo2.schedule import SCHEDULES
+
+log = logging.getLogger("zo2")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: Any, allowed: tuple, key: str) -> None:
+    _require(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
+
+
+class _Checked:
+    """A config section that checks itself when built (``__post_init__``)."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        raise NotImplementedError
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Checked):
     """Which causal LM to fine-tune and which of its parameters."""
 
     name: str = "smollm2-135m"  # embedded default, a local HF folder, or tiny-<family>
@@ -31,9 +69,17 @@ class ModelConfig:
     trainable: list[str] = field(default_factory=lambda: ["*"])  # globs over param names
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # LoRA / prefix (peft)
 
+    def check(self) -> None:
+        _require(bool(self.name), "model.name", "must not be empty")
+        _one_of(self.dtype, DTYPES, "model.dtype")
+        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+                 "model.device", f"{self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
+        _require(len(self.trainable) > 0, "model.trainable", "needs at least one pattern")
+        validate_adapter(self.adapter, self.trainable)
+
 
 @dataclass
-class TaskConfig:
+class TaskConfig(_Checked):
     """The dataset and MeZO's k-shot protocol."""
 
     name: str = "tweets"  # tweets | drugs | jsonl | csv
@@ -48,9 +94,18 @@ class TaskConfig:
     balanced: bool = True  # equal label counts in every split (majority baseline = 50%)
     objective: str = "label_words"
 
+    def check(self) -> None:
+        _one_of(self.name, TASK_NAMES, "task.name")
+        if self.name in ("jsonl", "csv"):
+            _require(bool(self.path), "task.path", f"task {self.name!r} needs a data file path")
+        for key in ("n_train", "n_dev", "n_test"):
+            _require(getattr(self, key) > 0, f"task.{key}", "must be > 0")
+        _require(self.max_length >= 8, "task.max_length", "must be >= 8")
+        _one_of(self.objective, OBJECTIVES, "task.objective")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Checked):
     """The ZO estimator and update rule."""
 
     method: str = "zo-sgd"
@@ -73,9 +128,31 @@ class OptimConfig:
     state_dtype: str = "float32"  # zo-momentum / zo-adam buffers: float32 | bfloat16
     conservative: bool = False  # keep w, w - lr*g*z or w + lr*g*z, whichever has less loss
 
+    def check(self) -> None:
+        _one_of(self.method, METHODS, "optim.method")
+        _require(self.lr >= 0, "optim.lr", f"must be >= 0, got {self.lr}")
+        _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _one_of(self.schedule, SCHEDULES, "optim.schedule")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _one_of(self.direction, DIRECTIONS, "optim.direction")
+        _one_of(self.estimator, ESTIMATORS, "optim.estimator")
+        _require(self.q >= 1, "optim.q", "must be >= 1")
+        if self.estimator == "one-point":
+            _require(self.q == 1, "optim.q", "the one-point estimator takes q=1")
+        _require(self.batch_size >= 1, "optim.batch_size", "must be >= 1")
+        _one_of(self.rounding, ROUNDINGS, "optim.rounding")
+        _require(0.0 <= self.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+        _require(self.history >= 0, "optim.history", "must be >= 0")
+        _require(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "optim.beta1",
+                 "beta1 and beta2 must be in [0, 1)")
+        _require(self.adam_eps > 0, "optim.adam_eps", "must be > 0")
+        _one_of(self.state_dtype, STATE_DTYPES, "optim.state_dtype")
+
 
 @dataclass
-class OffloadConfig:
+class OffloadConfig(_Checked):
     """ZO2 offloading: units live in host memory (or on disk) and stream through the device.
 
     ``wire_dtype`` narrower than ``host_dtype`` keeps an fp32 master on the host and
@@ -93,25 +170,67 @@ class OffloadConfig:
     host_budget_gb: float = 0.0  # host memory for units when disk_dir is set
     timing: bool = True  # time transfers with events (telemetry)
 
+    def check(self) -> None:
+        _require(self.ring >= 1, "offload.ring", f"must be >= 1, got {self.ring}")
+        if self.host_dtype is not None:
+            _one_of(self.host_dtype, DTYPES, "offload.host_dtype")
+        if self.wire_dtype is not None:
+            _one_of(self.wire_dtype, WIRE_DTYPES, "offload.wire_dtype")
+            _require(hasattr(torch, self.wire_dtype), "offload.wire_dtype",
+                     f"{self.wire_dtype} is not supported by this torch")
+            if self.wire_dtype != self.host_dtype:
+                _require(self.host_dtype == "float32", "offload.host_dtype",
+                         f"wire_dtype={self.wire_dtype} differs from the host copy: set "
+                         "host_dtype=float32 (the master the update is applied to)")
+        _require(self.host_budget_gb >= 0, "offload.host_budget_gb", "must be >= 0")
+
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Checked):
     """DistZO2 parallelism on torch.distributed; ranks come from the launcher (torchrun).
 
-    ``dp x pp`` must equal the world size; ``-1`` for one of them means "the rest".
+    ``dp x pertp`` must equal the world size; ``-1`` for one of them means "the rest".
+    ``pp`` is the old name of ``pertp`` (it reads as *pipeline* parallel): still read,
+    with a warning.
     """
 
     dp: int = 1  # data parallel: the batch is split; one loss pair per step is all-reduced
-    pp: int = 1  # perturbation parallel: the plan's +eps / -eps slices are split
+    pertp: int = 1  # perturbation parallel: the plan's +eps / -eps slices are split
+    pp: int | None = None  # deprecated alias of pertp
     slicing: str = "auto"  # offloaded units: each node-local rank uploads 1/N (auto|on|off)
     backend: str = "auto"  # auto: nccl on GPUs, gloo on the CPU
     timeout_s: float = 300.0  # a collective that waits longer fails (dead or hung rank)
     save_timeout_s: float = 1800.0  # ranks wait this long for rank 0 to write a checkpoint
     check_every: int = 50  # steps between cross-rank weight checksums (0: never)
 
+    def __post_init__(self) -> None:
+        if self.pp is not None:
+            _require(self.pertp in (1, self.pp), "parallel.pp",
+                     f"is the old name of parallel.pertp; both are set ({self.pp} and "
+                     f"{self.pertp}): set parallel.pertp only")
+            log.warning("parallel.pp is the old name of parallel.pertp (perturbation "
+                        "parallelism; pp reads as pipeline parallel): set parallel.pertp=%d",
+                        self.pp)
+            self.pertp, self.pp = self.pp, None
+        super().__post_init__()
+
+    def check(self) -> None:
+        """The degrees alone (the world size is checked by the mesh)."""
+        for key in ("dp", "pertp"):
+            value = getattr(self, key)
+            _require(value == -1 or value >= 1, f"parallel.{key}",
+                     f"must be >= 1 or -1, got {value}")
+        _require(not (self.dp == -1 and self.pertp == -1), "parallel.dp",
+                 "dp and pertp cannot both be -1")
+        _one_of(self.slicing, SLICINGS, "parallel.slicing")
+        _one_of(self.backend, BACKENDS, "parallel.backend")
+        _require(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+        _require(self.save_timeout_s > 0, "parallel.save_timeout_s", "must be > 0")
+        _require(self.check_every >= 0, "parallel.check_every", "must be >= 0")
+
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(_Checked):
     """Where a run's metrics go besides ``metrics.jsonl``."""
 
     wandb: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | off
@@ -119,18 +238,27 @@ class LoggingConfig:
     name: str | None = None  # the wandb run name (default: the output directory's name)
     plot: bool = True  # write curves.png (loss, dev accuracy) next to metrics.jsonl
 
+    def check(self) -> None:
+        _one_of(self.wandb, WANDB_MODES, "logging.wandb")
+
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Checked):
     """Periodic run checkpoints (``<output_dir>/checkpoints/step-*``) and resuming."""
 
     every: int = 50  # steps between checkpoints, and the last step (0: no checkpoints)
     keep: int = 2  # complete checkpoints kept (older ones are deleted after a save)
     resume: str = "auto"  # auto: from the newest valid checkpoint if any | never | a path
 
+    def check(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", "must be >= 0")
+        _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _require(bool(self.resume), "checkpoint.resume",
+                 "must be 'auto', 'never' or a checkpoint folder")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
     """A whole run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -150,99 +278,29 @@ class TrainConfig:
     progress: bool = True
     nonfinite_limit: int = 20  # steps in a row with a NaN/inf loss before the run stops
 
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _one_of(value: Any, allowed: tuple, key: str) -> None:
-    _require(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
+    def check(self) -> None:
+        """The run's own fields (each section checked itself when it was built)."""
+        _require(self.steps >= 0, "steps", "must be >= 0")
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        _require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        _require(self.log_every >= 1, "log_every", "must be >= 1")
+        _require(self.threads >= 0, "threads", "must be >= 0")
+        _require(self.nonfinite_limit >= 1, "nonfinite_limit", "must be >= 1")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check ranges and allowed values; raise ConfigError naming the field."""
-    m, t, o = cfg.model, cfg.task, cfg.optim
-    _require(bool(m.name), "model.name", "must not be empty")
-    _one_of(m.dtype, DTYPES, "model.dtype")
-    _require(m.device in ("auto", "cpu") or m.device.startswith("cuda"), "model.device",
-             f"{m.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
-    _require(len(m.trainable) > 0, "model.trainable", "needs at least one pattern")
-    validate_adapter(m.adapter, m.trainable)
-    _require(t.name in TASK_NAMES, "task.name", f"{t.name!r} is not one of {list(TASK_NAMES)}")
-    if t.name in ("jsonl", "csv"):
-        _require(bool(t.path), "task.path", f"task {t.name!r} needs a data file path")
-    for key in ("n_train", "n_dev", "n_test"):
-        _require(getattr(t, key) > 0, f"task.{key}", "must be > 0")
-    _require(t.max_length >= 8, "task.max_length", "must be >= 8")
-    _one_of(t.objective, OBJECTIVES, "task.objective")
-    _one_of(o.method, METHODS, "optim.method")
-    _require(o.lr >= 0, "optim.lr", f"must be >= 0, got {o.lr}")
-    _require(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
-    _one_of(o.schedule, SCHEDULES, "optim.schedule")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
-    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _one_of(o.direction, DIRECTIONS, "optim.direction")
-    _one_of(o.estimator, ESTIMATORS, "optim.estimator")
-    _require(o.q >= 1, "optim.q", "must be >= 1")
-    _require(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
-    _one_of(o.rounding, ROUNDINGS, "optim.rounding")
-    _require(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
-    _require(o.history >= 0, "optim.history", "must be >= 0")
-    _require(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0, "optim.beta1",
-             "beta1 and beta2 must be in [0, 1)")
-    _require(o.adam_eps > 0, "optim.adam_eps", "must be > 0")
-    _one_of(o.state_dtype, ("float32", "bfloat16"), "optim.state_dtype")
-    if o.estimator == "one-point":
-        _require(o.q == 1, "optim.q", "the one-point estimator takes q=1")
-    validate_offload(cfg.offload)
-    validate_parallel(cfg.parallel)
-    _one_of(cfg.logging.wandb, ("auto", "online", "offline", "off"), "logging.wandb")
-    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
-    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _require(bool(cfg.checkpoint.resume), "checkpoint.resume",
-             "must be 'auto', 'never' or a checkpoint folder")
-    _require(cfg.steps >= 0, "steps", "must be >= 0")
-    _require(cfg.eval_every >= 0, "eval_every", "must be >= 0")
-    _require(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-    _require(cfg.log_every >= 1, "log_every", "must be >= 1")
-    _require(cfg.threads >= 0, "threads", "must be >= 0")
-    _require(cfg.nonfinite_limit >= 1, "nonfinite_limit", "must be >= 1")
+    """Check a whole config again, every section (one changed since it was built);
+    raise ConfigError naming the field."""
+    for section in (cfg.model, cfg.task, cfg.optim, cfg.offload, cfg.parallel, cfg.logging,
+                    cfg.checkpoint, cfg):
+        section.check()
     return cfg
 
 
 def validate_offload(f: OffloadConfig) -> OffloadConfig:
-    """Check an :class:`OffloadConfig`; raise ConfigError naming the field."""
-    _require(f.ring >= 1, "offload.ring", f"must be >= 1, got {f.ring}")
-    if f.host_dtype is not None:
-        _one_of(f.host_dtype, DTYPES, "offload.host_dtype")
-    if f.wire_dtype is not None:
-        _one_of(f.wire_dtype, WIRE_DTYPES, "offload.wire_dtype")
-        import torch
-
-        _require(hasattr(torch, f.wire_dtype), "offload.wire_dtype",
-                 f"{f.wire_dtype} is not supported by this torch")
-        if f.wire_dtype != f.host_dtype:
-            _require(f.host_dtype == "float32", "offload.host_dtype",
-                     f"wire_dtype={f.wire_dtype} differs from the host copy: set "
-                     "host_dtype=float32 (the master the update is applied to)")
-    _require(f.host_budget_gb >= 0, "offload.host_budget_gb", "must be >= 0")
+    """Check an :class:`OffloadConfig` again; raise ConfigError naming the field."""
+    f.check()
     return f
-
-
-def validate_parallel(p: ParallelConfig) -> ParallelConfig:
-    """Check a :class:`ParallelConfig` (the world size is checked by the mesh)."""
-    for key in ("dp", "pp"):
-        value = getattr(p, key)
-        _require(value == -1 or value >= 1, f"parallel.{key}", f"must be >= 1 or -1, got {value}")
-    _require(not (p.dp == -1 and p.pp == -1), "parallel.dp", "dp and pp cannot both be -1")
-    _one_of(p.slicing, ("auto", "on", "off"), "parallel.slicing")
-    _one_of(p.backend, ("auto", "nccl", "gloo"), "parallel.backend")
-    _require(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
-    _require(p.save_timeout_s > 0, "parallel.save_timeout_s", "must be > 0")
-    _require(p.check_every >= 0, "parallel.check_every", "must be >= 0")
-    return p
 
 
 def register() -> None:

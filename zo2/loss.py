@@ -14,7 +14,7 @@ Three objectives:
 * ``"choice"`` (MeZO's multiple choice as classification, COPA / ReCoRD): the batch
   holds ``choices`` consecutive rows per example, one candidate continuation each,
   the right one first, padding rows (no label) after the real candidates
-  (:func:`zo2.data.choices.encode_choices`). A row's score is its candidate's
+  (:func:`zo2.data.continuations.encode_choices`). A row's score is its candidate's
   log-likelihood (mean over its tokens with ``length_normalised``, else the sum; -inf
   for a padding row); the loss is cross-entropy over each example's scores and an
   example is right when its first candidate scores strictly highest.
@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zo2.choices import OBJECTIVES
 from zo2.errors import ConfigError
-
-OBJECTIVES = ("label_words", "lm", "choice")
 
 
 def positions_to_keep(labels: torch.Tensor) -> int:

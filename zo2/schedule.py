@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
+from zo2.choices import SCHEDULES
 from zo2.errors import ConfigError
-
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 def learning_rate(step: int, *, lr: float, schedule: str = "constant", warmup_steps: int = 0,
