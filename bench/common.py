@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the repository: run ``python -m bench.<name>`` here
+RESULTS = ROOT / "bench" / "results"
 
 
 SHAPES = {  # (hidden, layers, ffn, heads, word_embed_proj_dim) of the public OPT models

@@ -97,6 +97,9 @@ if ! from_here; then
     echo "gpu_check: cannot import zo2 from $ROOT" >&2
     exit 2
 fi
+# bench.common for the stages. They run as scripts, with $ROOT last on the path: from
+# $ROOT, `python -m bench.<name>` would find $ROOT/zo2 (no zo2.offload) before a link tree
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT"
 
 if [[ $DRY == 1 ]]; then
     GPU=dry-run-cpu

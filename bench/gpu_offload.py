@@ -53,8 +53,8 @@ Targets: ``peak_gb_offload <= zo2_paper_gb`` (1.3b 3.75, 2.7b 4.14, 6.7b 4.99, 1
 30b 8.86 GB) and ``step_over_bound`` near 1.0 (``offload_over_resident_throughput`` is
 reported too; >= 0.9 is out of reach at 1 x 2048 tokens, see above).
 
-    python bench/gpu_offload.py [--sizes 1.3b,6.7b,13b,30b] [--steps 6] [--budget-s 480]
-    python bench/gpu_offload.py --dry-run      # same code path on the CPU, tiny shapes
+    python -m bench.gpu_offload [--sizes 1.3b,6.7b,13b,30b] [--steps 6] [--budget-s 480]
+    python -m bench.gpu_offload --dry-run      # same code path on the CPU, tiny shapes
 
 Writes ``<--results>/gpu_offload-<gpu name>.json`` (default ``bench/results``;
 ``gpu_offload-dry-run-cpu.json`` with ``--dry-run``). Last line: ``gpu=... h2d_gbps=...
@@ -85,9 +85,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, classification_batch, report  # noqa: E402
-
+from bench.common import RESULTS, classification_batch, report  # noqa: E402
 from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
 from zo2.config import OffloadConfig  # noqa: E402
 from zo2.offload.store import host_available_bytes  # noqa: E402

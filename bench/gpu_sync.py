@@ -8,8 +8,8 @@ upload, update, perturbation, forward and write-back, ``begin_pass`` / ``end_pas
 and the flush; what ``tests/test_gpu.py::test_cuda_steps_make_no_host_sync`` requires
 to be zero). ``ok`` when zo2's part made none.
 
-    python bench/gpu_sync.py [--steps 3] [--json out.json]
-    python bench/gpu_sync.py --dry-run     # the same steps on the CPU (nothing counted)
+    python -m bench.gpu_sync [--steps 3] [--json out.json]
+    python -m bench.gpu_sync --dry-run     # the same steps on the CPU (nothing counted)
 """
 
 from __future__ import annotations

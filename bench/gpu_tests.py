@@ -1,6 +1,6 @@
 """Run pytest test modules on a machine without pytest (a bare GPU machine).
 
-    python bench/gpu_tests.py tests/test_gpu.py [--json out.json] [--shim]
+    python -m bench.gpu_tests tests/test_gpu.py [--json out.json] [--shim]
 
 With pytest installed this runs ``pytest -q`` on the modules. Without it (or with
 ``--shim``, which is how the CPU check keeps this path alive), a stand-in ``pytest``

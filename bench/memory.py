@@ -11,7 +11,7 @@ batch 8 x 128, classification loss at the last position:
 the stateful rules cost and what their memory-light variants save is measured: peak RSS
 and the bytes of state the rule holds, against ZO-SGD (``zo``) and inference.
 
-    python bench/memory.py [--shape opt-125m|opt-350m] [--rules]
+    python -m bench.memory [--shape opt-125m|opt-350m] [--rules]
 
 Last line: ``zo_over_inference=... adam_over_inference=... zo_extra_mb=...``; with
 ``--rules``, each rule's peak over ZO-SGD's and its state in MiB.
@@ -23,12 +23,10 @@ import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import classification_batch, opt_shape, report  # noqa: E402
+from bench.common import ROOT, classification_batch, opt_shape, report
 
 LABELS = (5, 9)
 RULES = {  # mode: the OptimConfig fields of a ZO run
@@ -89,8 +87,8 @@ def main() -> None:
     modes = ["inference", *(f"zo:{r}" for r in RULES)] if "--rules" in sys.argv else [
         "inference", "zo", "adam"]
     for mode in modes:
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, shape], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, "-m", "bench.memory", "--mode", mode, shape],
+                             check=True, capture_output=True, text=True, cwd=ROOT).stdout
         runs[mode] = json.loads(out.strip().splitlines()[-1])
     if "--rules" in sys.argv:
         inf, zo = runs["inference"]["peak_mb"], runs["zo:zo"]["peak_mb"]

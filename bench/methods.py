@@ -24,30 +24,35 @@ Each method runs in its own process (``--method X``), so ``ru_maxrss`` is its ow
 passes in a separate process and keeps the one with the lowest dev loss (64 dev examples,
 drawn from the training pool as MeZO's dev is); the test set is never seen by the probe.
 
-    python bench/methods.py [--budget 120] [--n-test 200] [--probe] [--only zo_sgd,adam_fo]
+The ZO methods run through :class:`zo2.trainer.Trainer`, configured as ``zo2-train``
+would be (:func:`overrides`): its model, data and engine, its ``train_step`` and
+``evaluate``; this script only sets the schedule (a fixed budget, test accuracy along
+it, the wall limit). ``adam_fo`` has its own loop (autograd, no engine).
+
+    python -m bench.methods [--budget 120] [--n-test 200] [--probe] [--only zo_sgd,adam_fo]
 
 Writes bench/results/methods.json and methods.png (``--name``: another file name, for a
-partial rerun); last line: each method's final test
+partial rerun; ``--out``: another folder); last line: each method's final test
 accuracy as ``key=value``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, report  # noqa: E402
+from bench.common import RESULTS, ROOT, report
 
-ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ROOT / "configs" / "optim"
-
-# name: (preset yaml, overrides of the preset, adapter kind or None); adam_fo: first order
+# name: (optim preset, overrides of the preset, peft preset or None); adam_fo: first order
 METHODS: dict[str, tuple[str | None, dict, str | None]] = {
     "zo_sgd": ("mezo", {}, None),
     "momentum": ("momentum", {}, None),
@@ -63,19 +68,38 @@ PROBE_FACTORS = (1 / 3, 1.0, 3.0)
 N_DEV = 64
 
 
-def optim_config(name: str, overrides: dict):
-    import yaml
-
-    from zo2.config import OptimConfig
-
-    fields = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
-    fields.update(overrides)
-    return OptimConfig(**fields)
+def overrides(method: str, n_train: int, n_test: int, lr: float | None = None) -> list[str]:
+    """The ``zo2-train`` overrides of ``method`` (``lr`` overrides its preset's): the
+    embedded default on the CPU, tweets (seed 42, balanced), batch 16, seed 0, nothing
+    written but ``metrics.jsonl`` (no checkpoints, no wandb, no plot)."""
+    preset, changes, adapter = METHODS[method]
+    changes = changes if lr is None else {**changes, "lr": lr}
+    out = ["model=smollm2-135m", "model.device=cpu", "task=tweets", f"task.n_train={n_train}",
+           f"task.n_dev={N_DEV}", f"task.n_test={n_test}", "eval_every=0", "checkpoint.every=0",
+           "checkpoint.resume=never", "logging=none", "progress=false",
+           f"optim={preset or 'mezo'}"]
+    if preset is not None:
+        out += [f"optim.{k}={v!r}" for k, v in changes.items()]
+    if adapter is not None:
+        out.append(f"peft={adapter}")
+    return out
 
 
 def eval_steps(steps: int, points: int = 4) -> list[int]:
     """Steps after which test accuracy is taken: ~evenly along the budget, the last one."""
     return sorted({max(1, round(steps * k / points)) for k in range(1, points + 1)})
+
+
+@dataclass
+class Run:
+    """One method set up: ``step()`` trains one step (its loss), ``evaluate(split)``
+    measures dev or test; ``steps`` of ``per_step`` forward passes fit the budget."""
+
+    step: Callable[[], float]
+    evaluate: Callable[[str], dict]
+    steps: int
+    per_step: int
+    info: dict
 
 
 class _PlainEval:
@@ -105,87 +129,96 @@ class _PlainEval:
         return {"loss": total / max(n, 1), "accuracy": right / max(seen, 1)}
 
 
-def setup(method: str, budget: int, n_train: int, n_test: int, lr: float | None = None):
-    """Model, data, a one-step function and an evaluator for ``method`` (``lr`` overrides
-    its preset's). Returns (pipeline, train_step, evaluator, steps, forwards per step, info)."""
+def first_order(cfg, lr: float, budget: int) -> Run:
+    """First-order AdamW with autograd on the model and data of ``cfg``, the reference."""
     import torch
 
-    from zo2.adapters import AdapterConfig, wrap
     from zo2.data.pipeline import build
     from zo2.data.tasks import load_task
-    from zo2.engine import ZOEngine
+    from zo2.loss import positions_to_keep
     from zo2.models import load_model
+
+    model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype)
+    t = cfg.task
+    task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev, n_test=t.n_test,
+                     balanced=t.balanced)
+    pipe = build(task, tok, objective=t.objective, batch_size=cfg.optim.batch_size,
+                 eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, max_length=t.max_length)
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    numel = sum(p.numel() for p in model.parameters())
+    info = {"settings": {"optimizer": "torch.optim.AdamW", "lr": lr, "weight_decay": 0.0,
+                         "schedule": "constant", "batch_size": cfg.optim.batch_size},
+            "trainable_params": numel,
+            "state_bytes": 2 * numel * 4,  # exp_avg, exp_avg_sq (fp32)
+            "grad_bytes": numel * 4}
+    evaluator = _PlainEval(model, pipe.objective)
+
+    def step() -> float:
+        b = next(pipe.train)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       logits_to_keep=positions_to_keep(b["labels"]), use_cache=False).logits
+        loss = pipe.objective.loss(logits, b["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return Run(step, lambda split: pipe.evaluate(evaluator, split),
+               budget // FO_FORWARDS_PER_STEP, FO_FORWARDS_PER_STEP, info)
+
+
+def zo_info(method: str, cfg, engine, lr: float | None) -> dict:
+    """What the record says about a ZO method's settings and memory."""
     from zo2.rules import state_bytes
 
-    preset, overrides, adapter = METHODS[method]
-    overrides = dict(overrides) if lr is None else {**overrides, "lr": lr}
-    model, tok = load_model("smollm2-135m")
-    task = load_task("tweets", seed=42, n_train=n_train, n_dev=N_DEV, n_test=n_test,
-                     balanced=True)
-    pipe = build(task, tok, objective="label_words", batch_size=16, eval_batch_size=32, seed=0,
-                 max_length=128)
-    info: dict = {}
-    if preset is None:  # first-order AdamW, the reference
-        steps = budget // FO_FORWARDS_PER_STEP
-        per_step = FO_FORWARDS_PER_STEP
-        model.requires_grad_(True)
-        opt = torch.optim.AdamW(model.parameters(), lr=overrides["lr"], weight_decay=0.0)
-        numel = sum(p.numel() for p in model.parameters())
-        info["settings"] = {"optimizer": "torch.optim.AdamW", "lr": overrides["lr"],
-                            "weight_decay": 0.0, "schedule": "constant", "batch_size": 16}
-        info["trainable_params"] = numel
-        info["state_bytes"] = 2 * numel * 4  # exp_avg, exp_avg_sq (fp32)
-        info["grad_bytes"] = numel * 4
-        evaluator = _PlainEval(model, pipe.objective)
+    preset, changes, adapter = METHODS[method]
+    changes = changes if lr is None else {**changes, "lr": lr}
+    optim = cfg.optim
+    numel = sum(p.numel for p in engine.params)
+    settings = {k: getattr(optim, k) for k in (
+        "method", "lr", "eps", "schedule", "min_lr_ratio", "q", "estimator", "direction",
+        "momentum", "history", "beta1", "beta2", "state_dtype", "batch_size")}
+    settings["preset"] = f"configs/optim/{preset}.yaml"
+    if changes:
+        settings["overrides"] = changes
+    a = cfg.model.adapter
+    if adapter == "lora":
+        settings["adapter"] = {"kind": "lora", "r": a.r, "alpha": a.alpha,
+                               "target_modules": "peft default (q_proj, v_proj)"}
+    elif adapter == "prefix":
+        settings["adapter"] = {"kind": "prefix", "num_virtual_tokens": a.num_virtual_tokens}
+    return {"settings": settings, "trainable_params": numel,
+            "state_bytes": state_bytes(engine.rule, numel)}
 
-        def train_step() -> float:
-            from zo2.loss import positions_to_keep
 
-            b = next(pipe.train)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           logits_to_keep=positions_to_keep(b["labels"]),
-                           use_cache=False).logits
-            loss = pipe.objective.loss(logits, b["labels"])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(loss)
-    else:
-        optim = optim_config(preset, overrides)
-        per_step = 2 * optim.q  # two-sided
-        steps = budget // per_step
-        globs: list[str] = ["*"]
-        if adapter is not None:
-            model, globs = wrap(model, AdapterConfig(kind=adapter), seed=0)
-        engine = ZOEngine(model, optim, pipe.objective, seed=0, total_steps=steps,
-                          trainable=globs)
-        numel = sum(p.numel for p in engine.params)
-        info["settings"] = {k: getattr(optim, k) for k in (
-            "method", "lr", "eps", "schedule", "min_lr_ratio", "q", "estimator", "direction",
-            "momentum", "history", "beta1", "beta2", "state_dtype", "batch_size")}
-        info["settings"]["preset"] = f"configs/optim/{preset}.yaml"
-        if overrides:
-            info["settings"]["overrides"] = overrides
-        if adapter is not None:
-            a = AdapterConfig(kind=adapter)
-            info["settings"]["adapter"] = ({"kind": "lora", "r": a.r, "alpha": a.alpha,
-                                            "target_modules": "peft default (q_proj, v_proj)"}
-                                           if adapter == "lora" else
-                                           {"kind": "prefix",
-                                            "num_virtual_tokens": a.num_virtual_tokens})
-        info["trainable_params"] = numel
-        info["state_bytes"] = state_bytes(engine.rule, numel)
-        evaluator = engine
+@contextlib.contextmanager
+def setup(method: str, budget: int, n_train: int, n_test: int,
+          lr: float | None = None) -> Iterator[Run]:
+    """``method`` set up for ``budget`` forward passes (``lr`` overrides its preset's)."""
+    from zo2.config import compose
 
-        def train_step() -> float:
-            return engine.step(next(pipe.train)).loss
+    preset, changes, _ = METHODS[method]
+    if preset is None:
+        cfg = compose(overrides(method, n_train, n_test))
+        yield first_order(cfg, changes["lr"] if lr is None else lr, budget)
+        return
+    from zo2.trainer import Trainer
 
-    return pipe, train_step, evaluator, steps, per_step, info
+    cfg = compose(overrides(method, n_train, n_test, lr))
+    per_step = 2 * cfg.optim.q  # two-sided
+    steps = budget // per_step
+    cfg.steps = max(steps, 1)  # the lr schedule's horizon
+    with tempfile.TemporaryDirectory() as out, Trainer(cfg, out) as trainer:
+        yield Run(lambda: trainer.train_step(next(trainer.data)).loss, trainer.evaluate,
+                  steps, per_step, zo_info(method, cfg, trainer.engine, lr))
 
 
 def base_lr(method: str) -> float:
-    preset, overrides, _ = METHODS[method]
-    return overrides["lr"] if "lr" in overrides else optim_config(preset, overrides).lr
+    from zo2.config import compose
+
+    preset, changes, _ = METHODS[method]
+    return changes["lr"] if "lr" in changes else compose([f"optim={preset}"]).optim.lr
 
 
 def probe(method: str, budget: int, n_train: int, n_test: int,
@@ -194,11 +227,11 @@ def probe(method: str, budget: int, n_train: int, n_test: int,
     grid = []
     for factor in factors:
         lr = base_lr(method) * factor
-        pipe, train_step, evaluator, steps, per_step, _ = setup(method, budget, n_train, n_test, lr)
-        losses = [train_step() for _ in range(steps)]
-        dev = pipe.evaluate(evaluator, "dev")
+        with setup(method, budget, n_train, n_test, lr) as run:
+            losses = [run.step() for _ in range(run.steps)]
+            dev = run.evaluate("dev")
         grid.append({"lr": lr, "dev_loss": dev["loss"], "dev_accuracy": dev["accuracy"],
-                     "forward_passes": steps * per_step,
+                     "forward_passes": run.steps * run.per_step,
                      "train_loss_first_last": [losses[0], losses[-1]] if losses else []})
         print(f"{method} probe lr {lr:.3g}: dev loss {dev['loss']:.4f} "
               f"acc {dev['accuracy']:.3f}", file=sys.stderr, flush=True)
@@ -210,59 +243,65 @@ def probe(method: str, budget: int, n_train: int, n_test: int,
 def run_method(method: str, budget: int, n_train: int, n_test: int, acc0: float | None,
                deadline: float | None = None, lr: float | None = None) -> dict:
     """One method in this process: the accuracy curve, peak RSS, wall time."""
+    started = time.perf_counter()
+    with setup(method, budget, n_train, n_test, lr) as run:
+        out = {"method": method, **run.info, **curve(method, run, acc0, deadline)}
     from zo2.trainer import peak_rss_mb
 
-    started = time.perf_counter()
-    pipe, train_step, evaluator, steps, per_step, info = setup(method, budget, n_train,
-                                                               n_test, lr)
-    out: dict = {"method": method, **info}
+    out.update({"wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()})
+    return out
 
-    checkpoints = eval_steps(steps)
-    curve = []
+
+def curve(method: str, run: Run, acc0: float | None, deadline: float | None) -> dict:
+    """Train ``run`` for its steps (fewer when ``deadline`` comes first), test accuracy
+    at 0 (unless ``acc0`` is given) and at the :func:`eval_steps`."""
+    checkpoints = eval_steps(run.steps)
+    points = []
     evals_s = 0.0
+    out: dict = {}
     if acc0 is None:
         t0 = time.perf_counter()
-        acc0 = pipe.evaluate(evaluator, "test")["accuracy"]
+        acc0 = run.evaluate("test")["accuracy"]
         evals_s += time.perf_counter() - t0
         print(f"{method} step 0: test acc {acc0:.4f}", file=sys.stderr, flush=True)
         out["acc0_measured"] = True
     else:
         out["acc0_measured"] = False  # the same initial weights as a measured method
-    curve.append({"step": 0, "forward_passes": 0, "test_accuracy": acc0})
+    points.append({"step": 0, "forward_passes": 0, "test_accuracy": acc0})
     losses = []
     train_s = 0.0
     eval_s_last = evals_s
     done = 0
-    for step in range(1, steps + 1):
+    for step in range(1, run.steps + 1):
         if deadline is not None and done and time.time() + 1.5 * (
                 train_s / done + eval_s_last) > deadline:
             break  # this method's share of the run's wall limit is spent
         t0 = time.perf_counter()
-        losses.append(train_step())
+        losses.append(run.step())
         train_s += time.perf_counter() - t0
         done = step
         if step in checkpoints:
             t0 = time.perf_counter()
-            acc = pipe.evaluate(evaluator, "test")["accuracy"]
+            acc = run.evaluate("test")["accuracy"]
             eval_s_last = time.perf_counter() - t0
             evals_s += eval_s_last
-            curve.append({"step": step, "forward_passes": step * per_step, "test_accuracy": acc})
+            points.append({"step": step, "forward_passes": step * run.per_step,
+                           "test_accuracy": acc})
             print(f"{method} step {step}: test acc {acc:.4f} (train {train_s:.0f} s)",
                   file=sys.stderr, flush=True)
-    if curve[-1]["step"] != done:  # stopped early: evaluate where it stopped
+    if points[-1]["step"] != done:  # stopped early: evaluate where it stopped
         t0 = time.perf_counter()
-        acc = pipe.evaluate(evaluator, "test")["accuracy"]
+        acc = run.evaluate("test")["accuracy"]
         evals_s += time.perf_counter() - t0
-        curve.append({"step": done, "forward_passes": done * per_step, "test_accuracy": acc})
-    out["truncated_by_deadline"] = done < steps
-    steps = done
+        points.append({"step": done, "forward_passes": done * run.per_step,
+                       "test_accuracy": acc})
+    out["truncated_by_deadline"] = done < run.steps
     out.update({
-        "steps": steps, "forward_passes_per_step": per_step,
-        "forward_passes": steps * per_step, "curve": curve,
-        "final_test_accuracy": curve[-1]["test_accuracy"],
+        "steps": done, "forward_passes_per_step": run.per_step,
+        "forward_passes": done * run.per_step, "curve": points,
+        "final_test_accuracy": points[-1]["test_accuracy"],
         "train_loss_first_last": [losses[0], losses[-1]] if losses else [],
-        "train_s": train_s, "train_s_per_step": train_s / max(steps, 1), "eval_s": evals_s,
-        "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+        "train_s": train_s, "train_s_per_step": train_s / max(done, 1), "eval_s": evals_s,
     })
     return out
 
@@ -289,14 +328,14 @@ def plot(results: dict, budget: int, n_test: int, target: Path) -> None:
 
 
 def _child(args: list[str], env: dict) -> dict:
-    """Run this script in a fresh process; its last stdout line is the JSON answer."""
-    proc = subprocess.run([sys.executable, __file__, *args], check=True, env=env,
-                          stdout=subprocess.PIPE, text=True)
+    """Run this module in a fresh process; its last stdout line is the JSON answer."""
+    proc = subprocess.run([sys.executable, "-m", "bench.methods", *args], check=True, env=env,
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m bench.methods")
     parser.add_argument("--budget", type=int, default=32, help="forward passes per method")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=96)
@@ -311,6 +350,8 @@ def main() -> None:
     parser.add_argument("--probe-factors", type=lambda v: tuple(map(float, v.split(","))),
                         default=PROBE_FACTORS, help="comma-separated factors of the base lr")
     parser.add_argument("--name", default="methods", help="results file name")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder of the results (default bench/results)")
     parser.add_argument("--probe-budget", type=int, default=16,
                         help="forward passes of each probe run")
     parser.add_argument("--max-minutes", type=float, default=42.0,
@@ -352,8 +393,8 @@ def main() -> None:
         if acc0 is None and METHODS[name][2] != "prefix":
             acc0 = results[name]["curve"][0]["test_accuracy"]
     total_s = time.perf_counter() - started
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, args.budget, args.n_test, RESULTS / f"{args.name}.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(results, args.budget, args.n_test, args.out / f"{args.name}.png")
     figures = {name: round(r["final_test_accuracy"], 4) for name, r in results.items()}
     record_extra = {
         "setup": {
@@ -386,8 +427,8 @@ def main() -> None:
         },
         "methods": results,
     }
-    report(args.name, figures)  # prints the last line
-    path = RESULTS / f"{args.name}.json"
+    report(args.name, figures, args.out)  # prints the last line
+    path = args.out / f"{args.name}.json"
     record = json.loads(path.read_text())
     record.update(record_extra)
     path.write_text(json.dumps(record, indent=2) + "\n")

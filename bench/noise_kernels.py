@@ -1,6 +1,6 @@
 """Micro-benchmark of the CPU noise kernels (zo2.noise) in ns per element.
 
-Usage: ``python bench/noise_kernels.py [--n N] [--repeat R]``.  Times fill
+Usage: ``python -m bench.noise_kernels [--n N] [--repeat R]``.  Times fill
 (gaussian, rademacher), combine, add_ with 1 and 4 seeds, fill into bf16, and
 torch.randn for comparison, with numba's default thread count and with one thread
 (the per-core cost), plus the Gaussian accuracy against float64.  Prints a table, writes
@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.common import report
 from zo2 import noise, noise_reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
 
 
 def _time_ns_per_el(fn, n: int, repeat: int) -> float:

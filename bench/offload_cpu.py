@@ -15,7 +15,7 @@ resident embeddings/head, norms, ring buffers) over the bytes of every parameter
 buffer of the resident engine's model (all of the model). Target: ``offload_over_resident``
 close to 1.
 
-    python bench/offload_cpu.py [--rounds 3] [--steps 2] [--ring 2] [--ring1]
+    python -m bench.offload_cpu [--rounds 3] [--steps 2] [--ring 2] [--ring1]
 
 Last line: ``offload_over_resident=... device_bytes_ratio=... resident_step_s=...
 offload_step_s=... offload_up_mb=... offload_down_mb=... offload_up_gbps=...
@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import classification_batch, median, opt_shape, report, timed  # noqa: E402
-
-from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
-from zo2.config import OffloadConfig  # noqa: E402
-from zo2.offload.telemetry import storage_bytes  # noqa: E402
+from bench.common import classification_batch, median, opt_shape, report, timed
+from zo2 import Objective, OptimConfig, ZOEngine
+from zo2.config import OffloadConfig
+from zo2.offload.telemetry import storage_bytes
 
 LABELS = (5, 9)
 

@@ -7,7 +7,7 @@ Runs, each in its own process so that peak RSS is its own:
 * ``adam``: first-order Adam with autograd on the same model, data, batch size and
   number of steps, the same dev-based checkpoint choice (the reference).
 
-    python bench/quality.py [--adam-lr 1e-5] [-- optim.lr=5e-5 steps=200]
+    python -m bench.quality [--adam-lr 1e-5] [-- optim.lr=5e-5 steps=200]
 
 Last line: ``zero_shot=... tuned=... adam=... zo_minutes=... adam_minutes=...``.
 """
@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from bench.common import ROOT, report
 
 
 def run_zo(overrides: list[str], out: Path) -> dict:
@@ -109,9 +108,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         zo = run_zo(overrides, Path(tmp) / "zo")
-    out = subprocess.run([sys.executable, __file__, "--adam-only", "--adam-lr",
+    out = subprocess.run([sys.executable, "-m", "bench.quality", "--adam-only", "--adam-lr",
                           str(args.adam_lr), "--", *overrides], check=True,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, cwd=ROOT).stdout
     adam = json.loads(out.strip().splitlines()[-1])
     report("quality", {
         "zero_shot": zo["zero_shot_test"], "tuned": zo["tuned_test"], "adam": adam["tuned_test"],

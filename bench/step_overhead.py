@@ -6,7 +6,7 @@ reseeded torch generator for +eps, -2eps, +eps and the update (four regeneration
 four read-modify-writes of every weight). Rounds are interleaved so machine noise
 hits every variant alike; medians are reported.
 
-    python bench/step_overhead.py [--rounds 3]
+    python -m bench.step_overhead [--rounds 3]
 
 Last line: ``ratio=... naive_ratio=... forward_s=... step_s=... naive_step_s=...``.
 """
@@ -14,16 +14,12 @@ Last line: ``ratio=... naive_ratio=... forward_s=... step_s=... naive_step_s=...
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import classification_batch, median, opt_shape, report, timed  # noqa: E402
-
-from zo2 import Objective, OptimConfig, ZOEngine  # noqa: E402
-from zo2.loss import positions_to_keep  # noqa: E402
+from bench.common import classification_batch, median, opt_shape, report, timed
+from zo2 import Objective, OptimConfig, ZOEngine
+from zo2.loss import positions_to_keep
 
 LABELS = (5, 9)
 

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from _cache import zo2_cache  # noqa: E402, F401  (autouse: the suite's own ZO2_CACHE)
 
-from zo2.models import TINY_FAMILIES, tiny_config  # noqa: E402
+from zo2.models import TINY_FAMILIES, random_model, tiny_config  # noqa: E402
 
 # GPT-2-style families (Conv1D weights, learned absolute positions whose position_ids
 # have batch dimension 1, a tied head) besides the rotary ones.
@@ -22,15 +22,10 @@ VOCAB = 128
 def make_model(family: str, *, layers: int = 2, hidden: int = 32, vocab: int = VOCAB,
                dtype: torch.dtype = torch.float32, seed: int = 0, tie: bool = True):
     """A tiny random-weight causal LM, built without touching global RNG state."""
-    from transformers import AutoModelForCausalLM
-
     config = tiny_config(family, vocab=vocab, layers=layers, hidden=hidden, max_positions=128,
                          tie=tie)
     config.use_cache = False
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    return model.to(dtype).eval().requires_grad_(False)
+    return random_model(config, seed).to(dtype).eval().requires_grad_(False)
 
 
 def make_batch(batch: int = 4, seq: int = 12, vocab: int = VOCAB, seed: int = 0,

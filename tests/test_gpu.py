@@ -1,7 +1,7 @@
 """The engine on a CUDA device (skipped without one; CI has none).
 
 Runs under pytest, or without it on a GPU machine that has none:
-``python bench/gpu_tests.py`` (what ``bench/gpu_check.sh`` does).
+``python -m bench.gpu_tests`` (what ``bench/gpu_check.sh`` does).
 """
 
 from __future__ import annotations

@@ -327,7 +327,8 @@ def test_stochastic_rounding_keeps_small_updates(dtype):
         noise.add_(
             stoch, seeds, coefs, KEY, dist="rademacher", rounding="stochastic", round_seed=2**63 + t
         )
-        exact += c * noise_reference.reference_z(n, 1000 + t, KEY, dist="rademacher", dtype=np.float64)
+        exact += c * noise_reference.reference_z(n, 1000 + t, KEY, dist="rademacher",
+                                                 dtype=np.float64)
     z = noise_reference.reference_z(n, fixed, KEY, dist="rademacher", dtype=np.float64)
     exact += steps * c * z
     assert torch.equal(near, torch.ones(n, dtype=dtype))  # nearest loses every update

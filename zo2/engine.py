@@ -26,25 +26,24 @@ scratch buffer the size of the largest unit.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zo2.adapters import from_peft_format, is_peft_folder
+from zo2 import folders
 from zo2.config import OffloadConfig, OptimConfig
 from zo2.errors import CheckpointError, ConfigError
 from zo2.estimators import make_estimator
+from zo2.folders import RULE_STATE_FILE, SEEDLOG_FILE, STATE_FILE  # noqa: F401  (re-exported)
 from zo2.loss import Objective, positions_to_keep
 from zo2.offload import Device, Offloader
-from zo2.offload.lazy_weights import materialize
+from zo2.offload.lazy_weights import load_into
 from zo2.offload.telemetry import gpu_metrics
-from zo2.parallel.comm import LocalComm
+from zo2.parallel.mesh import Mesh
 from zo2.perturb import (
     BatchShape,
     PendingUpdate,
@@ -57,12 +56,7 @@ from zo2.perturb import (
 from zo2.residency import InPlaceWeights, Residency, Resident, WeightStore
 from zo2.rules import make_rule
 from zo2.schedule import learning_rate
-from zo2.seedlog import SeedLog
 from zo2.units import find_units, unique_params
-
-STATE_FILE = "zo2_state.json"
-RULE_STATE_FILE = "zo2_rule_state.safetensors"
-SEEDLOG_FILE = "run.seedlog"  # the seed log, stored once (not in STATE_FILE)
 
 
 @dataclass
@@ -93,15 +87,16 @@ class ZOEngine:
         weights: for a model built empty (parameters on ``meta``), where to read them
             (:class:`zo2.offload.lazy_weights.SafetensorsWeights`); with offloading, one
             block at a time, so the model never has to fit in host memory.
-        comm: DistZO2 collectives (:class:`zo2.parallel.comm.Comm` over a mesh); one
-            process when None.
+        mesh: the DistZO2 mesh and its collectives (:class:`zo2.parallel.Mesh`); a
+            single-process mesh when None.
     """
 
     def __init__(self, model: nn.Module, optim: OptimConfig, objective: Objective, *,
                  seed: int = 0, total_steps: int = 0, trainable: Iterable[str] = ("*",),
                  offload: OffloadConfig | None = None,
-                 device: torch.device | str | None = None, weights=None, comm=None) -> None:
-        self.comm = comm or LocalComm()
+                 device: torch.device | str | None = None, weights=None,
+                 mesh: Mesh | None = None) -> None:
+        self.mesh = mesh or Mesh.local()
         self.model = model.eval().requires_grad_(False)
         self.optim = optim
         self.objective = objective
@@ -118,24 +113,26 @@ class ZOEngine:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
+        self.gpu = Device(self.device)  # its streams and memory figures (no-ops on the CPU)
         self.rule = make_rule(optim)
         self.pending = PendingUpdate(optim.direction, optim.rounding,
                                      rule=None if self.rule.fused else self.rule)
         if optim.conservative and (optim.method != "zo-sgd" or optim.q != 1
-                                   or optim.estimator == "one-point" or self.comm.pp != 1):
+                                   or optim.estimator == "one-point" or self.mesh.pertp != 1):
             raise ConfigError("optim.conservative needs optim.method=zo-sgd, optim.q=1, a "
-                              "two- or one-sided estimator and parallel.pp=1")
+                              "two- or one-sided estimator and parallel.pertp=1")
         # the hot path (Residency) and the weights' state (WeightStore): the offloader
-        # is both; resident weights are their own parameters
+        # and its store; resident weights are their own parameters
         self.residency: Residency
         self.store: WeightStore
         if offload is not None and offload.enabled:
-            self.residency = self.store = Offloader(
-                model, self.units, self.pending, offload, device=Device(self.device),
-                weights=weights, slicing=self.comm.slicing(), local_ranks=self.comm.local_ranks)
+            offloader = Offloader(model, self.units, self.pending, offload, device=self.gpu,
+                                  weights=weights, slicing=self.mesh.slicing(self.gpu),
+                                  local_ranks=self.mesh.local_ranks)
+            self.residency, self.store = offloader, offloader.store
         else:
             if weights is not None:
-                materialize(model, weights, self.device)
+                load_into(model, weights, self.device)
             model.to(self.device)
             self.residency = Resident(self.pending, self.params)
             self.store = InPlaceWeights(self.params)
@@ -170,7 +167,7 @@ class ZOEngine:
         ``result.telemetry``; a loop that logs every n-th step passes True on those
         steps only, and each figure then covers the steps since the last collection.
         """
-        batch = self._on_device(self.comm.shard(batch))  # this rank's rows (data parallel)
+        batch = self._on_device(self.mesh.shard(batch))  # this rank's rows (data parallel)
         t = self.step_index
         plan = self.plan(t)
         losses = self._losses(batch, plan)
@@ -195,22 +192,22 @@ class ZOEngine:
             result.skipped = True
             self.skipped_steps += 1
         self.step_index += 1
-        every = self.comm.check_every
+        every = self.mesh.check_every
         if every and self.step_index % every == 0:
-            self.comm.check_in_sync(self.store.replicated_tensors())
+            self.mesh.check_in_sync(self.store.replicated_tensors())
         return result
 
     def _losses(self, batch: Mapping[str, torch.Tensor], plan: Plan) -> list[float]:
         """Every slice's loss over the global batch; this rank runs its own slices
         (perturbation parallel) on its own rows (data parallel)."""
-        mine = self.comm.my_slices(plan.n)
+        mine = self.mesh.my_slices(plan.n)
         local = Plan(tuple(plan.slices[i] for i in mine), plan.eps)
         logits = self._stacked_logits(batch, local)  # (len(mine)*B, k, V)
         labels = batch["labels"]
         count = int((labels != -100).sum())
         own = {i: (float(self.objective.loss(part, labels)), count)
                for i, part in zip(mine, logits.chunk(local.n))}
-        return self.comm.combine_losses(plan.n, own)
+        return self.mesh.combine_losses(plan.n, own)
 
     def _conservative(self, batch: Mapping[str, torch.Tensor], seed: int,
                       coef: float) -> tuple[float]:
@@ -231,7 +228,7 @@ class ZOEngine:
         allocated since then (the peak counter is reset)."""
         out = self.residency.report()
         if self.device.type == "cuda" and "gpu_allocated_gb" not in out:
-            out.update(gpu_metrics(Device(self.device)))
+            out.update(gpu_metrics(self.gpu))
         return out
 
     def _stacked_logits(self, batch: Mapping[str, torch.Tensor], plan: Plan) -> torch.Tensor:
@@ -275,7 +272,7 @@ class ZOEngine:
         """
         batches = list(batches)
         total_loss, total_n, correct, count = 0.0, 0, 0, 0
-        for index in self.comm.eval_share(len(batches)):  # round robin over the ranks
+        for index in self.mesh.eval_share(len(batches)):  # round robin over the ranks
             batch = self._on_device(batches[0 if index is None else index])
             labels = batch["labels"]
             logits = self._forward(batch["input_ids"], batch["attention_mask"],
@@ -287,7 +284,7 @@ class ZOEngine:
             total_n += n
             right, seen = self.objective.correct(logits, labels)
             correct, count = correct + right, count + seen
-        total_loss, total_n, correct, count = self.comm.sum_across(
+        total_loss, total_n, correct, count = self.mesh.sum_across(
             [total_loss, total_n, correct, count])
         self.flush()
         return {"loss": total_loss / max(total_n, 1), "accuracy": correct / max(count, 1)}
@@ -316,89 +313,17 @@ class ZOEngine:
         self.estimator.load_state_dict(state)
 
     def save(self, path: str | Path, tokenizer=None) -> Path:
-        """Write a ``save_pretrained`` folder (safetensors) plus the engine state."""
-        path = Path(path)
-        # with offload slicing every rank takes part, block by block, in gathering the
-        # slices to the writer (rank 0); only the writer ends up holding whole blocks
-        state_dict = self.export_state_dict(writer_only=True)
-        rule_state = self.store.rule_state(self.rule, writer_only=True) \
-            if self.rule.stateful else {}
-        if self.comm.is_main:
-            self.model.save_pretrained(path, state_dict=state_dict)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(path)
-            state = self.state_dict()
-            SeedLog.from_engine(self, self.trainable).save(path / SEEDLOG_FILE)
-            state.pop("log")  # stored once, in SEEDLOG_FILE
-            (path / STATE_FILE).write_text(json.dumps(state, indent=2))
-            if self.rule.stateful:  # the rule's moments (zo-momentum / zo-adam buffers)
-                save_file({k: v.contiguous().cpu() for k, v in rule_state.items()},
-                          path / RULE_STATE_FILE)
-        self.comm.wait_for_writer()  # the folder is complete before any rank reads it
-        return path
+        """Write a ``save_pretrained`` folder plus the engine state (:mod:`zo2.folders`)."""
+        return folders.save_folder(self, path, tokenizer)
 
     def load(self, path: str | Path) -> None:
         """Restore a folder written by :meth:`save`: weights and engine state."""
-        path = Path(path)
-        state_file = path / STATE_FILE
-        if not state_file.is_file():
-            raise CheckpointError(f"{path} is not a zo2 checkpoint (no {STATE_FILE})")
-        try:
-            state = json.loads(state_file.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{state_file} is corrupt: {err}") from None
-        self.load_weights(path)
-        if "log" not in state:  # zo2 0.1 folders kept the log in STATE_FILE
-            if not (path / SEEDLOG_FILE).is_file():
-                raise CheckpointError(f"{path} has no seed log ({SEEDLOG_FILE})")
-            state["log"] = SeedLog.load(path / SEEDLOG_FILE).records()
-        self.load_state_dict(state)
-        if self.rule.stateful:
-            rule_file = path / RULE_STATE_FILE
-            if not rule_file.is_file():
-                raise CheckpointError(f"{path} has no {RULE_STATE_FILE}: it was not made with "
-                                      f"optim.method={self.optim.method}")
-            self.store.load_rule_state(self.rule, load_file(rule_file))
+        folders.load_folder(self, path)
 
-    @torch.no_grad()
     def load_weights(self, path: str | Path) -> None:
-        """Copy the safetensors weights of a ``save_pretrained`` folder into the model.
-
-        Raises CheckpointError, before any weight is changed, when the folder holds
-        tensors this model does not have, misses some, or has other shapes (a
-        checkpoint of another model). Tied weights saved once are fine.
-        """
-        path = Path(path)
-        files = [f for f in sorted(path.glob("*.safetensors"))
-                 if f.name != RULE_STATE_FILE]  # the rule's moments are not weights
-        if not files:
-            raise CheckpointError(f"no .safetensors weights in {path}")
-        loaded: dict[str, torch.Tensor] = {}
-        for file in files:
-            try:
-                loaded.update(load_file(file))
-            except Exception as err:  # safetensors raises its own error types
-                raise CheckpointError(f"cannot read {file}: {err}") from None
-        adapter_only = is_peft_folder(path)
-        if adapter_only:
-            loaded = from_peft_format(self.model, loaded)
-        own = self.model.state_dict(keep_vars=True)
-        unexpected = sorted(loaded.keys() - own.keys())
-        loaded_ids = {id(own[k]) for k in loaded.keys() & own.keys()}
-        missing = sorted(k for k in own.keys() - loaded.keys() if id(own[k]) not in loaded_ids)
-        if adapter_only:  # the frozen base weights are the model's own
-            trained = {id(p.param) for p in self.params}
-            missing = [k for k in missing if id(own[k]) in trained]
-        wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in loaded.items()
-                 if k in own and v.shape != own[k].shape]
-        if unexpected or missing or wrong:
-            raise CheckpointError(
-                f"{path} is a checkpoint of another model: unexpected {unexpected[:3]}, "
-                f"missing {missing[:3]}, shape mismatch {wrong[:3]}")
-        self.pending.set(None)
-        for name, tensor in loaded.items():
-            self.store.assign(own[name], tensor)
-        self.store.invalidate()
+        """Copy the safetensors weights of a ``save_pretrained`` folder into the model;
+        CheckpointError, before any weight changes, for a checkpoint of another model."""
+        folders.load_weights(self, path)
 
     def export_state_dict(self, writer_only: bool = False) -> dict[str, torch.Tensor]:
         """The model's state dict with current values (offloaded ones from host memory).

@@ -326,10 +326,18 @@ def tiny_config(family: str, *, vocab: int, layers: int = 2, hidden: int = 64,
     return classes[family](**decoder)
 
 
-def _build_tiny(name: str, root: Path) -> tuple[torch.nn.Module, Any]:
-    """Build a deterministic random ``tiny-<family>[-L<n>]`` model with the SmolLM2 tokenizer."""
+def random_model(config: Any, seed: int = 0) -> torch.nn.Module:
+    """A float32 causal LM of ``config`` with random weights drawn from ``seed``; the
+    global RNG state is left as it was."""
     from transformers import AutoModelForCausalLM
 
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _build_tiny(name: str, root: Path) -> tuple[torch.nn.Module, Any]:
+    """Build a deterministic random ``tiny-<family>[-L<n>]`` model with the SmolLM2 tokenizer."""
     match = _TINY_RE.match(name)
     if match is None or match.group(1) not in TINY_FAMILIES:
         raise ModelError(
@@ -345,8 +353,6 @@ def _build_tiny(name: str, root: Path) -> tuple[torch.nn.Module, Any]:
                          pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = random_model(config, seed=0)
     model.config._name_or_path = name
     return model, tokenizer

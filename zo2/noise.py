@@ -51,8 +51,8 @@ The Gaussian kernels evaluate ln, sin and cos with float32 polynomials (explicit
 no libm); their max abs error against the float64 evaluation of the formula above is
 below 1e-6 (|z| <= 5.8).  The CPU (numba) and GPU (Triton) kernels run the same
 float32 operation sequence, so they agree bit for bit (checked with Triton's
-interpreter).  Rademacher results are bit-identical to the reference (:mod:`zo2.noise_reference`); Gaussian
-ones agree with it within 2e-6 absolute.
+interpreter).  Rademacher results are bit-identical to the reference
+(:mod:`zo2.noise_reference`); Gaussian ones agree with it within 2e-6 absolute.
 
 Execution
 ---------
