@@ -253,19 +253,21 @@ def test_node_pinning_more_than_the_host_has_is_a_clear_error():
 
 
 def test_slicing_auto_says_when_it_turns_itself_off(caplog):
+    from zo2.offload import Device
     from zo2.parallel.slicing import slice_group
 
     mesh = SimpleNamespace(config=SimpleNamespace(slicing="auto"), distributed=True,
                            env=SimpleNamespace(local_world=2, local_rank=0),
                            device=torch.device("cpu"))
+    cpu = Device("cpu")
     with caplog.at_level("WARNING", logger="zo2"):
-        assert slice_group(mesh) is None
+        assert slice_group(mesh, cpu) is None
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["parallel.slicing=auto: off (no GPUs); each of the 2 ranks of this node "
                      "keeps and pins the whole offloaded model"]
     mesh.env.local_rank = 1
     caplog.clear()
-    assert slice_group(mesh) is None and not caplog.records  # rank 0 says it
+    assert slice_group(mesh, cpu) is None and not caplog.records  # rank 0 says it
 
 
 def test_write_back_waits_for_its_slots_upload_and_freed_rings_for_the_side_streams():
