@@ -288,8 +288,8 @@ def test_write_back_waits_for_its_slots_upload_and_freed_rings_for_the_side_stre
     assert waited[:2] == [ready, free]
     quiesced = []
     res.transfers.quiesce = lambda: quiesced.append(len(res._slots))
-    res.invalidate()
-    res.materialize()
+    engine.store.invalidate()  # the offloaded weights' state, through the scheduler
+    engine.store.materialize()
     assert quiesced == [2, 2] and res._slots == []  # before the ring was let go
 
 
@@ -314,7 +314,7 @@ def _save_worker(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     from zo2.errors import DistributedError
-    from zo2.parallel.mesh import Mesh
+    from zo2.parallel.mesh import Mesh, ProcessGroups
     from zo2.parallel.slicing import SliceGroup
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
@@ -325,8 +325,8 @@ def _save_worker(rank: int, init: str, out: str) -> None:
     errors = []
     for save_timeout in (30, 1):
         mesh = SimpleNamespace(distributed=True, config=SimpleNamespace(
-            save_timeout_s=save_timeout), save_group=dist.new_group(
-            backend="gloo", timeout=timedelta(seconds=save_timeout)))
+            save_timeout_s=save_timeout), groups=ProcessGroups(save=dist.new_group(
+                backend="gloo", timeout=timedelta(seconds=save_timeout))))
         if rank == 0:
             time.sleep(4)  # writing: longer than parallel.timeout_s
         try:
