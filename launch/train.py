@@ -56,12 +56,21 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(2)
     if os.environ.get("RANK", "0") != "0":
         return  # the main rank reports
-    print(
-        f"zero-shot test acc {summary['zero_shot_test']:.4f} | tuned test acc "
-        f"{summary['tuned_test']:.4f} (best dev {summary['best_dev']:.4f} at step "
-        f"{summary['best_step']}) | {summary['minutes']:.1f} min | "
-        f"peak RSS {summary['peak_rss_mb']:.0f} MiB | {output_dir}"
-    )
+    print(report_line(summary, output_dir))
+
+
+def report_line(summary: dict, output_dir: str) -> str:
+    """``zero-shot test acc 0.5120 | tuned test acc 0.6980 (best dev 0.7000 at step 100) |
+    ...``; a metric other than accuracy by its name, a missing split as ``n/a``."""
+    name = "acc" if summary["eval_metric"] == "accuracy" else summary["eval_metric"]
+
+    def score(key: str) -> str:
+        return "n/a" if summary[key] is None else f"{summary[key]:.4f}"
+
+    return (f"zero-shot test {name} {score('zero_shot_test')} | tuned test {name} "
+            f"{score('tuned_test')} (best dev {score('best_dev')} at step "
+            f"{summary['best_step']}) | {summary['minutes']:.1f} min | "
+            f"peak RSS {summary['peak_rss_mb']:.0f} MiB | {output_dir}")
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from zo2.config import TrainConfig, to_dict
 from zo2.errors import CheckpointError, ConfigError
 from zo2.parallel.mesh import Mesh
 
@@ -241,7 +242,8 @@ class RunCheckpoints:
             raise CheckpointError(f"cannot read the run state {path}: {err}") from None
         if "trainer" not in states:  # the flat layout of zo2 0.1 checkpoints
             states = {"trainer": states, "data": states.get("data", {})}
-        saved = states["trainer"].get("config", {})
+        # a key the checkpoint predates had its default value when it was written
+        saved = {**to_dict(TrainConfig()), **states["trainer"].get("config", {})}
         changed = [f"{key} ({saved.get(key)} -> {config[key]})" for key in config
                    if key not in RESUMABLE_CHANGES and saved.get(key) != config[key]]
         if changed:

@@ -22,9 +22,11 @@ import zo2.configs
 from zo2.adapters import AdapterConfig, validate_adapter
 from zo2.choices import (
     BACKENDS,
+    DATA_FORMATS,
     DIRECTIONS,
     DTYPES,
     ESTIMATORS,
+    EVAL_METRICS,
     METHODS,
     OBJECTIVES,
     ROUNDINGS,
@@ -102,6 +104,34 @@ class TaskConfig(_Checked):
             _require(getattr(self, key) > 0, f"task.{key}", "must be > 0")
         _require(self.max_length >= 8, "task.max_length", "must be >= 8")
         _one_of(self.objective, OBJECTIVES, "task.objective")
+
+
+@dataclass
+class DataConfig(_Checked):
+    """Your own data, in place of ``task``: a local file (JSON lines, JSON, CSV, Parquet), a
+    ``save_to_disk`` folder or a hub dataset id in the local cache, per split; rows in
+    TRL's formats (:mod:`zo2.data.formats`)."""
+
+    train: str | None = None  # set: the run trains on this data, not on the task
+    validation: str | None = None  # None: validation_split of train, or no dev evaluation
+    test: str | None = None  # None: no test evaluation
+    format: str = "messages"  # text | prompt_completion | messages
+    max_length: int = 512  # tokens per row, truncated by the format's rule
+    validation_split: float = 0.0  # with no validation source: this share of train, held out
+    n_train: int = 0  # 0: every training row; n: a sample of n rows (seed)
+    seed: int = 42  # the sample and the held-out split
+
+    def check(self) -> None:
+        _one_of(self.format, DATA_FORMATS, "data.format")
+        _require(self.max_length >= 8, "data.max_length", "must be >= 8")
+        _require(0.0 <= self.validation_split < 1.0, "data.validation_split",
+                 f"must be in [0, 1), got {self.validation_split}")
+        _require(self.n_train >= 0, "data.n_train", "must be >= 0")
+        if self.train is None:
+            for key in ("validation", "test"):
+                _require(getattr(self, key) is None, f"data.{key}", "needs data.train")
+        _require(not (self.validation and self.validation_split), "data.validation_split",
+                 "give data.validation or data.validation_split, not both")
 
 
 @dataclass
@@ -263,6 +293,7 @@ class TrainConfig(_Checked):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -271,6 +302,7 @@ class TrainConfig(_Checked):
     steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32
+    eval_metric: str = "auto"  # picks best/: loss | accuracy (auto: a task's accuracy, data's loss)
     log_every: int = 10
     seed: int = 0  # seeds the perturbation stream and the batch order
     output_dir: str = ""  # empty: Hydra's run directory
@@ -283,6 +315,7 @@ class TrainConfig(_Checked):
         _require(self.steps >= 0, "steps", "must be >= 0")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
         _require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        _one_of(self.eval_metric, EVAL_METRICS, "eval_metric")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.threads >= 0, "threads", "must be >= 0")
         _require(self.nonfinite_limit >= 1, "nonfinite_limit", "must be >= 1")
@@ -291,8 +324,8 @@ class TrainConfig(_Checked):
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check a whole config again, every section (one changed since it was built);
     raise ConfigError naming the field."""
-    for section in (cfg.model, cfg.task, cfg.optim, cfg.offload, cfg.parallel, cfg.logging,
-                    cfg.checkpoint, cfg):
+    for section in (cfg.model, cfg.task, cfg.data, cfg.optim, cfg.offload, cfg.parallel,
+                    cfg.logging, cfg.checkpoint, cfg):
         section.check()
     return cfg
 

@@ -3,9 +3,12 @@
 :class:`Trainer` owns a run the way torchtitan's ``Trainer`` does. ``__init__`` builds
 the mesh, the data, the model, the engine, the metrics logger and the checkpoints (and
 decides, before anything is written, whether the run resumes); :meth:`train` runs
-MeZO's protocol: zero-shot dev and test accuracy first, ZO steps with a dev
-evaluation every ``eval_every`` steps, the checkpoint with the best dev accuracy kept
-(``best/``), and test accuracy reported for that checkpoint. :meth:`state_dict` is the
+MeZO's protocol: zero-shot dev and test evaluations first, ZO steps with a dev
+evaluation every ``eval_every`` steps, the checkpoint with the best dev score kept
+(``best/``; ``eval_metric``: a task's accuracy, your own data's loss), and the test
+split evaluated for that checkpoint. Your own data (``data.train``,
+:mod:`zo2.data.sft`) may have no dev or test split: without dev, ``best/`` is the final
+weights. :meth:`state_dict` is the
 run's progress (step, best so far, zero-shot results, tracker run id); the data
 position is the data's own state; both are saved with every checkpoint
 (:class:`~zo2.checkpoints.RunCheckpoints`). :meth:`close` releases the metrics file,
@@ -46,7 +49,7 @@ import torch
 from zo2.adapters import wrap
 from zo2.checkpoints import RunCheckpoints
 from zo2.config import OffloadConfig, TrainConfig, to_dict, validate
-from zo2.data import pipeline
+from zo2.data import pipeline, sft
 from zo2.data.tasks import load_task
 from zo2.engine import StepResult, ZOEngine
 from zo2.errors import ConfigError, TrainingError
@@ -128,7 +131,6 @@ class Trainer:
             cfg.checkpoint.resume))
         saved = (RunCheckpoints.read_run_state(self.resumed_from, to_dict(cfg))
                  if self.resumed_from else None)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.pipe, self.tokenizer, self.engine = self._build_engine(engine_factory)
         self.data = self.pipe.train
         self.best: dict = {}
@@ -146,10 +148,8 @@ class Trainer:
         """The data (first: a bad file is reported before a big model loads), the model
         (offloaded: built empty and streamed from its checkpoint into the block store)
         and the engine."""
-        cfg, t = self.cfg, self.cfg.task
-        task = load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev,
-                         n_test=t.n_test, path=t.path, text_field=t.text_field,
-                         label_field=t.label_field, balanced=t.balanced)
+        cfg = self.cfg
+        data = self._read_data()
         adapter = cfg.model.adapter  # peft initialises adapters on real weights: not lazy
         lazy = cfg.offload.enabled and adapter.kind == "none"
         folder = weights_folder(cfg.model.name) if lazy else None
@@ -157,16 +157,32 @@ class Trainer:
                                       empty=folder is not None)
         weights = SafetensorsWeights(folder) if folder is not None else None
         model, self.trainable = wrap(model, adapter, cfg.model.trainable, seed=cfg.seed)
-        check_context(model, t.max_length)  # before any earlier output is touched
-        pipe = pipeline.build(task, tokenizer, objective=t.objective,
-                              batch_size=cfg.optim.batch_size,
-                              eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                              max_length=t.max_length)
+        pipe = self._pipeline(data, model, tokenizer)  # every row encoded and checked
+        self.out.mkdir(parents=True, exist_ok=True)  # nothing written before: bad input ends
         engine = engine_factory(model, cfg.optim, pipe.objective, seed=cfg.seed,
                                 total_steps=cfg.steps, trainable=self.trainable,
                                 offload=self._offload(), device=self.device,
                                 weights=weights, mesh=self.mesh)
         return pipe, tokenizer, engine
+
+    def _read_data(self):
+        """Your own data's rows (``data.train`` set), else the task's k-shot splits."""
+        t = self.cfg.task
+        if self.cfg.data.train is not None:
+            return sft.load_sources(self.cfg.data)
+        return load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev,
+                         n_test=t.n_test, path=t.path, text_field=t.text_field,
+                         label_field=t.label_field, balanced=t.balanced)
+
+    def _pipeline(self, data, model, tokenizer) -> pipeline.Pipeline:
+        cfg, own = self.cfg, self.cfg.data.train is not None
+        check_context(model, cfg.data.max_length if own else cfg.task.max_length)
+        sizes = {"batch_size": cfg.optim.batch_size, "eval_batch_size": cfg.eval_batch_size,
+                 "seed": cfg.seed}
+        if own:
+            return sft.build(cfg.data, data, tokenizer, **sizes)
+        return pipeline.build(data, tokenizer, objective=cfg.task.objective,
+                              max_length=cfg.task.max_length, **sizes)
 
     def _offload(self) -> OffloadConfig:
         """The offload settings; a relative ``disk_dir`` goes inside the output
@@ -224,12 +240,12 @@ class Trainer:
         self.metrics.write(event="config", config=to_dict(self.cfg),
                            model=model_identity(self.engine.model),
                            parallel=self.mesh.describe())
-        self.zero_shot = {"dev": self.evaluate("dev"), "test": self.evaluate("test")}
+        self.zero_shot = {split: self.evaluate(split) for split in self.pipe.splits}
         self.metrics.write(event="eval", step=0, **self.zero_shot)
-        log.info("zero-shot: dev acc %.4f, test acc %.4f", self.zero_shot["dev"]["accuracy"],
-                 self.zero_shot["test"]["accuracy"])
-        self.best = {"step": 0, "dev": self.zero_shot["dev"]}
-        self.checkpoints.save_best(self.engine, self.tokenizer)
+        log.info("zero-shot: %s", _scores(self.zero_shot, self.metric))
+        if "dev" in self.zero_shot:  # without a dev split best/ is the final weights
+            self.best = {"step": 0, "dev": self.zero_shot["dev"]}
+            self.checkpoints.save_best(self.engine, self.tokenizer)
 
     def train_step(self, batch: dict) -> StepResult:
         """One ZO step; logged every ``log_every`` steps with the figures since the last
@@ -264,11 +280,12 @@ class Trainer:
     def _after_step(self, step: int, result: StepResult) -> None:
         """The dev evaluation (best/ on a new best) and the checkpoint due at ``step``."""
         cfg = self.cfg
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        due = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+        if due and "dev" in self.pipe.splits:
             dev = self.evaluate("dev")
             self.metrics.write(event="eval", step=step, dev=dev)
-            log.info("step %d: dev acc %.4f", step, dev["accuracy"])
-            if dev["accuracy"] > self.best["dev"]["accuracy"]:
+            log.info("step %d: %s", step, _scores({"dev": dev}, self.metric))
+            if self._improves(dev):
                 self.best = {"step": step, "dev": dev}
                 self.checkpoints.save_best(self.engine, self.tokenizer)
             for callback in self.callbacks:
@@ -281,6 +298,22 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_save(self, step, folder)
 
+    @property
+    def metric(self) -> str:
+        """What picks ``best/``: ``eval_metric``, or (auto) a task's accuracy and your own
+        data's loss."""
+        if self.cfg.eval_metric != "auto":
+            return self.cfg.eval_metric
+        return "loss" if self.cfg.data.train is not None else "accuracy"
+
+    def _improves(self, dev: dict) -> bool:
+        """Whether ``dev`` beats the best dev score so far (strictly; loss: lower)."""
+        best = self.best.get("dev")
+        if best is None:
+            return True
+        new, old = dev[self.metric], best[self.metric]
+        return new < old if self.metric == "loss" else new > old
+
     def _finish(self) -> dict:
         """The seed log, the test accuracy of ``best/``, the summary."""
         engine, out, cfg = self.engine, self.out, self.cfg
@@ -288,6 +321,9 @@ class Trainer:
         if self.mesh.is_main:  # every update of the run: replayed onto the base
             SeedLog.from_engine(engine, self.trainable).save(seedlog)
         tested = "best"
+        if "dev" not in self.pipe.splits:  # nothing picks a best step: the final weights
+            self.best = {"step": final_step, "dev": None}
+            self.checkpoints.save_best(engine, self.tokenizer)
         if self.best["step"] != final_step:
             if (out / "best").is_dir():
                 engine.load_weights(out / "best")
@@ -296,11 +332,14 @@ class Trainer:
                             self.best["step"], out)
                 tested = "final"
         zero, best = self.zero_shot, self.best
+        tuned = self.evaluate("test") if "test" in self.pipe.splits else None
         summary = {
-            "model": cfg.model.name, "task": cfg.task.name, "steps": cfg.steps,
-            "zero_shot_dev": zero["dev"]["accuracy"], "zero_shot_test": zero["test"]["accuracy"],
-            "best_step": best["step"], "best_dev": best["dev"]["accuracy"],
-            "tuned_test": self.evaluate("test")["accuracy"], "tested": tested,
+            "model": cfg.model.name, "task": cfg.task.name, "data": cfg.data.train,
+            "steps": cfg.steps, "eval_metric": self.metric,
+            "zero_shot_dev": _score(zero.get("dev"), self.metric),
+            "zero_shot_test": _score(zero.get("test"), self.metric),
+            "best_step": best["step"], "best_dev": _score(best["dev"], self.metric),
+            "tuned_test": _score(tuned, self.metric), "tested": tested,
             "skipped_steps": engine.skipped_steps,
             "minutes": (time.perf_counter() - self.started) / 60,
             "peak_rss_mb": peak_rss_mb(), "checkpoint": str(out / "best"),
@@ -333,6 +372,16 @@ class Trainer:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(failed=exc_type is not None)
+
+
+def _score(scores: dict | None, metric: str) -> float | None:
+    return None if scores is None else scores[metric]
+
+
+def _scores(splits: dict, metric: str) -> str:
+    """``dev loss 1.2345, test loss 1.3456`` (or "no dev or test split")."""
+    return ", ".join(f"{split} {metric} {scores[metric]:.4f}" for split, scores in
+                     splits.items()) or "no dev or test split"
 
 
 def _progress(cfg: TrainConfig, initial: int = 0):

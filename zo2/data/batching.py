@@ -117,7 +117,7 @@ class BatchIterator:
         self,
         tokenizer: Any,
         examples: Sequence[Example],
-        spec: TaskSpec,
+        spec: TaskSpec | None,
         *,
         batch_size: int,
         seed: int = 0,
@@ -127,7 +127,8 @@ class BatchIterator:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not examples:
-            raise DataError(f"task {spec.name!r}: no training examples to iterate over")
+            where = f"task {spec.name!r}" if spec is not None else "data.train"
+            raise DataError(f"{where}: no training examples to iterate over")
         if drop_last and batch_size > len(examples):
             raise ConfigError(
                 f"batch_size {batch_size} exceeds the {len(examples)} examples (drop_last)"

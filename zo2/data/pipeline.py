@@ -36,11 +36,13 @@ from zo2.loss import Objective
 
 @dataclass
 class Pipeline:
-    """``evaluate(engine, split)`` gives ``{"loss"?, "accuracy", ...}`` for ``dev``/``test``."""
+    """``evaluate(engine, split)`` gives ``{"loss"?, "accuracy", ...}`` for each of ``splits``
+    (``dev``, ``test``; your own data may have neither)."""
 
     objective: Objective
     train: BatchIterator
     evaluate: Callable[[Any, str], dict]
+    splits: tuple[str, ...] = ("dev", "test")
 
 
 def build(task: Task, tokenizer: Any, *, objective: str, batch_size: int, eval_batch_size: int,

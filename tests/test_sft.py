@@ -1,0 +1,128 @@
+"""Your own data end to end: rows in a file, a format, the Trainer and zo2-train."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo2.config import compose
+from zo2.trainer import Callback, Trainer
+
+WORDS = ("positive", "negative")
+SMALL = ["model=tiny-llama", "optim.lr=1e-3", "optim.batch_size=4", "eval_batch_size=8",
+         "progress=false", "logging=none", "data.max_length=96"]
+
+
+def chat(i: int) -> dict:
+    word = WORDS[i % 2]
+    return {"messages": [
+        {"role": "system", "content": "Answer with one word."},
+        {"role": "user", "content": f"Review {i}: the film was {'good' if i % 2 else 'bad'}."},
+        {"role": "assistant", "content": word}]}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    data = tmp_path / "data"
+    data.mkdir()
+    return {"train": write_jsonl(data / "train.jsonl", [chat(i) for i in range(24)]),
+            "validation": write_jsonl(data / "dev.jsonl", [chat(100 + i) for i in range(8)]),
+            "test": write_jsonl(data / "test.jsonl", [chat(200 + i) for i in range(8)])}
+
+
+def overrides(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [*SMALL, *(f"data.{k}={v}" for k, v in files.items()), f"output_dir={out}",
+            "data.format=messages", *extra]
+
+
+def run(args: list[str], callbacks=()) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg = compose(args)
+    with Trainer(cfg, cfg.output_dir, callbacks=callbacks) as trainer:
+        summary = trainer.train()
+        weights = {k: v.clone() for k, v in trainer.engine.export_state_dict().items()}
+    return summary, weights
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_chat_dataset_trains_evaluates_and_keeps_the_lowest_dev_loss(files, tmp_path):
+    out = tmp_path / "run"
+    summary, _ = run(overrides(files, out, "steps=6", "eval_every=2", "checkpoint.every=3"))
+    evals = {r["step"]: r for r in records(out) if r["event"] == "eval"}
+    assert sorted(evals) == [0, 2, 4, 6]
+    assert summary["eval_metric"] == "loss" and summary["data"] == str(files["train"])
+    dev_losses = {step: r["dev"]["loss"] for step, r in evals.items()}
+    best_step = min(dev_losses, key=lambda s: (dev_losses[s], s))  # the first of equals
+    assert (summary["best_step"], summary["best_dev"]) == (best_step, dev_losses[best_step])
+    assert summary["zero_shot_test"] == evals[0]["test"]["loss"]
+    for scores in (evals[0]["dev"], evals[0]["test"]):
+        assert scores["perplexity"] == math.exp(scores["loss"])  # the same float64
+    assert (out / "best" / "model.safetensors").is_file()
+
+
+def test_without_a_dev_split_best_is_the_final_weights(files, tmp_path):
+    out = tmp_path / "run"
+    only_train = {"train": files["train"]}
+    summary, weights = run(overrides(only_train, out, "steps=3"))
+    assert summary["best_step"] == 3 and summary["best_dev"] is None
+    assert summary["zero_shot_test"] is None and summary["tuned_test"] is None
+    from safetensors.torch import load_file
+
+    best = load_file(out / "best" / "model.safetensors")
+    assert all(torch.equal(best[k], weights[k]) for k in best)
+
+
+def test_a_held_out_share_of_train_is_the_dev_split(files, tmp_path):
+    out = tmp_path / "run"
+    summary, _ = run(overrides({"train": files["train"]}, out, "steps=2",
+                               "data.validation_split=0.25"))
+    evals = [r for r in records(out) if r["event"] == "eval"]
+    assert "dev" in evals[0] and "test" not in evals[0]
+    assert summary["best_dev"] is not None
+
+
+class Crash(Callback):
+    def on_save(self, trainer, step, folder) -> None:
+        if step == 2:
+            raise RuntimeError("crash after checkpoint 2")
+
+
+def test_a_resumed_run_on_your_own_data_ends_with_the_uninterrupted_weights(files, tmp_path):
+    steps = ["steps=4", "eval_every=2", "checkpoint.every=2"]
+    _, whole = run(overrides(files, tmp_path / "whole", *steps))
+    with pytest.raises(RuntimeError, match="crash after checkpoint 2"):
+        run(overrides(files, tmp_path / "cut", *steps), callbacks=[Crash()])
+    summary, resumed = run(overrides(files, tmp_path / "cut", *steps))
+    assert summary["resumed_from"].endswith("step-00000002")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_bad_row_is_one_line_and_nothing_is_written(files, tmp_path):
+    bad = [chat(i) for i in range(6)]
+    bad[3]["messages"][1]["role"] = "bot"
+    write_jsonl(files["train"], bad)
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "zo2.launch.train",
+                           *overrides({"train": files["train"]}, out, "steps=1")],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {files['train']}: row 3: field 'messages[1].role': unknown role 'bot' "
+        "(expected one of system, user, assistant)")
+    assert not out.exists()
