@@ -125,8 +125,10 @@ def context_length(model: torch.nn.Module) -> int | None:
     return None
 
 
-def check_context(model: torch.nn.Module, max_length: int) -> None:
-    """Raise ConfigError when ``task.max_length`` exceeds the model's context length.
+def check_context(model: torch.nn.Module, max_length: int, key: str = "task.max_length"
+                  ) -> None:
+    """Raise ConfigError when ``max_length`` (the setting ``key``) exceeds the model's
+    context length.
 
     Called before anything is written: longer sequences would index past the
     position embeddings (an IndexError deep in the forward) or silently extrapolate.
@@ -135,8 +137,8 @@ def check_context(model: torch.nn.Module, max_length: int) -> None:
     if limit is not None and max_length > limit:
         name = getattr(model, "zo2_name", None) or model_identity(model)["name"]
         raise ConfigError(
-            f"task.max_length: {max_length} exceeds the context length of model {name!r} "
-            f"({limit} positions); set task.max_length <= {limit}"
+            f"{key}: {max_length} exceeds the context length of model {name!r} "
+            f"({limit} positions); set {key} <= {limit}"
         )
 
 

@@ -176,7 +176,8 @@ class Trainer:
 
     def _pipeline(self, data, model, tokenizer) -> pipeline.Pipeline:
         cfg, own = self.cfg, self.cfg.data.train is not None
-        check_context(model, cfg.data.max_length if own else cfg.task.max_length)
+        key = "data.max_length" if own else "task.max_length"
+        check_context(model, cfg.data.max_length if own else cfg.task.max_length, key)
         sizes = {"batch_size": cfg.optim.batch_size, "eval_batch_size": cfg.eval_batch_size,
                  "seed": cfg.seed}
         if own:
