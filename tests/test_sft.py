@@ -126,3 +126,32 @@ def test_a_bad_row_is_one_line_and_nothing_is_written(files, tmp_path):
         f"error: {files['train']}: row 3: field 'messages[1].role': unknown role 'bot' "
         "(expected one of system, user, assistant)")
     assert not out.exists()
+
+
+def test_generated_answers_are_scored_against_the_last_assistant_turn(files, tmp_path):
+    """The step-0 answers are the base model's own greedy continuations of the chat
+    prompt (checked with transformers' generate), scored against the assistant's word."""
+    out = tmp_path / "run"
+    summary, _ = run(overrides(files, out, "steps=2", "eval_every=2", "data.max_new_tokens=4",
+                               "data.samples=8", "eval_metric=exact_match"))
+    zero = next(r for r in records(out) if r["event"] == "eval" and r["step"] == 0)["dev"]
+    rows = [chat(100 + i) for i in range(8)]
+    assert [s["reference"] for s in zero["samples"]] == [r["messages"][-1]["content"]
+                                                         for r in rows]
+    from zo2.evaluation import exact_match
+    from zo2.models import load_model
+
+    assert zero["exact_match"] == sum(exact_match(s["prediction"], s["reference"])
+                                      for s in zero["samples"]) / 8
+    assert 0.0 <= zero["f1"] <= 1.0 and summary["eval_metric"] == "exact_match"
+    model, tokenizer = load_model("tiny-llama")
+    for row, sample in zip(rows, zero["samples"]):
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True,
+                                               return_dict=False)
+        ids = torch.tensor([prompt])
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=4, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        cut = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+        assert sample["prediction"] == tokenizer.decode(cut, skip_special_tokens=True).strip()

@@ -22,4 +22,4 @@ SLICINGS = ("auto", "on", "off")  # offloaded units split over a node's ranks
 BACKENDS = ("auto", "nccl", "gloo")  # torch.distributed
 WANDB_MODES = ("auto", "online", "offline", "off")
 DATA_FORMATS = ("text", "prompt_completion", "messages")  # your own rows (TRL's fields)
-EVAL_METRICS = ("auto", "loss", "accuracy")  # what picks best/ (auto: accuracy for a task)
+EVAL_METRICS = ("auto", "loss", "accuracy", "exact_match", "f1")  # what picks best/

@@ -70,6 +70,7 @@ class ModelConfig(_Checked):
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     trainable: list[str] = field(default_factory=lambda: ["*"])  # globs over param names
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # LoRA / prefix (peft)
+    trust_remote_code: bool = False  # run a model's own code (auto_map); only trusted models
 
     def check(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")
@@ -120,6 +121,9 @@ class DataConfig(_Checked):
     validation_split: float = 0.0  # with no validation source: this share of train, held out
     n_train: int = 0  # 0: every training row; n: a sample of n rows (seed)
     seed: int = 42  # the sample and the held-out split
+    max_new_tokens: int = 0  # > 0: evaluations also generate each answer greedily (exact
+    # match and token F1 against the row's last labelled span)
+    samples: int = 3  # generated answers kept per evaluation in metrics.jsonl
 
     def check(self) -> None:
         _one_of(self.format, DATA_FORMATS, "data.format")
@@ -127,6 +131,8 @@ class DataConfig(_Checked):
         _require(0.0 <= self.validation_split < 1.0, "data.validation_split",
                  f"must be in [0, 1), got {self.validation_split}")
         _require(self.n_train >= 0, "data.n_train", "must be >= 0")
+        _require(self.max_new_tokens >= 0, "data.max_new_tokens", "must be >= 0")
+        _require(self.samples >= 0, "data.samples", "must be >= 0")
         if self.train is None:
             for key in ("validation", "test"):
                 _require(getattr(self, key) is None, f"data.{key}", "needs data.train")
@@ -302,7 +308,8 @@ class TrainConfig(_Checked):
     steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32
-    eval_metric: str = "auto"  # picks best/: loss | accuracy (auto: a task's accuracy, data's loss)
+    eval_metric: str = "auto"  # picks best/: loss|accuracy|exact_match|f1 (auto: a task's
+    # accuracy, your own data's loss)
     log_every: int = 10
     seed: int = 0  # seeds the perturbation stream and the batch order
     output_dir: str = ""  # empty: Hydra's run directory
@@ -316,6 +323,9 @@ class TrainConfig(_Checked):
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
         _require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         _one_of(self.eval_metric, EVAL_METRICS, "eval_metric")
+        if self.eval_metric in ("exact_match", "f1") and self.data.train is not None:
+            _require(self.data.max_new_tokens > 0, "eval_metric",
+                     f"{self.eval_metric} needs generated answers: set data.max_new_tokens")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.threads >= 0, "threads", "must be >= 0")
         _require(self.nonfinite_limit >= 1, "nonfinite_limit", "must be >= 1")

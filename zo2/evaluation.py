@@ -1,7 +1,9 @@
-"""Generation-based evaluation of the answer tasks (SQuAD, DROP), as MeZO reports them.
+"""Generation-based evaluation: the answer tasks (SQuAD, DROP) as MeZO reports them,
+and the references of your own data (:mod:`zo2.data.sft`).
 
-:func:`generate_answers` decodes greedily from each prompt (left-padded batches, at
-most ``max_new_tokens``, cut at the first newline); :func:`evaluate_generation` scores
+:func:`generate_from_ids` decodes greedily from token-id prompts (left-padded batches,
+at most ``max_new_tokens``, up to a stop id); :func:`generate_answers` does it from text
+prompts and cuts each answer at its first newline; :func:`evaluate_generation` scores
 the answers with SQuAD's token F1 and exact match: both strings lowercased, stripped
 of punctuation and of the articles a / an / the, whitespace collapsed; an example
 takes the best score over its gold answers; the result is the mean over examples.
@@ -60,6 +62,32 @@ def _stop_ids(tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
+def generate_from_ids(model: Any, tokenizer: Any, rows: Sequence[list[int]], *,
+                      max_new_tokens: int = 50, batch_size: int = 8,
+                      stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """Greedy continuations of the token-id prompts ``rows`` (left-padded batches), each
+    ending before its first stop id (default: EOS)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = list(stop_ids) if stop_ids is not None else [tokenizer.eos_token_id]
+    outputs: list[list[int]] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start: start + batch_size]
+        width = max(len(r) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(batch):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stops, pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            outputs.append(row[:cut])
+    return outputs
+
+
 def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *,
                      max_new_tokens: int = 50, batch_size: int = 8,
                      max_length: int = 1024) -> list[str]:
@@ -67,26 +95,13 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *,
 
     A prompt longer than ``max_length - max_new_tokens`` tokens loses its left end.
     """
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     room = max(max_length - max_new_tokens, 1)
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [bos_ids(tokenizer) + text_ids(tokenizer, p)[-(room - len(bos_ids(tokenizer))):]
-                for p in prompts[start: start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=_stop_ids(tokenizer), pad_token_id=pad)
-        for row in out[:, width:].tolist():
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            answers.append(text.split("\n")[0].strip())
-    return answers
+    bos = bos_ids(tokenizer)
+    rows = [bos + text_ids(tokenizer, p)[-(room - len(bos)):] for p in prompts]
+    generated = generate_from_ids(model, tokenizer, rows, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, stop_ids=_stop_ids(tokenizer))
+    return [tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip()
+            for row in generated]
 
 
 def evaluate_generation(model: Any, tokenizer: Any, examples: Sequence[AnswerExample], *,

@@ -11,7 +11,12 @@ Every row is encoded (and checked) before training starts, with its index in its
 source, so a bad row is one :class:`~zo2.errors.DataError` line naming the source, the
 row and the field before anything is written. Evaluation gives the mean loss over the
 labelled tokens, its perplexity, and ``accuracy``, the share of labelled tokens
-predicted right (greedy, teacher-forced).
+predicted right (greedy, teacher-forced). With ``data.max_new_tokens`` > 0 it also
+generates: each row's reference is its last labelled span (the completion, the last
+assistant turn), its prompt everything before it; the greedy answer (up to EOS or the
+reference's end-of-turn token) is scored by exact match and token F1 (SQuAD's
+normalisation, :mod:`zo2.evaluation`), and the first ``data.samples`` answers are kept
+in the scores (``samples``: prompt end, prediction, reference).
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import random
 from typing import Any
 
 from zo2.config import DataConfig
-from zo2.data.batching import BatchIterator
+from zo2.data.batching import IGNORE_INDEX, BatchIterator
 from zo2.data.formats import Encoded, collate, encode_row
 from zo2.data.pipeline import Pipeline
 from zo2.data.rows import load_rows
 from zo2.errors import ConfigError
+from zo2.evaluation import best_over_golds, generate_from_ids
 from zo2.loss import Objective
 
 
@@ -79,6 +85,39 @@ def _eval_batches(examples: list[Encoded], tokenizer: Any, batch_size: int) -> l
             for i in range(0, len(examples), batch_size)]
 
 
+def _reference(example: Encoded) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference ids): the row's last labelled span and what precedes it."""
+    labelled = [i for i, t in enumerate(example.labels) if t != IGNORE_INDEX]
+    end = labelled[-1] + 1
+    start = end
+    while start > 0 and example.labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return example.input_ids[:start], example.input_ids[start:end]
+
+
+def _generation(examples: list[Encoded], cfg: DataConfig, tokenizer: Any, batch_size: int):
+    """``score(engine) -> dict``: exact match, token F1 and samples of greedy answers."""
+    pairs = [_reference(e) for e in examples]
+    special = set(tokenizer.all_special_ids)
+    stops = sorted({tokenizer.eos_token_id} | {ref[-1] for _, ref in pairs if ref[-1] in special})
+    references = [tokenizer.decode(ref, skip_special_tokens=True).strip() for _, ref in pairs]
+
+    def score(engine) -> dict:
+        engine.flush()  # the model's own weights are the updated ones
+        answers = generate_from_ids(engine.model, tokenizer, [p for p, _ in pairs],
+                                    max_new_tokens=cfg.max_new_tokens, batch_size=batch_size,
+                                    stop_ids=stops)
+        texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+        scores = [best_over_golds(t, [r]) for t, r in zip(texts, references)]
+        n = max(len(scores), 1)
+        samples = [{"prompt_end": tokenizer.decode(p[-24:]), "prediction": t, "reference": r}
+                   for (p, _), t, r in zip(pairs[: cfg.samples], texts, references)]
+        return {"f1": sum(s[0] for s in scores) / n,
+                "exact_match": sum(s[1] for s in scores) / n, "samples": samples}
+
+    return score
+
+
 def build(cfg: DataConfig, rows: dict[str, Any], tokenizer: Any, *, batch_size: int,
           eval_batch_size: int, seed: int) -> Pipeline:
     """The pipeline of ``rows`` (:func:`load_sources`); batches are drawn with ``seed``."""
@@ -95,10 +134,14 @@ def build(cfg: DataConfig, rows: dict[str, Any], tokenizer: Any, *, batch_size: 
                                 cfg.test)
     batches = {split: _eval_batches(examples, tokenizer, eval_batch_size)
                for split, examples in evals.items()}
+    generated = {split: _generation(examples, cfg, tokenizer, eval_batch_size)
+                 for split, examples in evals.items()} if cfg.max_new_tokens else {}
 
     def evaluate(engine, split: str) -> dict:
         scores = engine.evaluate(batches[split])
         scores["perplexity"] = math.exp(min(scores["loss"], 700.0))  # exp overflows past 709
+        if split in generated:
+            scores.update(generated[split](engine))
         return scores
 
     iterator = EncodedBatches(tokenizer, train, batch_size=batch_size, seed=seed)
