@@ -246,7 +246,7 @@ def run_method(method: str, budget: int, n_train: int, n_test: int, acc0: float 
     started = time.perf_counter()
     with setup(method, budget, n_train, n_test, lr) as run:
         out = {"method": method, **run.info, **curve(method, run, acc0, deadline)}
-    from zo2.trainer import peak_rss_mb
+    from zo2.tracking import peak_rss_mb
 
     out.update({"wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()})
     return out

@@ -44,7 +44,7 @@ def run_adam(overrides: list[str], lr: float) -> dict:
     from zo2.data.tasks import load_task
     from zo2.loss import Objective, positions_to_keep
     from zo2.models import load_model
-    from zo2.trainer import peak_rss_mb
+    from zo2.tracking import peak_rss_mb
 
     register()
     configs = Path(__file__).resolve().parents[1] / "configs"

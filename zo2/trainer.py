@@ -21,7 +21,9 @@ Files written to the output directory:
 * ``summary.json``: zero-shot and fine-tuned accuracies, steps, minutes, peak RSS;
 * ``curves.png``: training loss and dev accuracy against step (``logging.plot``);
 * ``wandb/``: an offline wandb run unless ``logging.wandb`` says otherwise;
-* ``best/``: the best-dev checkpoint, a ``save_pretrained`` folder with a manifest;
+* ``best/``: the best-dev weights, and ``final/``: the weights at the end, each a clean
+  ``save_pretrained`` folder (a peft adapter folder with an adapter) with the tokenizer,
+  a model card and a manifest, without the engine state (:mod:`zo2.export`);
 * ``run.seedlog``: the seed log (:mod:`zo2.seedlog`), every update of the run in a
   few bytes a step; ``python -m zo2.seedlog replay`` rebuilds the final weights;
 * ``checkpoints/step-*``: the newest ``checkpoint.keep`` run checkpoints (every
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -53,11 +54,19 @@ from zo2.data import pipeline, sft
 from zo2.data.tasks import load_task
 from zo2.engine import StepResult, ZOEngine
 from zo2.errors import ConfigError, TrainingError
+from zo2.export import export_folder, refresh_card, run_card
 from zo2.models import check_context, load_model, model_identity, weights_folder
 from zo2.offload.lazy_weights import SafetensorsWeights
 from zo2.parallel import LaunchEnv, Mesh
 from zo2.seedlog import SeedLog
-from zo2.tracking import MetricsLogger, plot_curves
+from zo2.tracking import (
+    MetricsLogger,
+    describe_scores,
+    peak_rss_mb,
+    plot_curves,
+    progress_bar,
+    score_of,
+)
 
 log = logging.getLogger("zo2")
 
@@ -84,11 +93,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(name)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Trainer:
@@ -154,7 +158,8 @@ class Trainer:
         lazy = cfg.offload.enabled and adapter.kind == "none"
         folder = weights_folder(cfg.model.name) if lazy else None
         model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype,
-                                      empty=folder is not None)
+                                      empty=folder is not None,
+                                      trust_remote_code=cfg.model.trust_remote_code)
         weights = SafetensorsWeights(folder) if folder is not None else None
         model, self.trainable = wrap(model, adapter, cfg.model.trainable, seed=cfg.seed)
         pipe = self._pipeline(data, model, tokenizer)  # every row encoded and checked
@@ -224,7 +229,8 @@ class Trainer:
         """Run to ``cfg.steps`` (from where a resumed run stopped); returns the summary."""
         if not self.resumed_from:
             self._evaluate_zero_shot()
-        progress = _progress(self.cfg, self.engine.step_index) if self.mesh.is_main else None
+        progress = (progress_bar(self.cfg.steps, self.engine.step_index)
+                    if self.mesh.is_main and self.cfg.progress else None)
         self._window = (0, time.perf_counter())  # tokens since the last logged step
         self._nonfinite = 0  # steps in a row whose loss was NaN or inf (no update)
         for step in range(self.engine.step_index + 1, self.cfg.steps + 1):
@@ -243,10 +249,10 @@ class Trainer:
                            parallel=self.mesh.describe())
         self.zero_shot = {split: self.evaluate(split) for split in self.pipe.splits}
         self.metrics.write(event="eval", step=0, **self.zero_shot)
-        log.info("zero-shot: %s", _scores(self.zero_shot, self.metric))
+        log.info("zero-shot: %s", describe_scores(self.zero_shot, self.metric))
         if "dev" in self.zero_shot:  # without a dev split best/ is the final weights
             self.best = {"step": 0, "dev": self.zero_shot["dev"]}
-            self.checkpoints.save_best(self.engine, self.tokenizer)
+            self._publish("best")
 
     def train_step(self, batch: dict) -> StepResult:
         """One ZO step; logged every ``log_every`` steps with the figures since the last
@@ -285,10 +291,10 @@ class Trainer:
         if due and "dev" in self.pipe.splits:
             dev = self.evaluate("dev")
             self.metrics.write(event="eval", step=step, dev=dev)
-            log.info("step %d: %s", step, _scores({"dev": dev}, self.metric))
+            log.info("step %d: %s", step, describe_scores({"dev": dev}, self.metric))
             if self._improves(dev):
                 self.best = {"step": step, "dev": dev}
-                self.checkpoints.save_best(self.engine, self.tokenizer)
+                self._publish("best")
             for callback in self.callbacks:
                 callback.on_evaluate(self, step, dev)
         every = cfg.checkpoint.every
@@ -298,6 +304,14 @@ class Trainer:
                                            {"trainer": self, "data": self.data})
             for callback in self.callbacks:
                 callback.on_save(self, step, folder)
+
+    def _publish(self, name: str) -> None:
+        """``best/`` or ``final/``: a clean export of the current weights with a model card
+        (:func:`zo2.export.export_folder`), published like a checkpoint."""
+        engine, step = self.engine, self.engine.step_index
+        card = run_card(self.cfg, step=step, best=self.best, metric=self.metric)
+        self.checkpoints.publish(name, step, lambda tmp: export_folder(engine, tmp,
+                                                                      self.tokenizer, card))
 
     @property
     def metric(self) -> str:
@@ -316,7 +330,8 @@ class Trainer:
         return new < old if self.metric == "loss" else new > old
 
     def _finish(self) -> dict:
-        """The seed log, the test accuracy of ``best/``, the summary."""
+        """The seed log, ``final/``, the test accuracy of ``best/``, the summary (and the
+        model cards of ``best/`` and ``final/`` with its figures)."""
         engine, out, cfg = self.engine, self.out, self.cfg
         final_step, seedlog = engine.step_index, out / "run.seedlog"
         if self.mesh.is_main:  # every update of the run: replayed onto the base
@@ -324,7 +339,8 @@ class Trainer:
         tested = "best"
         if "dev" not in self.pipe.splits:  # nothing picks a best step: the final weights
             self.best = {"step": final_step, "dev": None}
-            self.checkpoints.save_best(engine, self.tokenizer)
+            self._publish("best")
+        self._publish("final")  # the engine still holds the final weights: best/ loads below
         if self.best["step"] != final_step:
             if (out / "best").is_dir():
                 engine.load_weights(out / "best")
@@ -337,13 +353,14 @@ class Trainer:
         summary = {
             "model": cfg.model.name, "task": cfg.task.name, "data": cfg.data.train,
             "steps": cfg.steps, "eval_metric": self.metric,
-            "zero_shot_dev": _score(zero.get("dev"), self.metric),
-            "zero_shot_test": _score(zero.get("test"), self.metric),
-            "best_step": best["step"], "best_dev": _score(best["dev"], self.metric),
-            "tuned_test": _score(tuned, self.metric), "tested": tested,
+            "zero_shot_dev": score_of(zero.get("dev"), self.metric),
+            "zero_shot_test": score_of(zero.get("test"), self.metric),
+            "best_step": best["step"], "best_dev": score_of(best["dev"], self.metric),
+            "tuned_test": score_of(tuned, self.metric), "tested": tested,
             "skipped_steps": engine.skipped_steps,
             "minutes": (time.perf_counter() - self.started) / 60,
             "peak_rss_mb": peak_rss_mb(), "checkpoint": str(out / "best"),
+            "final": str(out / "final"),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "seedlog": str(seedlog),
             "seedlog_bytes": seedlog.stat().st_size if self.mesh.is_main else None,
@@ -352,6 +369,10 @@ class Trainer:
         self.metrics.write(event="summary", **summary)
         if self.mesh.is_main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            for name, step in (("best", best["step"]), ("final", final_step)):
+                if (out / name).is_dir():  # the cards get the test figures
+                    refresh_card(out / name, run_card(cfg, step=step, best=best,
+                                                      metric=self.metric, summary=summary))
             if cfg.logging.plot:
                 self.metrics.close()  # flushed before the plot reads it
                 plot_curves(out / "metrics.jsonl", out / "curves.png")
@@ -373,21 +394,3 @@ class Trainer:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(failed=exc_type is not None)
-
-
-def _score(scores: dict | None, metric: str) -> float | None:
-    return None if scores is None else scores[metric]
-
-
-def _scores(splits: dict, metric: str) -> str:
-    """``dev loss 1.2345, test loss 1.3456`` (or "no dev or test split")."""
-    return ", ".join(f"{split} {metric} {scores[metric]:.4f}" for split, scores in
-                     splits.items()) or "no dev or test split"
-
-
-def _progress(cfg: TrainConfig, initial: int = 0):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.steps, initial=initial, desc="zo2", unit="step", dynamic_ncols=True)
