@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _chat import chat_files
 from safetensors.torch import load_file
 
 from zo2.checkpoints import verify
@@ -22,25 +22,9 @@ SMALL = ["model=tiny-llama", "optim.batch_size=4", "eval_batch_size=8", "progres
          "logging=none", "data.max_length=96", "data.format=messages"]
 
 
-def chat(i: int) -> dict:
-    word = ("positive", "negative")[i % 2]
-    return {"messages": [
-        {"role": "user", "content": f"Review {i}: the film was {'good' if i % 2 else 'bad'}."},
-        {"role": "assistant", "content": word}]}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def files(tmp_path) -> dict[str, Path]:
-    data = tmp_path / "data"
-    data.mkdir()
-    return {"train": write_jsonl(data / "train.jsonl", [chat(i) for i in range(16)]),
-            "validation": write_jsonl(data / "dev.jsonl", [chat(100 + i) for i in range(8)]),
-            "test": write_jsonl(data / "test.jsonl", [chat(200 + i) for i in range(8)])}
+    return chat_files(tmp_path, 16, system=False)
 
 
 class Snapshots(Callback):

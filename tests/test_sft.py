@@ -11,35 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from _chat import chat, chat_files, write_jsonl
 
 from zo2.config import compose
 from zo2.trainer import Callback, Trainer
 
-WORDS = ("positive", "negative")
 SMALL = ["model=tiny-llama", "optim.lr=1e-3", "optim.batch_size=4", "eval_batch_size=8",
          "progress=false", "logging=none", "data.max_length=96"]
 
 
-def chat(i: int) -> dict:
-    word = WORDS[i % 2]
-    return {"messages": [
-        {"role": "system", "content": "Answer with one word."},
-        {"role": "user", "content": f"Review {i}: the film was {'good' if i % 2 else 'bad'}."},
-        {"role": "assistant", "content": word}]}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def files(tmp_path) -> dict[str, Path]:
-    data = tmp_path / "data"
-    data.mkdir()
-    return {"train": write_jsonl(data / "train.jsonl", [chat(i) for i in range(24)]),
-            "validation": write_jsonl(data / "dev.jsonl", [chat(100 + i) for i in range(8)]),
-            "test": write_jsonl(data / "test.jsonl", [chat(200 + i) for i in range(8)])}
+    return chat_files(tmp_path, 24)
 
 
 def overrides(files: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -36,7 +36,7 @@ FORMAT = "zo2-checkpoint"
 PREFIX = "step-"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 24):
@@ -44,7 +44,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -60,14 +60,14 @@ def write_manifest(folder: Path, **extra) -> None:
     """Record every file's size and SHA-256 in ``folder/MANIFEST.json`` (fsync'ed)."""
     files = {}
     for path in _files(folder):
-        _fsync(path)
+        fsync_path(path)
         files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size,
-                                                "sha256": _sha256(path)}
+                                                "sha256": file_sha256(path)}
     manifest = folder / MANIFEST
     manifest.write_text(json.dumps({"format": FORMAT, "version": 1, **extra, "files": files},
                                    indent=1))
-    _fsync(manifest)
-    _fsync(folder)
+    fsync_path(manifest)
+    fsync_path(folder)
 
 
 def verify(folder: str | Path) -> dict:
@@ -93,7 +93,7 @@ def verify(folder: str | Path) -> dict:
         if size != want["bytes"]:
             raise CheckpointError(f"checkpoint {folder}: {name} has {size} bytes, the manifest "
                                   f"says {want['bytes']} (truncated?)")
-        if _sha256(file) != want["sha256"]:
+        if file_sha256(file) != want["sha256"]:
             raise CheckpointError(f"checkpoint {folder}: {name} fails its SHA-256 check "
                                   "(corrupt)")
     return manifest
@@ -111,7 +111,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         final.rename(old)
     tmp.rename(final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     if old.exists():
         shutil.rmtree(old)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from zo2.adapters import is_peft_folder
-from zo2.checkpoints import MANIFEST, RUN_STATE, _fsync, _sha256, verify, write_manifest
+from zo2.checkpoints import MANIFEST, RUN_STATE, file_sha256, fsync_path, verify, write_manifest
 from zo2.config import to_dict
 from zo2.errors import CheckpointError, ZO2Error
 from zo2.folders import RULE_STATE_FILE, SEEDLOG_FILE, STATE_FILE
@@ -134,13 +134,13 @@ def refresh_card(folder: str | Path, card: Mapping) -> None:
         return
     manifest = json.loads(path.read_text())
     readme = folder / CARD
-    manifest["files"][CARD] = {"bytes": readme.stat().st_size, "sha256": _sha256(readme)}
-    _fsync(readme)
+    manifest["files"][CARD] = {"bytes": readme.stat().st_size, "sha256": file_sha256(readme)}
+    fsync_path(readme)
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(folder)
+    fsync_path(folder)
 
 
 # ---- writing from an engine -----------------------------------------------------------------

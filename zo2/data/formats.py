@@ -149,13 +149,20 @@ def _chat_template(tokenizer: Any, field: str, at: _Row) -> str:
 def _render(tokenizer: Any, conversation: list[dict], field: str, at: _Row,
             generation_prompt: bool = False) -> list[int]:
     """Token ids of the chat template's rendering of ``conversation``."""
+    ids = _apply_template(tokenizer, conversation, field, at, return_dict=False,
+                          add_generation_prompt=generation_prompt)
+    return list(ids)
+
+
+def _apply_template(tokenizer: Any, conversation: list[dict], field: str, at: _Row,
+                    **options: Any) -> Any:
+    """``apply_chat_template`` (tokenized); a template that cannot render the row is a
+    DataError naming the row and the field."""
     try:
-        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False,
-                                            add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(conversation, tokenize=True, **options)
     except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise at.error(field, f"the chat template cannot render it: {first}") from exc
-    return list(ids)
 
 
 def _check_prefix(short: list[int], long: list[int], field: str, at: _Row, what: str) -> None:
@@ -218,12 +225,8 @@ def _prefix_mask(tokenizer: Any, conversation: list[dict], origin: list[int], fi
 def _generation_mask(tokenizer: Any, conversation: list[dict], field: str,
                      at: _Row) -> tuple[list[int], list[bool]]:
     """Ids and assistant mask from the template's ``{% generation %}`` blocks."""
-    try:
-        out = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-    except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise at.error(field, f"the chat template cannot render it: {first}") from exc
+    out = _apply_template(tokenizer, conversation, field, at, return_dict=True,
+                          return_assistant_tokens_mask=True)
     mask = [bool(m) for m in out["assistant_masks"]]
     if not any(mask):
         raise at.error(field, "the chat template's {% generation %} blocks mark no token")
