@@ -166,3 +166,34 @@ def test_lora_exports_are_peft_folders_and_merge(files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged2").state_dict()
     assert all(torch.equal(again[k], merged[k]) for k in merged)
+
+
+def test_export_merge_lora_writes_best_and_final_merged(files, tmp_path):
+    """``export.merge_lora=true``: best/ and final/ are full models, equal to peft's merge
+    of the same run's adapter (the run without the key, same seeds, gives the adapter)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from zo2.models import load_model
+
+    args = ("peft=lora", "optim.lr=1e-2", "steps=2", "eval_every=1", "checkpoint.every=0")
+    train(files, tmp_path / "adapter", *args)
+    train(files, tmp_path / "merged", *args, "export.merge_lora=true")
+    for name in ("best", "final"):
+        folder = tmp_path / "merged" / name
+        assert_clean(folder)
+        assert not (folder / "adapter_config.json").exists()
+        assert "merged from adapter" in (folder / "README.md").read_text()
+        merged = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        peft_model = PeftModel.from_pretrained(load_model("tiny-llama")[0],
+                                               tmp_path / "adapter" / name)
+        expected = peft_model.merge_and_unload().state_dict()
+        assert merged.keys() == expected.keys()
+        assert all(torch.equal(merged[k], expected[k]) for k in merged), name
+
+
+def test_export_merge_lora_needs_a_lora_adapter():
+    from zo2.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"export.merge_lora: needs a LoRA adapter \(peft=lora"):
+        compose([*SMALL, "export.merge_lora=true"])

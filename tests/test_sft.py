@@ -138,3 +138,42 @@ def test_generated_answers_are_scored_against_the_last_assistant_turn(files, tmp
                              pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
         cut = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
         assert sample["prediction"] == tokenizer.decode(cut, skip_special_tokens=True).strip()
+
+
+def test_rows_given_in_memory_train_exactly_as_the_same_rows_from_files(files, tmp_path):
+    """``Trainer(data=...)`` with a datasets.Dataset and a list of dicts: the weights of
+    the run on the same rows read from the JSON lines files, bit for bit."""
+    import datasets
+
+    _, from_files = run(overrides(files, tmp_path / "files", "steps=3"))
+    rows = {role: [json.loads(line) for line in path.read_text().splitlines()]
+            for role, path in files.items()}
+    given = {"train": datasets.Dataset.from_list(rows["train"]),
+             "validation": rows["validation"], "test": rows["test"]}
+    cfg = compose([*SMALL, "data.format=messages", f"output_dir={tmp_path / 'memory'}",
+                   "steps=3"])
+    with Trainer(cfg, cfg.output_dir, data=given) as trainer:
+        summary = trainer.train()
+        in_memory = trainer.engine.export_state_dict()
+    assert summary["data"] == "rows given to the Trainer (train 24, validation 8, test 8)"
+    assert in_memory.keys() == from_files.keys()
+    assert all(torch.equal(in_memory[k], from_files[k]) for k in in_memory)
+
+
+def test_generated_samples_are_a_wandb_table_per_split(files, tmp_path, monkeypatch):
+    """An offline wandb run holds each evaluation's samples as a Table whose rows are the
+    samples of metrics.jsonl."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "run"
+    args = [a for a in overrides(files, out, "steps=1", "eval_every=1", "data.max_new_tokens=3",
+                                 "data.samples=2") if a != "logging=none"]
+    run([*args, "logging.wandb=offline", "logging.plot=false"])
+    evals = [r for r in records(out) if r["event"] == "eval"]
+    tables = sorted((out / "wandb").glob("offline-run-*/files/media/table/*/samples_*.table.json"))
+    splits = [(r, split) for r in evals for split in ("dev", "test") if split in r]
+    assert len(tables) == len(splits) == 3  # dev and test at step 0, dev at step 1
+    logged = [json.loads(t.read_text()) for t in tables]
+    expected = [[r["step"], s["prompt_end"], s["prediction"], s["reference"]]
+                for r, split in splits for s in r[split]["samples"]]
+    assert all(t["columns"] == ["step", "prompt_end", "prediction", "reference"] for t in logged)
+    assert sorted(row for t in logged for row in t["data"]) == sorted(expected)

@@ -12,6 +12,7 @@ again (one changed after it was built).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ class DataConfig(_Checked):
     train: str | None = None  # set: the run trains on this data, not on the task
     validation: str | None = None  # None: validation_split of train, or no dev evaluation
     test: str | None = None  # None: no test evaluation
-    format: str = "messages"  # text | prompt_completion | messages
+    format: str = "messages"  # text | prompt_completion | messages | classification | choice
     max_length: int = 512  # tokens per row, truncated by the format's rule
     validation_split: float = 0.0  # with no validation source: this share of train, held out
     n_train: int = 0  # 0: every training row; n: a sample of n rows (seed)
@@ -124,6 +125,13 @@ class DataConfig(_Checked):
     max_new_tokens: int = 0  # > 0: evaluations also generate each answer greedily (exact
     # match and token F1 against the row's last labelled span)
     samples: int = 3  # generated answers kept per evaluation in metrics.jsonl
+    # classification / choice (zo2.data.labelled):
+    template: str | None = None  # the prompt from row fields: "{text} It was" (default
+    # "{text}"; choice: "{prompt}")
+    label_field: str = "label"  # the row's label (choice: the right choice, index or text)
+    labels: Any = None  # {label as written: its word(s)}
+    # (empty: the training rows' distinct labels, each answered by itself)
+    balanced: bool = False  # n_train / validation_split: as many rows of every label
 
     def check(self) -> None:
         _one_of(self.format, DATA_FORMATS, "data.format")
@@ -138,6 +146,21 @@ class DataConfig(_Checked):
                 _require(getattr(self, key) is None, f"data.{key}", "needs data.train")
         _require(not (self.validation and self.validation_split), "data.validation_split",
                  "give data.validation or data.validation_split, not both")
+        labelled = self.format in ("classification", "choice")
+        _require(labelled or self.template is None, "data.template",
+                 f"is for data.format=classification|choice, not {self.format}")
+        _require(self.format == "classification" or not self.labels, "data.labels",
+                 f"is for data.format=classification, not {self.format}")
+        if self.labels is not None:
+            _require(isinstance(self.labels, Mapping) and len(self.labels) >= 2 and all(
+                isinstance(k, (str, int)) and isinstance(w, str) and w.strip()
+                for k, w in self.labels.items()), "data.labels",
+                f"must map 2 or more labels to non-empty words, like {{neg: terrible, pos: "
+                f"great}}, got {self.labels!r}")
+        _require(labelled or not self.balanced, "data.balanced",
+                 f"needs labelled rows (data.format=classification|choice), not {self.format}")
+        _require(not labelled or not self.max_new_tokens, "data.max_new_tokens",
+                 f"{self.format} rows are scored by accuracy over their answers, not generated")
 
 
 @dataclass
@@ -294,6 +317,16 @@ class CheckpointConfig(_Checked):
 
 
 @dataclass
+class ExportConfig(_Checked):
+    """How ``best/`` and ``final/`` are written (:mod:`zo2.export`)."""
+
+    merge_lora: bool = False  # a LoRA run: the adapter merged into the base weights
+
+    def check(self) -> None:
+        """Nothing to check alone (``TrainConfig`` checks it against the adapter)."""
+
+
+@dataclass
 class TrainConfig(_Checked):
     """A whole run."""
 
@@ -305,6 +338,7 @@ class TrainConfig(_Checked):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32
@@ -323,9 +357,16 @@ class TrainConfig(_Checked):
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
         _require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         _one_of(self.eval_metric, EVAL_METRICS, "eval_metric")
+        labelled = self.data.format in ("classification", "choice")
+        if self.eval_metric in ("exact_match", "f1") and labelled:
+            raise ConfigError(f"eval_metric: data.format={self.data.format} is scored by "
+                              f"accuracy and loss, not {self.eval_metric}")
         if self.eval_metric in ("exact_match", "f1") and self.data.train is not None:
             _require(self.data.max_new_tokens > 0, "eval_metric",
                      f"{self.eval_metric} needs generated answers: set data.max_new_tokens")
+        _require(not self.export.merge_lora or self.model.adapter.kind == "lora",
+                 "export.merge_lora", f"needs a LoRA adapter (peft=lora), not the adapter "
+                 f"{self.model.adapter.kind!r}")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.threads >= 0, "threads", "must be >= 0")
         _require(self.nonfinite_limit >= 1, "nonfinite_limit", "must be >= 1")

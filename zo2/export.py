@@ -41,15 +41,16 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 # ---- the model card -----------------------------------------------------------------------
 def describe(config: Mapping, *, step: int, best_step: int | None = None,
              metric: str | None = None, figures: Mapping[str, Any] | None = None,
-             merged: bool = False) -> dict:
+             merged: bool = False, data_name: str | None = None) -> dict:
     """What a model card says about the weights of ``step`` of the run ``config``
     (:func:`zo2.config.to_dict` of its TrainConfig); ``figures``: the summary's
-    numbers (``zero_shot_dev``, ``best_dev``, ``tuned_test``, ...), None ones left out."""
+    numbers (``zero_shot_dev``, ``best_dev``, ``tuned_test``, ...), None ones left out;
+    ``data_name``: what the data was when no config key names it (rows given in Python)."""
     model, optim, data, task = (config.get(k, {}) for k in ("model", "optim", "data", "task"))
     adapter = (model.get("adapter") or {}).get("kind", "none")
     return {
         "base_model": model.get("name"),
-        "data": data.get("train") or f"task {task.get('name')}",
+        "data": data_name or data.get("train") or f"task {task.get('name')}",
         "method": optim.get("method"), "estimator": optim.get("estimator"),
         "lr": optim.get("lr"), "eps": optim.get("eps"), "q": optim.get("q"),
         "seed": config.get("seed"), "steps": config.get("steps"), "step": step,
@@ -64,9 +65,10 @@ SUMMARY_FIGURES = ("zero_shot_dev", "zero_shot_test", "best_dev", "tuned_test")
 
 
 def run_card(cfg, *, step: int, best: Mapping, metric: str,
-             summary: Mapping | None = None) -> dict:
+             summary: Mapping | None = None, data_name: str | None = None) -> dict:
     """The card of a run's export (a :class:`~zo2.config.TrainConfig`): during the run
-    the best dev scores so far; with the ``summary``, its figures."""
+    the best dev scores so far; with the ``summary``, its figures. With
+    ``export.merge_lora`` the export is the merged model."""
     if summary is None:
         dev = best.get("dev") or {}
         figures = {f"dev_{k}": v for k, v in dev.items() if isinstance(v, (int, float))}
@@ -75,7 +77,7 @@ def run_card(cfg, *, step: int, best: Mapping, metric: str,
         if summary.get("tuned_test") is not None:
             figures["tuned_test_of"] = summary.get("tested")
     return describe(to_dict(cfg), step=step, best_step=best.get("step"), metric=metric,
-                    figures=figures)
+                    figures=figures, merged=cfg.export.merge_lora, data_name=data_name)
 
 
 def render(card: Mapping) -> str:

@@ -63,7 +63,7 @@ class MetricsLogger:
             return
         if record.get("event") in ("step", "eval"):
             fields = {k: v for k, v in record.items() if k != "event"}
-            self.run.log(_numbers(fields), step=record["step"])
+            self.run.log({**_numbers(fields), **_sample_tables(record)}, step=record["step"])
         elif record.get("event") == "summary":
             self.run.summary.update(_numbers(record))
 
@@ -117,6 +117,23 @@ def _cut_metrics(path: Path, upto: int | None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+SAMPLE_COLUMNS = ("step", "prompt_end", "prediction", "reference")
+
+
+def _sample_tables(record: dict) -> dict:
+    """An eval record's generated answers (``<split>.samples``) as wandb Tables named
+    ``<split>/samples``, one row per answer."""
+    splits = {split: scores["samples"] for split, scores in record.items()
+              if isinstance(scores, dict) and scores.get("samples")}
+    if not splits:
+        return {}
+    import wandb
+
+    return {f"{split}/samples": wandb.Table(columns=list(SAMPLE_COLUMNS), data=[
+        [record["step"], *(sample[c] for c in SAMPLE_COLUMNS[1:])] for sample in samples])
+        for split, samples in splits.items()}
 
 
 def _numbers(record: dict, prefix: str = "") -> dict[str, float]:

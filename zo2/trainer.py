@@ -41,9 +41,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +52,7 @@ from zo2.adapters import wrap
 from zo2.checkpoints import RunCheckpoints
 from zo2.config import OffloadConfig, TrainConfig, to_dict, validate
 from zo2.data import pipeline, sft
+from zo2.data.labelled import LABELLED
 from zo2.data.tasks import load_task
 from zo2.engine import StepResult, ZOEngine
 from zo2.errors import ConfigError, TrainingError
@@ -101,14 +103,19 @@ class Trainer:
     Args:
         cfg: the run's configuration.
         output_dir: where the run writes (rank 0's path is used by every rank).
+        data: your own rows in place of ``cfg.data``'s sources: ``{"train": rows,
+            "validation": rows, "test": rows}`` (validation and test optional), each a
+            ``datasets.Dataset`` or a list of dicts in ``cfg.data.format``.
         callbacks: observers of steps, evaluations and saves.
         engine_factory: builds the engine (``ZOEngine``'s signature).
     """
 
     def __init__(self, cfg: TrainConfig, output_dir: str | Path, *,
+                 data: Mapping[str, Any] | None = None,
                  callbacks: Sequence[Callback] = (),
                  engine_factory: Callable[..., ZOEngine] = ZOEngine) -> None:
         validate(cfg)
+        self.given = sft.given_rows(data, cfg.data) if data is not None else None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.callbacks = cfg, list(callbacks)
@@ -171,8 +178,11 @@ class Trainer:
         return pipe, tokenizer, engine
 
     def _read_data(self):
-        """Your own data's rows (``data.train`` set), else the task's k-shot splits."""
+        """Your own data's rows (given, or ``data.train`` set), else the task's k-shot
+        splits."""
         t = self.cfg.task
+        if self.given is not None:
+            return self.given
         if self.cfg.data.train is not None:
             return sft.load_sources(self.cfg.data)
         return load_task(t.name, seed=t.seed, n_train=t.n_train, n_dev=t.n_dev,
@@ -180,7 +190,7 @@ class Trainer:
                          label_field=t.label_field, balanced=t.balanced)
 
     def _pipeline(self, data, model, tokenizer) -> pipeline.Pipeline:
-        cfg, own = self.cfg, self.cfg.data.train is not None
+        cfg, own = self.cfg, self.own_data
         key = "data.max_length" if own else "task.max_length"
         check_context(model, cfg.data.max_length if own else cfg.task.max_length, key)
         sizes = {"batch_size": cfg.optim.batch_size, "eval_batch_size": cfg.eval_batch_size,
@@ -309,9 +319,12 @@ class Trainer:
         """``best/`` or ``final/``: a clean export of the current weights with a model card
         (:func:`zo2.export.export_folder`), published like a checkpoint."""
         engine, step = self.engine, self.engine.step_index
-        card = run_card(self.cfg, step=step, best=self.best, metric=self.metric)
-        self.checkpoints.publish(name, step, lambda tmp: export_folder(engine, tmp,
-                                                                      self.tokenizer, card))
+        cfg = self.cfg
+        card = run_card(cfg, step=step, best=self.best, metric=self.metric,
+                        data_name=self.data_name)
+        self.checkpoints.publish(name, step, lambda tmp: export_folder(
+            engine, tmp, self.tokenizer, card, merge_lora=cfg.export.merge_lora,
+            base=cfg.model.name, dtype=cfg.model.dtype))
 
     @property
     def metric(self) -> str:
@@ -319,7 +332,22 @@ class Trainer:
         data's loss."""
         if self.cfg.eval_metric != "auto":
             return self.cfg.eval_metric
-        return "loss" if self.cfg.data.train is not None else "accuracy"
+        if self.own_data and self.cfg.data.format not in LABELLED:
+            return "loss"
+        return "accuracy"
+
+    @property
+    def data_name(self) -> str | None:
+        """What the data is called where no config key names it (rows given in Python)."""
+        if self.given is None:
+            return None
+        return "rows given to the Trainer (" + ", ".join(
+            f"{role} {len(rows)}" for role, rows in self.given.items()) + ")"
+
+    @property
+    def own_data(self) -> bool:
+        """Whether the run trains on your own rows (``data=`` or ``data.train``), not a task."""
+        return self.given is not None or self.cfg.data.train is not None
 
     def _improves(self, dev: dict) -> bool:
         """Whether ``dev`` beats the best dev score so far (strictly; loss: lower)."""
@@ -351,7 +379,8 @@ class Trainer:
         zero, best = self.zero_shot, self.best
         tuned = self.evaluate("test") if "test" in self.pipe.splits else None
         summary = {
-            "model": cfg.model.name, "task": cfg.task.name, "data": cfg.data.train,
+            "model": cfg.model.name, "task": cfg.task.name,
+            "data": self.data_name or cfg.data.train,
             "steps": cfg.steps, "eval_metric": self.metric,
             "zero_shot_dev": score_of(zero.get("dev"), self.metric),
             "zero_shot_test": score_of(zero.get("test"), self.metric),
@@ -372,7 +401,8 @@ class Trainer:
             for name, step in (("best", best["step"]), ("final", final_step)):
                 if (out / name).is_dir():  # the cards get the test figures
                     refresh_card(out / name, run_card(cfg, step=step, best=best,
-                                                      metric=self.metric, summary=summary))
+                                                      metric=self.metric, summary=summary,
+                                                      data_name=self.data_name))
             if cfg.logging.plot:
                 self.metrics.close()  # flushed before the plot reads it
                 plot_curves(out / "metrics.jsonl", out / "curves.png")

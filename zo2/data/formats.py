@@ -67,7 +67,7 @@ class Encoded:
 
 
 @dataclass(frozen=True)
-class _Row:
+class RowAt:
     """Where a row comes from, to name it in errors."""
 
     source: str
@@ -93,7 +93,7 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _field(row: Mapping, name: str, at: _Row) -> Any:
+def field_of(row: Mapping, name: str, at: RowAt) -> Any:
     """``row[name]``, or a DataError listing the fields the row has."""
     if name not in row:
         have = ", ".join(repr(k) for k in list(row)[:8]) or "none"
@@ -101,7 +101,7 @@ def _field(row: Mapping, name: str, at: _Row) -> Any:
     return row[name]
 
 
-def _string(value: Any, field: str, at: _Row) -> str:
+def _string(value: Any, field: str, at: RowAt) -> str:
     """``value`` if it is a string."""
     if not isinstance(value, str):
         raise at.error(field, f"expected a string, got {type(value).__name__}")
@@ -115,7 +115,7 @@ def _eos_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _message(item: Any, field: str, at: _Row) -> dict:
+def _message(item: Any, field: str, at: RowAt) -> dict:
     """A validated copy of one message: a mapping with a known role and a string content."""
     if not isinstance(item, Mapping) or "role" not in item or "content" not in item:
         raise at.error(field, f"expected a {{'role', 'content'}} mapping, got {_short(item)}")
@@ -128,7 +128,7 @@ def _message(item: Any, field: str, at: _Row) -> dict:
     return dict(item)
 
 
-def _messages(value: Any, field: str, at: _Row) -> list[dict]:
+def _messages(value: Any, field: str, at: RowAt) -> list[dict]:
     """A validated non-empty list of messages."""
     if not isinstance(value, (list, tuple)):
         raise at.error(field, f"expected a list of messages, got {type(value).__name__}")
@@ -137,7 +137,7 @@ def _messages(value: Any, field: str, at: _Row) -> list[dict]:
     return [_message(item, f"{field}[{k}]", at) for k, item in enumerate(value)]
 
 
-def _chat_template(tokenizer: Any, field: str, at: _Row) -> str:
+def _chat_template(tokenizer: Any, field: str, at: RowAt) -> str:
     """The tokenizer's chat template, or a DataError if it has none."""
     try:
         return tokenizer.get_chat_template()
@@ -146,7 +146,7 @@ def _chat_template(tokenizer: Any, field: str, at: _Row) -> str:
                               "named 'default') to render messages with") from exc
 
 
-def _render(tokenizer: Any, conversation: list[dict], field: str, at: _Row,
+def _render(tokenizer: Any, conversation: list[dict], field: str, at: RowAt,
             generation_prompt: bool = False) -> list[int]:
     """Token ids of the chat template's rendering of ``conversation``."""
     ids = _apply_template(tokenizer, conversation, field, at, return_dict=False,
@@ -154,7 +154,7 @@ def _render(tokenizer: Any, conversation: list[dict], field: str, at: _Row,
     return list(ids)
 
 
-def _apply_template(tokenizer: Any, conversation: list[dict], field: str, at: _Row,
+def _apply_template(tokenizer: Any, conversation: list[dict], field: str, at: RowAt,
                     **options: Any) -> Any:
     """``apply_chat_template`` (tokenized); a template that cannot render the row is a
     DataError naming the row and the field."""
@@ -165,7 +165,7 @@ def _apply_template(tokenizer: Any, conversation: list[dict], field: str, at: _R
         raise at.error(field, f"the chat template cannot render it: {first}") from exc
 
 
-def _check_prefix(short: list[int], long: list[int], field: str, at: _Row, what: str) -> None:
+def _check_prefix(short: list[int], long: list[int], field: str, at: RowAt, what: str) -> None:
     """Raise unless ``short`` is a token prefix of ``long`` (the prefix method needs it)."""
     if long[: len(short)] != short:
         raise at.error(field, f"the chat template's rendering {what} is not a token prefix of "
@@ -182,7 +182,7 @@ def _labelled_end(tokenizer: Any, ids: list[int], start: int, end: int) -> int:
 
 
 def _fit_turns(messages: list[dict], limit: int, tokenizer: Any, max_length: int, field: str,
-               at: _Row) -> tuple[list[dict], list[int]]:
+               at: RowAt) -> tuple[list[dict], list[int]]:
     """The longest conversation that fits: leading system messages + ``messages[start:]``,
     ``start`` the first message after them or a user turn before ``limit``; with the kept
     messages' indices in ``messages``."""
@@ -202,7 +202,7 @@ def _fit_turns(messages: list[dict], limit: int, tokenizer: Any, max_length: int
 
 
 def _prefix_mask(tokenizer: Any, conversation: list[dict], origin: list[int], field: str,
-                 at: _Row) -> tuple[list[int], list[bool]]:
+                 at: RowAt) -> tuple[list[int], list[bool]]:
     """Ids and assistant mask by the prefix-difference method."""
     full = _render(tokenizer, conversation, field, at)
     mask = [False] * len(full)
@@ -223,7 +223,7 @@ def _prefix_mask(tokenizer: Any, conversation: list[dict], origin: list[int], fi
 
 
 def _generation_mask(tokenizer: Any, conversation: list[dict], field: str,
-                     at: _Row) -> tuple[list[int], list[bool]]:
+                     at: RowAt) -> tuple[list[int], list[bool]]:
     """Ids and assistant mask from the template's ``{% generation %}`` blocks."""
     out = _apply_template(tokenizer, conversation, field, at, return_dict=True,
                           return_assistant_tokens_mask=True)
@@ -233,9 +233,9 @@ def _generation_mask(tokenizer: Any, conversation: list[dict], field: str,
     return list(out["input_ids"]), mask
 
 
-def _encode_messages(row: Mapping, at: _Row, tokenizer: Any, max_length: int) -> Encoded:
+def _encode_messages(row: Mapping, at: RowAt, tokenizer: Any, max_length: int) -> Encoded:
     """The ``messages`` format: loss on the assistant turns."""
-    messages = _messages(_field(row, "messages", at), "messages", at)
+    messages = _messages(field_of(row, "messages", at), "messages", at)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise at.error("messages", "no assistant turn to train on")
@@ -248,7 +248,7 @@ def _encode_messages(row: Mapping, at: _Row, tokenizer: Any, max_length: int) ->
     return _encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
 
 
-def _encode_chat_completion(row: Mapping, at: _Row, tokenizer: Any,
+def _encode_chat_completion(row: Mapping, at: RowAt, tokenizer: Any,
                             max_length: int) -> Encoded:
     """Conversational ``prompt_completion``: loss on the tokens after the rendered prompt."""
     prompt = _messages(row["prompt"], "prompt", at)
@@ -265,10 +265,10 @@ def _encode_chat_completion(row: Mapping, at: _Row, tokenizer: Any,
     return _encoded(ids, labels)
 
 
-def _encode_prompt_completion(row: Mapping, at: _Row, tokenizer: Any,
+def _encode_prompt_completion(row: Mapping, at: RowAt, tokenizer: Any,
                               max_length: int) -> Encoded:
     """``prompt_completion``: loss on the completion and its EOS."""
-    prompt, completion = _field(row, "prompt", at), _field(row, "completion", at)
+    prompt, completion = field_of(row, "prompt", at), field_of(row, "completion", at)
     if isinstance(prompt, (list, tuple)):
         if not isinstance(completion, (list, tuple)):
             raise at.error("completion", "expected a list of messages like the prompt's, got "
@@ -288,9 +288,9 @@ def _encode_prompt_completion(row: Mapping, at: _Row, tokenizer: Any,
     return _encoded(head + body + tail, [IGNORE_INDEX] * (len(head) + len(body)) + tail)
 
 
-def _encode_text(row: Mapping, at: _Row, tokenizer: Any, max_length: int) -> Encoded:
+def _encode_text(row: Mapping, at: RowAt, tokenizer: Any, max_length: int) -> Encoded:
     """``text``: loss on every token, cut on the right."""
-    text = _string(_field(row, "text", at), "text", at)
+    text = _string(field_of(row, "text", at), "text", at)
     if not text:
         raise at.error("text", "empty: nothing to train on")
     ids = (bos_ids(tokenizer) + text_ids(tokenizer, text) + [_eos_id(tokenizer)])[:max_length]
@@ -316,7 +316,7 @@ def encode_row(row: Any, index: int, *, fmt: str, tokenizer: Any, max_length: in
     """Encode one row of format ``fmt``; problems raise a one-line DataError naming
     ``source``, the row ``index`` and the field."""
     _check_options(fmt, max_length)
-    at = _Row(source, index)
+    at = RowAt(source, index)
     if not isinstance(row, Mapping):
         raise at.error(None, f"expected a mapping of fields, got {type(row).__name__}")
     encoded = _ENCODERS[fmt](row, at, tokenizer, max_length)

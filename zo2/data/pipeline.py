@@ -70,7 +70,8 @@ def build(task: Task, tokenizer: Any, *, objective: str, batch_size: int, eval_b
         objective_ = Objective("lm")
     train = iterator(tokenizer, task.train, task.spec, batch_size=batch_size, seed=seed,
                      max_length=max_length, **extra)
-    splits = {"dev": task.dev, "test": task.test}
+    splits = {name: examples for name, examples in (("dev", task.dev), ("test", task.test))
+              if examples}  # your own data may have neither
     if kind == "lm":
         def evaluate(engine, split: str) -> dict:
             engine.flush()
@@ -79,11 +80,12 @@ def build(task: Task, tokenizer: Any, *, objective: str, batch_size: int, eval_b
                                          max_length=max_length + 50)
             scores.pop("predictions")
             return scores
-        return Pipeline(objective_, train, evaluate)
+        return Pipeline(objective_, train, evaluate, splits=tuple(splits))
 
     batches = {name: _batches(chunk, tokenizer, examples, task.spec, eval_batch_size,
                               max_length) for name, examples in splits.items()}
-    return Pipeline(objective_, train, lambda engine, split: engine.evaluate(batches[split]))
+    return Pipeline(objective_, train, lambda engine, split: engine.evaluate(batches[split]),
+                    splits=tuple(splits))
 
 
 def _batches(chunk, tokenizer, examples, spec, batch_size: int, max_length: int) -> list[dict]:

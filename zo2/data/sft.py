@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import datasets
 
 from zo2.config import DataConfig
 from zo2.data.batching import IGNORE_INDEX, BatchIterator
 from zo2.data.formats import Encoded, collate, encode_row
+from zo2.data import pipeline
+from zo2.data.labelled import LABELLED, LabelledRows
 from zo2.data.pipeline import Pipeline
 from zo2.data.rows import load_rows
-from zo2.errors import ConfigError
+from zo2.data.tasks import Task
+from zo2.errors import ConfigError, DataError
 from zo2.evaluation import best_over_golds, generate_from_ids
 from zo2.loss import Objective
 
@@ -53,23 +59,84 @@ def load_sources(cfg: DataConfig) -> dict[str, Any]:
             if (source := getattr(cfg, role)) is not None}
 
 
-def _split_indices(cfg: DataConfig, n: int) -> tuple[list[int], list[int]]:
-    """(training rows, held-out dev rows) of the ``n`` training-source rows."""
+ROLES = ("train", "validation", "test")
+
+
+def given_rows(data: Mapping[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """Rows handed to the Python API (``Trainer(data=...)``), checked: ``train`` (required),
+    ``validation`` and ``test``, each a ``datasets.Dataset`` or a sequence of dicts (a
+    ``DatasetDict`` with those splits works as it is)."""
+    unknown = sorted(set(data) - set(ROLES))
+    if unknown:
+        raise ConfigError(f"data: unknown split(s) {', '.join(map(repr, unknown))}; the splits "
+                          f"are {', '.join(ROLES)}")
+    if "train" not in data:
+        raise ConfigError("data: no 'train' rows")
+    also = [f"data.{role}" for role in ROLES if getattr(cfg, role) is not None]
+    if also:
+        raise ConfigError(f"data: rows given to the Trainer replace {', '.join(also)}; "
+                          "leave the config's sources unset")
+    if cfg.validation_split and "validation" in data:
+        raise ConfigError("data.validation_split: give validation rows or "
+                          "data.validation_split, not both")
+    rows = {}
+    for role in ROLES:
+        if role not in data:
+            continue
+        given = data[role]
+        if isinstance(given, Sequence) and not isinstance(given, (str, bytes)):
+            given = list(given)
+        elif not isinstance(given, datasets.Dataset):
+            raise ConfigError(f"data[{role!r}]: expected a datasets.Dataset or a list of "
+                              f"dicts, got {type(given).__name__}")
+        if len(given) == 0:
+            raise DataError(f"data.{role}: no rows")
+        rows[role] = given
+    return rows
+
+
+def _sample(indices: list[int], k: int, labels: list[int] | None, rng: random.Random,
+            what: str) -> list[int]:
+    """``k`` of ``indices`` drawn with ``rng``, sorted; with ``labels`` (by row), as many of
+    each label as the others (the remainder of an uneven ``k`` to the lowest labels)."""
+    if labels is None:
+        return sorted(rng.sample(indices, k))
+    pools: dict[int, list[int]] = {}
+    for i in indices:
+        pools.setdefault(labels[i], []).append(i)
+    picked = []
+    for rank, label in enumerate(sorted(pools)):
+        take = k // len(pools) + (1 if rank < k % len(pools) else 0)
+        if take > len(pools[label]):
+            raise DataError(f"{what}: a balanced sample of {k} rows needs {take} of label "
+                            f"{label}, but data.train has {len(pools[label])}")
+        picked += rng.sample(pools[label], take)
+    return sorted(picked)
+
+
+def _split_indices(cfg: DataConfig, n: int, labels: list[int] | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """(training rows, held-out dev rows) of the ``n`` training-source rows; with
+    ``labels`` (``data.balanced``) both are drawn equally from every label."""
     order = list(range(n))
     rng = random.Random(cfg.seed)
     held: list[int] = []
     if cfg.validation_split:
-        rng.shuffle(order)
         cut = max(1, round(n * cfg.validation_split))
         if cut >= n:
             raise ConfigError(f"data.validation_split={cfg.validation_split} of {n} rows "
                               "leaves no training row")
-        held, order = sorted(order[:cut]), sorted(order[cut:])
+        if labels is None:
+            rng.shuffle(order)
+            held, order = sorted(order[:cut]), sorted(order[cut:])
+        else:
+            held = _sample(order, cut, labels, rng, "data.validation_split")
+            order = sorted(set(order) - set(held))
     if cfg.n_train:
         if cfg.n_train > len(order):
             raise ConfigError(f"data.n_train={cfg.n_train}, but data.train has {len(order)} "
                               "training rows")
-        order = sorted(rng.sample(order, cfg.n_train))
+        order = _sample(order, cfg.n_train, labels, rng, "data.n_train")
     return order, held
 
 
@@ -118,24 +185,37 @@ def _generation(examples: list[Encoded], cfg: DataConfig, tokenizer: Any, batch_
     return score
 
 
-def build(cfg: DataConfig, rows: dict[str, Any], tokenizer: Any, *, batch_size: int,
-          eval_batch_size: int, seed: int) -> Pipeline:
-    """The pipeline of ``rows`` (:func:`load_sources`); batches are drawn with ``seed``."""
-    train_idx, held = _split_indices(cfg, len(rows["train"]))
-    train = _encode(rows["train"], train_idx, cfg, tokenizer, cfg.train)
-    evals: dict[str, list[Encoded]] = {}
+def _plan(cfg: DataConfig, rows: dict[str, Any], labels: list[int] | None
+          ) -> dict[str, tuple[str, Sequence[int]]]:
+    """split (``train``, ``dev``, ``test``) -> (the role whose rows it takes, their indices)."""
+    train_idx, held = _split_indices(cfg, len(rows["train"]), labels)
+    plan: dict[str, tuple[str, Sequence[int]]] = {"train": ("train", train_idx)}
     if held:
-        evals["dev"] = _encode(rows["train"], held, cfg, tokenizer, cfg.train)
+        plan["dev"] = ("train", held)
     if "validation" in rows:
-        evals["dev"] = _encode(rows["validation"], range(len(rows["validation"])), cfg,
-                               tokenizer, cfg.validation)
+        plan["dev"] = ("validation", range(len(rows["validation"])))
     if "test" in rows:
-        evals["test"] = _encode(rows["test"], range(len(rows["test"])), cfg, tokenizer,
-                                cfg.test)
+        plan["test"] = ("test", range(len(rows["test"])))
+    return plan
+
+
+def build(cfg: DataConfig, rows: dict[str, Any], tokenizer: Any, *, batch_size: int,
+          eval_batch_size: int, seed: int, sources: dict[str, str] | None = None) -> Pipeline:
+    """The pipeline of ``rows`` (:func:`load_sources`); batches are drawn with ``seed``.
+    ``sources`` names each role's rows in errors (default: the config's paths)."""
+    sources = {role: (sources or {}).get(role) or getattr(cfg, role) or f"data.{role}"
+               for role in rows}
+    if cfg.format in LABELLED:
+        return _labelled(cfg, rows, tokenizer, sources, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, seed=seed)
+    plan = _plan(cfg, rows, None)
+    encoded = {split: _encode(rows[role], picked, cfg, tokenizer, sources[role])
+               for split, (role, picked) in plan.items()}
+    train = encoded.pop("train")
     batches = {split: _eval_batches(examples, tokenizer, eval_batch_size)
-               for split, examples in evals.items()}
+               for split, examples in encoded.items()}
     generated = {split: _generation(examples, cfg, tokenizer, eval_batch_size)
-                 for split, examples in evals.items()} if cfg.max_new_tokens else {}
+                 for split, examples in encoded.items()} if cfg.max_new_tokens else {}
 
     def evaluate(engine, split: str) -> dict:
         scores = engine.evaluate(batches[split])
@@ -146,3 +226,18 @@ def build(cfg: DataConfig, rows: dict[str, Any], tokenizer: Any, *, batch_size: 
 
     iterator = EncodedBatches(tokenizer, train, batch_size=batch_size, seed=seed)
     return Pipeline(Objective("lm"), iterator, evaluate, splits=tuple(batches))
+
+
+def _labelled(cfg: DataConfig, rows: dict[str, Any], tokenizer: Any, sources: dict[str, str],
+              **sizes: int) -> Pipeline:
+    """Classification or choice rows as a task (:mod:`zo2.data.labelled`), scored by
+    accuracy like the built-in tasks."""
+    labelled = LabelledRows(cfg, rows["train"], tokenizer, sources["train"])
+    labels = ([labelled.label(row, i, sources["train"]) for i, row in enumerate(rows["train"])]
+              if cfg.balanced else None)
+    examples = {split: labelled.examples(rows[role], picked, sources[role])
+                for split, (role, picked) in _plan(cfg, rows, labels).items()}
+    task = Task(labelled.spec, examples["train"], examples.get("dev", []),
+                examples.get("test", []))
+    return pipeline.build(task, tokenizer, objective=labelled.spec.kind,
+                          max_length=cfg.max_length, **sizes)
