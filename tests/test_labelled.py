@@ -162,3 +162,33 @@ def test_given_rows_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(DataError, match="data.train: row 1: field 'body': missing"):
         run(tmp_path / "run", {"train": [review(0), {"label": "neg"}, review(2)]})
     assert not (tmp_path / "run").exists()
+
+
+def test_answers_of_several_tokens_are_scored_by_their_mean_log_likelihood(tmp_path):
+    """Zero-shot accuracy of a choice between multi-token answers equals the count of rows
+    whose right answer has the highest mean token log-probability in a plain HF forward."""
+    words = {"neg": "very bad", "pos": "very good", "mid": "so so"}
+    test = [review(200 + i) for i in range(12)]
+    cfg = compose([*SMALL, "data.format=classification", "data.template='{body}. Verdict:'",
+                   "data.labels={neg: 'very bad', pos: 'very good', mid: 'so so'}",
+                   "steps=0", f"output_dir={tmp_path / 'run'}"])
+    with Trainer(cfg, cfg.output_dir, data={"train": test, "test": test}) as trainer:
+        assert trainer.pipe.objective.kind == "choice"
+        summary = trainer.train()
+    model, tokenizer = load_model("tiny-llama")
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    right = 0
+    for row in test:
+        prompt = ids(f"{row['body']}. Verdict:")
+        scores = []
+        for word in words.values():
+            answer = ids(" " + word)
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + answer])).logits[0].float().log_softmax(-1)
+            steps = range(len(prompt) - 1, len(prompt) + len(answer) - 1)
+            scores.append(sum(float(logp[t, a]) for t, a in zip(steps, answer)) / len(answer))
+        right += max(range(3), key=scores.__getitem__) == list(words).index(row["label"])
+    assert summary["zero_shot_test"] == right / len(test)

@@ -16,10 +16,11 @@ there. Training and evaluation follow MeZO's "train as classification": when eve
 label word is one token and the first tokens differ, the loss is the cross-entropy over
 the label words' logits after the prompt (one forward per row, objective
 ``label_words``); otherwise (several tokens, or ``choice``), the cross-entropy over the
-candidates' summed log-likelihoods (one row per candidate, objective ``choice``). For
-one-token words the two are the same loss: a candidate's log-likelihood is its log-softmax
-over the vocabulary, and a softmax over those is the softmax over the candidates' logits.
-Accuracy is the share of rows whose right answer scores highest.
+candidates' scores, each its mean token log-likelihood after the prompt (one row per
+candidate, objective ``choice``, as MeZO scores COPA). For one-token words the two are
+the same loss: a candidate's score is then its log-softmax over the vocabulary, and a
+softmax over those is the softmax over the candidates' logits. Accuracy is the share of
+rows whose right answer scores highest.
 
 A prompt too long for ``data.max_length`` loses its left end (the question at its end and
 the answers survive). Problems in a row are one :class:`~zo2.errors.DataError` line naming
