@@ -7,6 +7,15 @@ from pathlib import Path
 
 WORDS = ("positive", "negative")
 
+# ChatML without a default system prompt, the assistant content and its end-of-turn token
+# marked for return_assistant_tokens_mask (the "\n" after it is not).
+CHATML_GENERATION = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{% else %}{{ m['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 
 def chat(i: int, system: bool = True) -> dict:
     """Row ``i``: (a system line,) a user review and the assistant's one-word answer."""

@@ -81,7 +81,7 @@ CASES = [
     # data
     data("missing.jsonl", "not found"),
     data("empty.jsonl", "is empty"),
-    data("malformed.jsonl", "row 2", "malformed JSON"),
+    data("malformed.jsonl", "line 2", "malformed JSON"),
     data("no-text.jsonl", "row 2", "missing field(s) 'text'"),
     data("no-label.jsonl", "row 2", "missing field(s) 'label'"),
     data("bad-label.jsonl", "row 2", "label 7 is not in the label set"),

@@ -106,7 +106,7 @@ def test_user_files(tmp_path: Path) -> None:
     [
         ("missing.jsonl", None, "not found"),
         ("empty.jsonl", "\n \n", "is empty"),
-        ("bad.jsonl", '{"text": "a", "label": 0}\n{"text": "b", ', "row 2: malformed JSON"),
+        ("bad.jsonl", '{"text": "a", "label": 0}\n{"text": "b", ', "line 2: malformed JSON"),
         (
             "nofield.jsonl",
             '{"text": "a", "label": 0}\n{"text": "b"}\n',
@@ -118,9 +118,9 @@ def test_user_files(tmp_path: Path) -> None:
             "row 2: label 5 is not in the label set",
         ),
         ("word.jsonl", '{"text": "a", "label": "meh"}\n', "row 1: label 'meh'.*allowed: 0..1"),
-        ("list.jsonl", "[1, 2]\n", "row 1: expected an object"),
+        ("list.jsonl", '{"text": "a", "label": 0}\n[1, 2]\n', "line 2: expected a JSON object"),
         ("nocol.csv", "sentence,label\na,0\n", "header has no column.*'text'"),
-        ("short.csv", "text,label\na,0\nb\n", "row 2: malformed row"),
+        ("short.csv", "text,label\na,0\nb\n", "row 2: no value in column 'label'"),
         ("onlyheader.csv", "text,label\n", "no rows"),
     ],
 )

@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _chat import CHATML_GENERATION  # noqa: E402
 from conftest import make_model  # noqa: E402
 
 from zo2.data.formats import (  # noqa: E402
@@ -34,12 +35,6 @@ CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>'"
     " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% endif %}"
-)
-CHATML_GENERATION = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
-    "{% endgeneration %}{{ '\n' }}{% else %}{{ m['content'] + '<|im_end|>' + '\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -145,7 +145,8 @@ def test_rows_given_to_the_trainer_train_and_are_scored_by_label_accuracy(tmp_pa
             with torch.no_grad():
                 logits = model(torch.tensor([ids])).logits[0, -1, words]
             right += int(logits.argmax()) == ("neg", "pos", "mid").index(row["label"])
-    assert summary["eval_metric"] == "accuracy" and summary["data"] == "rows given to the Trainer (train 24, validation 9, test 9)"
+    assert summary["eval_metric"] == "accuracy"
+    assert summary["data"] == "rows given to the Trainer (train 24, validation 9, test 9)"
     assert summary["zero_shot_test"] == right / len(test)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
              if x]

@@ -36,7 +36,8 @@ from zo2.models import embedded_tokenizer, load_model  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mezo"
 
-# (task, fixture, training pool size, validation size or None for a single file)
+# (task, fixture, training pool size, validation size or None for a single file);
+# "sst2_saved" is written by datasets' own save_to_disk (see saved_sst2)
 CASES = [
     ("sst2", "sst2", 5, 2), ("sst2", "sst2_saved", 4, 2), ("rte", "rte", 8, 3),
     ("cb", "cb", 4, 2), ("boolq", "boolq", 4, 2), ("wsc", "wsc", 3, 2), ("wic", "wic", 3, 2),
@@ -55,9 +56,35 @@ def tiny():
     return load_model("tiny-llama")
 
 
+SST2_SPLITS = {"train": [("a bright , tender comedy", 1), ("lifeless and far too long", 0),
+                         ("one of the year 's most joyful films", 1),
+                         ("it never finds its footing", 0)],
+               "validation": [("sharp and surprising", 1), ("a chore to sit through", 0)]}
+
+
+@pytest.fixture(scope="module")
+def saved_sst2(tmp_path_factory) -> Path:
+    """SST-2 as Hugging Face's glue/sst2 has it (sentence, ClassLabel label, idx), written
+    by ``DatasetDict.save_to_disk``."""
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"]),
+                                  "idx": datasets.Value("int32")})
+    folder = tmp_path_factory.mktemp("saved") / "sst2"
+    datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"sentence": [r[0] for r in rows],
+                                           "label": [r[1] for r in rows],
+                                           "idx": list(range(len(rows)))}, features=features)
+        for split, rows in SST2_SPLITS.items()}).save_to_disk(str(folder))
+    return folder
+
+
 @pytest.mark.parametrize("name,fixture,n_pool,n_val", CASES)
-def test_every_task_parses_its_release_format(name, fixture, n_pool, n_val):
-    task, pool, validation = read_mezo(name, str(FIXTURES / fixture))
+def test_every_task_parses_its_release_format(name, fixture, n_pool, n_val, request):
+    source = request.getfixturevalue("saved_sst2") if fixture == "sst2_saved" else (
+        FIXTURES / fixture)
+    task, pool, validation = read_mezo(name, str(source))
     assert task.name == name and len(pool) == n_pool
     assert (None if validation is None else len(validation)) == n_val
     if task.kind == "label_words":
@@ -291,13 +318,14 @@ def test_bad_files_name_the_cause(tmp_path):
     with pytest.raises(DataError, match="empty"):
         read_mezo("rte", _write(tmp_path / "empty.jsonl", "\n"))
     bad = _write(tmp_path / "bad.jsonl", json.dumps(row) + "\n{oops\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl: line 2: malformed JSON"):
+    with pytest.raises(DataError, match=r"task.path: cannot read .*bad\.jsonl: line 2: "
+                                        "malformed JSON"):
         read_mezo("rte", bad)
     missing = _write(tmp_path / "missing.jsonl", json.dumps({**row, "hypothesis": None}) + "\n")
-    with pytest.raises(DataError, match=r"missing\.jsonl: line 1: missing field 'hypothesis'"):
+    with pytest.raises(DataError, match=r"missing\.jsonl: row 1: missing field 'hypothesis'"):
         read_mezo("rte", missing)
     label = _write(tmp_path / "label.jsonl", json.dumps({**row, "label": "maybe"}) + "\n")
-    with pytest.raises(DataError, match=r"line 1: field 'label' has 'maybe'"):
+    with pytest.raises(DataError, match=r"label\.jsonl: row 1: field 'label' has 'maybe'"):
         read_mezo("rte", label)
     nested = json.loads((FIXTURES / "squad" / "dev-v1.1.json").read_text())
     del nested["data"][0]["paragraphs"][0]["qas"][0]["question"]
@@ -305,7 +333,7 @@ def test_bad_files_name_the_cause(tmp_path):
     with pytest.raises(DataError, match=r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing field "
                                         "'question'"):
         read_mezo("squad", squad)
-    with pytest.raises(DataError, match=r"row 0: missing field 'passage'"):
+    with pytest.raises(DataError, match=r"drop\.parquet: row 1: missing field 'passage'"):
         read_mezo("drop", _parquet_without_passage(tmp_path))
     with pytest.raises(DataError, match="no training split"):
         read_mezo("rte", str(tmp_path))
@@ -380,3 +408,51 @@ def test_copa_choices_continue_the_sentence_as_mezo_writes_them():
     assert example.context == "My body cast a shadow over the grass because"
     assert example.candidates == (" I stood up.", " the sun was rising.")
     assert example.label == 1
+
+
+def test_release_files_are_read_through_datasets(tmp_path, saved_sst2):
+    from zo2.data.mezo.records import find_splits, read_records
+
+    tsv = _write(tmp_path / "train.tsv", 'sentence\tlabel\n"odd start \t1\n\n'
+                                         'a "quoted" word\t0\n')
+    assert read_records(tsv) == [(f"{tsv}: row 1", {"sentence": '"odd start ', "label": 1}),
+                                 (f"{tsv}: row 2", {"sentence": 'a "quoted" word', "label": 0})]
+    rows = [{"premise": "p", "hypothesis": "h", "label": "entailment"}]
+    as_list = _write(tmp_path / "list.json", json.dumps(rows))
+    as_lines = _write(tmp_path / "lines.json", json.dumps(rows[0]) + "\n" + json.dumps(rows[0]))
+    assert read_records(as_list) == [(f"{as_list}: row 1", rows[0])]
+    assert [w for w, _ in read_records(as_lines)] == [f"{as_lines}: row 1", f"{as_lines}: row 2"]
+    train, validation = find_splits(saved_sst2)
+    assert (train, validation) == ([saved_sst2 / "train"], [saved_sst2 / "validation"])
+    first = read_records(saved_sst2 / "validation")[0]
+    assert first == (f"{saved_sst2 / 'validation'}: row 1",
+                     {"sentence": "sharp and surprising", "label": 1, "idx": 0})
+
+
+def test_unreadable_release_files_are_one_line_naming_the_file(tmp_path, saved_sst2):
+    import datasets
+
+    from zo2.data.mezo.records import read_records
+
+    wide = _write(tmp_path / "train.tsv", "sentence\tlabel\nfine\t1\ntoo\tmany\tcells\n")
+    bad_parquet = _write(tmp_path / "train.parquet", "not parquet")
+    empty = tmp_path / "empty"
+    datasets.Dataset.from_dict({"sentence": []}).save_to_disk(str(empty))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    broken = tmp_path / "broken"  # a split folder whose Arrow file was cut short
+    datasets.load_from_disk(str(saved_sst2 / "train")).save_to_disk(str(broken))
+    (arrow,) = broken.glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    for source, message in [
+        (wide, f"task.path: cannot read {wide}: Error tokenizing data. C error: Expected 2 "
+               "fields in line 3, saw 3"),
+        (bad_parquet, f"task.path: cannot read {bad_parquet}: Parquet magic bytes"),
+        (empty, f"task.path: {empty} has no rows"),
+        (plain, f"task.path: {plain} is a folder but not a datasets split saved with "
+                "save_to_disk (no state.json)"),
+        (broken, f"task.path: cannot read {broken}: "),
+    ]:
+        with pytest.raises(DataError) as err:
+            read_records(source)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)

@@ -18,7 +18,7 @@ import huggingface_hub  # noqa: E402
 import pandas as pd  # noqa: E402
 from datasets.packaged_modules.json.json import Json  # noqa: E402
 
-from zo2.data.rows import load_rows  # noqa: E402
+from zo2.data.rows import load_archived, load_file, load_rows, saved_splits  # noqa: E402
 from zo2.errors import DataError  # noqa: E402
 
 ROWS = [{"text": "good film", "label": 1}, {"text": "dull, long", "label": 0},
@@ -234,8 +234,28 @@ def test_malformed_jsonl(tmp_path: Path) -> None:
     path = write(data_dir(tmp_path) / "bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b"\n')
     with pytest.raises(DataError) as err:
         load_unchanged(path, role="validation")
-    assert str(err.value) == (f"data.validation: cannot read {path}: JSON parse error: Missing a "
-                              "comma or '}' after an object member. in row 1")
+    assert str(err.value) == (f"data.validation: cannot read {path}: line 2: malformed JSON "
+                              "(Expecting ',' delimiter at column 13)")
+
+
+@pytest.mark.parametrize("text, fault", [
+    ('{"text": "a"}\n\n[1, 2]\n', "line 3: expected a JSON object, got list"),
+    ('[{"text": "a"},\n {"text": }]', "line 2: malformed JSON (Expecting value at column 11)"),
+])
+def test_json_fault_names_the_line(tmp_path: Path, text: str, fault: str) -> None:
+    path = write(data_dir(tmp_path) / "bad.json", text)
+    with pytest.raises(DataError) as err:
+        load_rows(str(path), role="train")
+    assert str(err.value) == f"data.train: cannot read {path}: {fault}"
+
+
+def test_json_not_utf8(tmp_path: Path) -> None:
+    path = data_dir(tmp_path) / "latin.jsonl"
+    path.write_bytes(b'{"text": "ok", "label": 1}\n{"text": "\xe9t\xe9", "label": 0}\n')
+    with pytest.raises(DataError) as err:
+        load_rows(str(path), role="train")
+    assert str(err.value) == (f"data.train: cannot read {path}: line 2 is not valid UTF-8 "
+                              "(byte offset 37)")
 
 
 def test_malformed_csv(tmp_path: Path) -> None:
@@ -277,3 +297,59 @@ def test_unsupported_suffix(tmp_path: Path) -> None:
         load_rows(str(path), role="train")
     assert str(err.value) == (f"data.train: unsupported file type '.txt': {path} "
                               "(expected one of .json, .jsonl, .csv, .parquet)")
+
+
+def test_load_file_with_a_key_and_builder_options(tmp_path: Path) -> None:
+    folder = data_dir(tmp_path)
+    tsv = write(folder / "rows.tsv", 'text\tlabel\n"quoted" text\t1\n')
+    rows = load_file(tsv, key="task.path", builder="csv", delimiter="\t", quoting=3)
+    assert rows.to_list() == [{"text": '"quoted" text', "label": 1}]
+    assert rows.cache_files == [] and list(folder.iterdir()) == [tsv]
+    as_text = write(folder / "rows.txt", jsonl(ROWS))  # the builder, not the suffix, decides
+    assert load_file(as_text, key="task.path", builder="json").to_dict() == COLUMNS
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict(COLUMNS).save_to_disk(str(saved))
+    assert load_file(saved, key="task.path").to_dict() == COLUMNS
+    save_dict(tmp_path / "dd", ["train", "dev"])
+    assert saved_splits(tmp_path / "dd", key="task.path") == ["train", "dev"]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("rows.jsonl", None, "{path} not found"),
+    ("blank.jsonl", "\n  \n", "{path} is empty"),
+    ("blank.csv", "", "{path} is empty"),
+    ("header.csv", "text,label\n", "{path} has a header but no rows"),
+    ("empty.json", "[]", "{path} has no rows"),
+    ("bad.jsonl", '{"text": "a"}\n{"text": \n', "cannot read {path}: line 2: malformed JSON "
+                                                "(Expecting value at column 10)"),
+    ("rows.xml", "<a/>", "unsupported file type '.xml': {path} (expected one of .json, "
+                         ".jsonl, .csv, .parquet)"),
+    ("folder", "", "{path} is a folder but not a datasets split saved with save_to_disk "
+                   "(no state.json)"),
+])
+def test_load_file_errors_start_with_the_key(tmp_path: Path, name: str, text: str | None,
+                                              message: str) -> None:
+    path = data_dir(tmp_path) / name
+    if name == "folder":
+        path.mkdir()
+    elif text is not None:
+        write(path, text)
+    with pytest.raises(DataError) as err:
+        load_file(path, key="task.path")
+    assert str(err.value) == "task.path: " + message.format(path=path)
+
+
+def test_load_archived_reads_a_member_in_place(tmp_path: Path, caches: dict[str, Path]) -> None:
+    import zipfile
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("a/rows.tsv", "text\tlabel\ngood film\t1\n")
+    rows = load_archived(archive, "a/rows.tsv", key="task=x", builder="csv", delimiter="\t")
+    assert rows.to_list() == [{"text": "good film", "label": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.zip", "tmp"]  # no cache
+    assert list(caches["tmp"].iterdir()) == []  # the extracted copy is gone
+    with pytest.raises(DataError) as err:
+        load_archived(archive, "b.tsv", key="task=x", builder="csv")
+    assert str(err.value) == (f"task=x: cannot read {archive}!b.tsv: \"There is no item named "
+                              "'b.tsv' in the archive\"")

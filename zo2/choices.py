@@ -21,5 +21,6 @@ STATE_DTYPES = ("float32", "bfloat16")  # zo-momentum / zo-adam buffers
 SLICINGS = ("auto", "on", "off")  # offloaded units split over a node's ranks
 BACKENDS = ("auto", "nccl", "gloo")  # torch.distributed
 WANDB_MODES = ("auto", "online", "offline", "off")
-DATA_FORMATS = ("text", "prompt_completion", "messages", "classification", "choice")  # your own rows (TRL's fields)
+# your own rows: TRL's fields (text, prompt_completion, messages) or labelled ones
+DATA_FORMATS = ("text", "prompt_completion", "messages", "classification", "choice")
 EVAL_METRICS = ("auto", "loss", "accuracy", "exact_match", "f1")  # what picks best/

@@ -160,19 +160,22 @@ class ZOEngine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     @torch.no_grad()
-    def step(self, batch: Mapping[str, torch.Tensor], telemetry: bool = True) -> StepResult:
+    def step(self, batch: Mapping[str, torch.Tensor], telemetry: bool = True,
+             lr: float | None = None) -> StepResult:
         """One ZO step on ``batch`` (``input_ids``, ``attention_mask``, ``labels``).
 
         ``telemetry``: collect the offload and GPU figures (:meth:`telemetry`) into
         ``result.telemetry``; a loop that logs every n-th step passes True on those
         steps only, and each figure then covers the steps since the last collection.
+        ``lr``: this step's learning rate when a caller schedules it (the Hugging Face
+        Trainer's scheduler); None: :meth:`lr` of the step, from ``optim``.
         """
         batch = self._on_device(self.mesh.shard(batch))  # this rank's rows (data parallel)
         t = self.step_index
         plan = self.plan(t)
         losses = self._losses(batch, plan)
         grads = self._projected_grads(losses, plan)
-        lr = self.lr(t)
+        lr = self.lr(t) if lr is None else lr
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
                             losses=losses, telemetry=self.telemetry() if telemetry else {})
         if all(math.isfinite(g) for g in grads):

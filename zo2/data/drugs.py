@@ -5,15 +5,15 @@
 are pooled; the k-shot split makes its own train / dev / test sets. In the shipped
 demo subset the ``rating`` column is already a sentiment word (negative /
 neutral / positive); a numeric 1-10 rating is also accepted (>= 7 great, <= 4
-terrible, 5-6 dropped).
+terrible, 5-6 dropped). Each TSV of the zip is read by the ``datasets`` csv builder
+(:func:`zo2.data.rows.load_archived`), review and rating as written (strings).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import zipfile
 
+from zo2.data.rows import load_archived
 from zo2.data.sources import Example, clean_text, dedupe, package_file
 from zo2.errors import DataError
 
@@ -24,6 +24,7 @@ PACKAGE, RELATIVE, PIP_NAME = (
 )
 WORD_LABELS = {"negative": 0, "positive": 1, "neutral": None}
 COLUMNS = ("review", "rating")
+KEY = "task=drugs"  # the setting that chose the corpus; reading errors start with it
 
 
 def rating_label(value: str, where: str) -> int | None:
@@ -52,29 +53,37 @@ def _review_text(review: str) -> str:
     return clean_text(review)
 
 
-def load_drugs() -> list[Example]:
-    """Return the binary reviews (great 1, terrible 0) of every TSV in the zip, de-duplicated."""
+def review_rows() -> list[tuple[str, str, str]]:
+    """``(where, review, rating)`` of every row of every TSV in the zip, the review cleaned,
+    the rating as written (a sentiment word or 1-10)."""
     path = package_file(PACKAGE, RELATIVE, PIP_NAME)
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         raise DataError(f"{path} is not a readable zip file") from None
-    examples = []
     with archive:
         names = sorted(n for n in archive.namelist() if n.endswith(".tsv"))
-        if not names:
-            raise DataError(f"{path} contains no .tsv file")
-        for name in names:
-            content = archive.read(name).decode("utf-8", errors="replace")
-            reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t")
-            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{path}!{name}: missing column(s) {', '.join(missing)}")
-            for number, row in enumerate(reader, start=1):
-                where = f"{path}!{name}: row {number}"
-                if row["review"] is None or row["rating"] is None:
-                    raise DataError(f"{where}: malformed row (too few columns)")
-                label = rating_label(row["rating"], where)
-                if label is not None:
-                    examples.append(Example(_review_text(row["review"]), label))
+    if not names:
+        raise DataError(f"{path} contains no .tsv file")
+    rows = []
+    for name in names:
+        table = load_archived(path, name, key=KEY, builder="csv", delimiter="\t",
+                              keep_default_na=False, encoding_errors="replace",
+                              converters=dict.fromkeys(COLUMNS, str))
+        missing = [c for c in COLUMNS if c not in table.column_names]
+        if missing:
+            raise DataError(f"{path}!{name}: missing column(s) {', '.join(missing)}")
+        for number, row in enumerate(table.select_columns(list(COLUMNS)).to_list(), start=1):
+            rows.append((f"{path}!{name}: row {number}", _review_text(row["review"]),
+                         row["rating"]))
+    return rows
+
+
+def load_drugs() -> list[Example]:
+    """Return the binary reviews (great 1, terrible 0) of every TSV in the zip, de-duplicated."""
+    examples = []
+    for where, review, rating in review_rows():
+        label = rating_label(rating, where)
+        if label is not None:
+            examples.append(Example(review, label))
     return dedupe(examples, "drugs")

@@ -28,16 +28,25 @@ with ``data.<role>: ``. A source is resolved in this order:
 A source holding several splits (a ``DatasetDict`` folder, a folder of files, a hub dataset)
 yields the split named by ``:split`` or else by the role; ``validation`` also accepts ``dev``
 and ``val``. An unknown split is an error that lists the splits there are. A source with no
-rows is an error.
+rows is an error. When datasets refuses a JSON file, the error names its first bad line.
+
+The task readers that know their format (the MeZO suite's release files, the ``jsonl`` /
+``csv`` tasks, the packaged corpora) read through :func:`load_file` instead: one file with
+the builder and builder options they choose (``delimiter="\\t"``, ``field="data"``...), or one
+``save_to_disk`` split folder, with errors that start with the config key they pass
+(``task.path: ``); :func:`load_archived` reads a file of a zip file, and
+:func:`saved_splits` lists a ``DatasetDict`` folder's splits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -96,8 +105,135 @@ def _load_path(path: Path, source: str, *, key: str, role: str) -> datasets.Data
                         f"{source} (expected one of {', '.join(BUILDERS)})")
     if path.stat().st_size == 0:
         raise DataError(f"{key}: {source} has no rows")
-    return _read(key, source, _load_files, builder, data_files=str(path.resolve()),
-                 split="train")
+    return _load_one(path, source, key=key, builder=builder)
+
+
+def load_file(path: str | Path, *, key: str, builder: str | None = None,
+              **options: Any) -> datasets.Dataset:
+    """The rows of one local data file, or of one ``save_to_disk`` split folder.
+
+    For readers that know their format: ``builder`` is the datasets builder (``"json"``,
+    ``"csv"``, ``"parquet"``; by default the one of the file's suffix, :data:`BUILDERS`) and
+    ``options`` go to it (a folder takes neither: ``datasets.load_from_disk`` reads it).
+    Every error is one DataError line that starts with ``key`` (the config setting that
+    named the file, e.g. ``task.path``) and names the path: not found, a folder without
+    ``state.json``, an unknown suffix, ``is empty`` (nothing but whitespace), ``has a
+    header but no rows`` (a CSV), ``has no rows``, or ``cannot read`` with datasets' reason
+    (for JSON, the first line that is not UTF-8, not valid JSON or not an object).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{key}: {path} not found")
+    if path.is_dir():
+        if not (path / "state.json").is_file():
+            raise DataError(f"{key}: {path} is a folder but not a datasets split saved with "
+                            "save_to_disk (no state.json)")
+        rows, empty = _read(key, str(path), _load_saved, path), "has no rows"
+    else:
+        builder = builder or BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{key}: unsupported file type {path.suffix or '(no suffix)'!r}: "
+                            f"{path} (expected one of {', '.join(BUILDERS)})")
+        if _is_blank(path):
+            raise DataError(f"{key}: {path} is empty")
+        empty = "has a header but no rows" if builder == "csv" else "has no rows"
+        rows = _load_one(path, str(path), key=key, builder=builder, empty=empty, **options)
+    if rows.num_rows == 0:
+        raise DataError(f"{key}: {path} {empty}")
+    return rows
+
+
+def load_archived(archive: Path, member: str, *, key: str, builder: str,
+                  **options: Any) -> datasets.Dataset:
+    """The rows of the file ``member`` of the zip file ``archive``, read as :func:`load_file`
+    reads a file; errors name ``archive!member``.
+
+    The member is extracted to a throw-away folder first: datasets reads a ``zip://`` URL
+    as a remote file, which offline mode (``HF_HUB_OFFLINE=1``) refuses.
+    """
+    what = f"{archive}!{member}"
+    with tempfile.TemporaryDirectory(prefix="zo2-archive-") as folder:
+        try:
+            with zipfile.ZipFile(archive) as zipped:
+                path = Path(zipped.extract(member, folder))
+        except (OSError, KeyError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{key}: cannot read {what}: {exc}") from None
+        rows = _load_one(path, what, key=key, builder=builder, **options)
+    if rows.num_rows == 0:
+        raise DataError(f"{key}: {what} has no rows")
+    return rows
+
+
+def saved_splits(folder: str | Path, *, key: str) -> list[str]:
+    """The split names of a ``save_to_disk`` DatasetDict folder, as datasets lists them.
+
+    The splits are memory-mapped, not read: only their names are wanted here.
+    """
+    loaded = _read(key, str(folder), datasets.load_from_disk, str(folder))
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"{key}: {folder} is one datasets split, not a DatasetDict folder")
+    return list(loaded)
+
+
+def _load_one(path: Path, what: str, *, key: str, builder: str, empty: str = "has no rows",
+              **options: Any) -> datasets.Dataset:
+    """One data file through ``builder`` (its split ``train``, the only one a file has).
+
+    The rows are validated in full: pyarrow's JSON reader takes strings that are not UTF-8,
+    which would only fail later, when a row is read.
+    """
+    try:
+        with _quiet():
+            rows = _load_files(builder, data_files=str(path.resolve()), split="train",
+                               **options)
+        rows.data.validate(full=True)
+        return rows
+    except Exception as exc:  # anything datasets raises here is about the data, for the user
+        lines = builder == "json" and "field" not in options  # JSON Lines or a JSON list
+        fault = _json_fault(path) if lines and not _means_no_rows(exc) else None
+        if fault is not None:
+            raise DataError(f"{key}: cannot read {what}: {fault}") from exc
+        raise _data_error(key, what, exc, empty=empty) from exc
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether the file holds nothing but whitespace (read until its first other byte)."""
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _json_fault(path: Path) -> str | None:
+    """Where a JSON file that datasets refused stops being UTF-8 JSON Lines of objects (or a
+    JSON document), e.g. ``line 2: malformed JSON (...)``; None if no line is at fault.
+
+    Only called after datasets failed, for the message: pyarrow's own error counts rows from
+    0 within a block of the file, which names no line a user can find.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return f"line {line} is not valid UTF-8 (byte offset {exc.start})"
+    if text.lstrip().startswith("["):  # one JSON document: a list of rows
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+        return None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number}: malformed JSON ({exc.msg} at column {exc.colno})"
+        if not isinstance(value, dict):
+            return f"line {number}: expected a JSON object, got {type(value).__name__}"
+    return None
 
 
 def _load_files(path: str, **kwargs: Any) -> Loaded:
@@ -193,10 +329,11 @@ def _read(key: str, what: str, load: Callable[..., Loaded], *args: Any,
         raise _data_error(key, what, exc) from exc
 
 
-def _data_error(key: str, what: str, exc: BaseException) -> DataError:
+def _data_error(key: str, what: str, exc: BaseException, *,
+                empty: str = "has no rows") -> DataError:
     """The one-line DataError for ``exc``, raised by datasets while reading ``what``."""
     if _means_no_rows(exc):
-        return DataError(f"{key}: {what} has no rows")
+        return DataError(f"{key}: {what} {empty}")
     return DataError(f"{key}: cannot read {what}: {_reason(exc)}")
 
 

@@ -29,9 +29,9 @@ from typing import Any
 import datasets
 
 from zo2.config import DataConfig
+from zo2.data import pipeline
 from zo2.data.batching import IGNORE_INDEX, BatchIterator
 from zo2.data.formats import Encoded, collate, encode_row
-from zo2.data import pipeline
 from zo2.data.labelled import LABELLED, LabelledRows
 from zo2.data.pipeline import Pipeline
 from zo2.data.rows import load_rows

@@ -2,16 +2,16 @@
 
 A source returns a list of :class:`Example` with integer labels ``0 .. C-1``.
 Packaged corpora are located with :func:`package_file`, which never imports the
-package (some data packages fail on import).
+package (some data packages fail on import). The user files of the ``jsonl`` / ``csv``
+tasks are read by the ``datasets`` library through :func:`zo2.data.rows.load_file`
+(its errors start with ``task.path: ``); rows are numbered from 1 in file order (a CSV's
+after its header; blank lines are not rows), and every error names the file and row.
 """
 
 from __future__ import annotations
 
-import csv
 import html
 import importlib.util
-import io
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zo2.data.rows import load_file as load_data_file
 from zo2.errors import DataError
 
 log = logging.getLogger(__name__)
+
+KEY = "task.path"  # the setting that names a user file; reading errors start with it
 
 _SPACES = re.compile(r"\s+")
 
@@ -103,19 +106,15 @@ def parse_label(value: Any, label_names: Sequence[str], where: str) -> int:
 
 
 def _row_example(
-    row: Any, text_field: str, label_field: str, label_names: Sequence[str], where: str
+    row: dict[str, Any], text_field: str, label_field: str, label_names: Sequence[str],
+    where: str,
 ) -> Example:
-    """Turn one parsed row (a dict) into an Example, naming the row in every error."""
-    if not isinstance(row, dict):
-        raise DataError(
-            f"{where}: expected an object with fields {text_field!r} and {label_field!r}, "
-            f"got {type(row).__name__}"
-        )
-    missing = [f for f in (text_field, label_field) if f not in row or row[f] is None]
+    """Turn one row into an Example, naming the row in every error."""
+    missing = [f for f in (text_field, label_field) if row.get(f) is None]
     if missing:
         raise DataError(
             f"{where}: missing field(s) {', '.join(repr(f) for f in missing)}; "
-            f"fields present: {', '.join(repr(k) for k in row if k is not None)}"
+            f"fields present: {', '.join(repr(k) for k, v in row.items() if v is not None)}"
         )
     text = row[text_field]
     if not isinstance(text, str):
@@ -125,67 +124,40 @@ def _row_example(
     return Example(clean_text(text), parse_label(row[label_field], label_names, where))
 
 
-def read_text(path: Path) -> str:
-    """Read a user data file as UTF-8 (BOM allowed); DataError if missing, empty or not UTF-8."""
-    if not path.exists():
-        raise DataError(f"data file {path} not found")
-    if not path.is_file():
-        raise DataError(f"data file {path} is not a regular file")
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}: line {line} is not valid UTF-8 (byte offset {exc.start})"
-        ) from None
-    if not content.strip():
-        raise DataError(f"data file {path} is empty")
-    return content
-
-
 def load_jsonl(
     path: str | Path, text_field: str, label_field: str, label_names: Sequence[str]
 ) -> list[Example]:
-    """Load a JSON-lines file with one object per line; blank lines are skipped."""
+    """Load a JSON-lines file with one object per line (or one JSON list of objects)."""
     path = Path(path).expanduser()
-    examples = []
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: row {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        examples.append(_row_example(row, text_field, label_field, label_names, where))
-    return examples
+    rows = load_data_file(path, key=KEY, builder="json").to_list()
+    return [_row_example(row, text_field, label_field, label_names, f"{path}: row {number}")
+            for number, row in enumerate(rows, start=1)]
 
 
 def load_csv(
     path: str | Path, text_field: str, label_field: str, label_names: Sequence[str]
 ) -> list[Example]:
-    """Load a CSV file with a header row; data rows are numbered from 1 after the header."""
+    """Load a CSV file with a header row; data rows are numbered from 1 after the header.
+
+    Both fields are read as text, as written (``NA`` is a text, an empty cell an empty
+    string): an empty text is dropped later (:func:`dedupe`), an empty label is an error.
+    """
     path = Path(path).expanduser()
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    header = reader.fieldnames or []
-    missing = [f for f in (text_field, label_field) if f not in header]
+    rows = load_data_file(path, key=KEY, builder="csv", keep_default_na=False,
+                          converters={text_field: str, label_field: str})
+    missing = [f for f in (text_field, label_field) if f not in rows.column_names]
     if missing:
         raise DataError(
             f"{path}: header has no column(s) {', '.join(repr(f) for f in missing)}; "
-            f"columns: {', '.join(repr(h) for h in header)}"
+            f"columns: {', '.join(repr(h) for h in rows.column_names)}"
         )
     examples = []
-    try:
-        for number, row in enumerate(reader, start=1):
-            where = f"{path}: row {number}"
-            if None in row or any(v is None for v in row.values()):
-                raise DataError(f"{where}: malformed row: expected {len(header)} columns")
-            examples.append(_row_example(row, text_field, label_field, label_names, where))
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV near line {reader.line_num}: {exc}") from None
-    if not examples:
-        raise DataError(f"data file {path} has a header but no rows")
+    for number, row in enumerate(rows.to_list(), start=1):
+        where = f"{path}: row {number}"
+        if row[label_field] == "":
+            raise DataError(f"{where}: no value in column {label_field!r} (an empty cell, "
+                            "or a row with too few columns)")
+        examples.append(_row_example(row, text_field, label_field, label_names, where))
     return examples
 
 

