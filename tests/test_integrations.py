@@ -247,3 +247,42 @@ def test_zosfttrainer_trains_on_the_assistant_tokens_trl_labels(tmp_path):
     with torch.no_grad():
         after = trainer.model(**fixed).loss.item()
     assert after < before
+
+
+def test_two_ranks_under_torchrun_are_one_process_with_the_global_batch(tmp_path):
+    """Each rank reads its own shard; the ZO step sees the global batch (the rows one
+    process with a batch twice as large draws, in its order) and the ranks' losses are
+    combined as zo2's data parallelism does: the weights equal the one-process emulation
+    of 2 data-parallel ranks (``dist_job.EmulatedDP``, exact) on those batches."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _procs import retry_on_port_clash
+    from dist_job import EmulatedDP
+
+    here = Path(__file__).parent
+
+    def launch(ports):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+             f"--master_port={ports[0]}", str(here / "hf_job.py"), str(tmp_path / "ddp"), "2",
+             "3"], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return proc, "" if proc.returncode == 0 else proc.stdout + proc.stderr
+
+    proc = retry_on_port_clash(launch)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = torch.load(tmp_path / "ddp" / "run.pt")
+    single = train(tmp_path / "single", Recording, per_device_train_batch_size=4, max_steps=3)
+    for (ours, lr), (theirs, lr1) in zip(run["steps"], single.seen, strict=True):
+        assert lr == lr1
+        assert sorted(map(tuple, ours["input_ids"].tolist())) == \
+            sorted(map(tuple, theirs["input_ids"].tolist()))  # the same rows
+    model, _ = tiny()
+    engine = type("EmulatedDP", (EmulatedDP,), {"dp": 2})(
+        model, OptimConfig(lr=1e-3, eps=1e-3, batch_size=4), Objective("lm"), seed=3)
+    for batch, lr in run["steps"]:
+        engine.step(batch, lr=lr)
+    assert_same(run["weights"], {k: v.clone() for k, v in engine.export_state_dict().items()})

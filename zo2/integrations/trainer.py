@@ -19,8 +19,8 @@ TRL's ``SFTTrainer``) in the bases; the Trainer's own loop runs unchanged, and:
   ``load_best_model_at_end``) drops it, through a ``load_state_dict`` pre-hook on the
   model.
 
-The engine turns off ``requires_grad``, so accelerate never wraps the model in
-``DistributedDataParallel``; under ``torchrun`` every rank's batch goes into one all-gather
+The model only ever runs forward: the accelerator prepares it as for evaluation, so it is
+never wrapped in ``DistributedDataParallel``; under ``torchrun`` every rank's batch goes into one all-gather
 and zo2's mesh splits it again (data parallel: one all-reduce of the losses per step;
 perturbation parallel and offloading through ``zo2``).
 """
@@ -94,6 +94,14 @@ class ZOTrainerMixin:
         super().__init__(*args, **kwargs)
         check_training_arguments(self.args)
 
+    # ---- the model is only ever run forward --------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, preparing models as for evaluation (no DDP wrapper:
+        accelerate wraps every model in DDP on a multi-process CPU run, and DDP refuses a
+        module with no parameter that requires grad)."""
+        super().create_accelerator_and_postprocess()
+        self.accelerator.__class__ = _forward_only(type(self.accelerator))
+
     # ---- the optimizer: zo2's engine ------------------------------------------------
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -166,6 +174,17 @@ class ZOTrainerMixin:
     def save_model(self, *args: Any, **kwargs: Any) -> None:
         self._flushed()
         super().save_model(*args, **kwargs)
+
+
+def _forward_only(kind: type) -> type:
+    """``kind`` (an accelerate Accelerator class) preparing models in evaluation mode."""
+
+    class ForwardOnly(kind):
+        def prepare_model(self, model, device_placement=None, evaluation_mode=False):
+            return super().prepare_model(model, device_placement, evaluation_mode=True)
+
+    ForwardOnly.__name__ = ForwardOnly.__qualname__ = f"ForwardOnly{kind.__name__}"
+    return ForwardOnly
 
 
 def _trainable(model) -> tuple[str, ...]:
