@@ -20,9 +20,9 @@ TRL's ``SFTTrainer``) in the bases; the Trainer's own loop runs unchanged, and:
   model.
 
 The model only ever runs forward: the accelerator prepares it as for evaluation, so it is
-never wrapped in ``DistributedDataParallel``; under ``torchrun`` every rank's batch goes into one all-gather
-and zo2's mesh splits it again (data parallel: one all-reduce of the losses per step;
-perturbation parallel and offloading through ``zo2``).
+never wrapped in ``DistributedDataParallel``; under ``torchrun`` every rank's batch goes into
+one all-gather and zo2's mesh splits it again (data parallel: one all-reduce of the losses
+per step; perturbation parallel and offloading through ``zo2``).
 """
 
 from __future__ import annotations
