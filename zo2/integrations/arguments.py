@@ -12,8 +12,8 @@ update is made (never one update per micro-batch).
 
 What ZO has no use for is refused with one line saying what zo2 does instead (fp16
 mixed precision and its gradient scaler, ``optim`` names, DeepSpeed ZeRO, FSDP, several
-GPUs in one process, label smoothing, ``torch_compile``); ``max_grad_norm`` > 0 and
-``bf16`` autocast are ignored with a warning (no gradient to clip; the steps run in the
+GPUs in one process, label smoothing, ``torch_compile``); ``max_grad_norm`` > 0 (a
+warning unless it is the default) and ``bf16`` autocast are ignored with a warning (no gradient to clip; the steps run in the
 model's dtype), ``gradient_checkpointing`` silently (no backward pass).
 """
 
@@ -154,6 +154,7 @@ def check_training_arguments(args: Any) -> None:
         log.warning("TrainingArguments.bf16: zo2's steps run in the model's own dtype, not "
                     "under autocast; load the model in bfloat16 to train in bf16")
     if args.max_grad_norm and args.max_grad_norm > 0:
-        log.warning("TrainingArguments.max_grad_norm=%s has no effect with ZO: there is no "
+        say = log.info if args.max_grad_norm == _default(args, "max_grad_norm") else log.warning
+        say("TrainingArguments.max_grad_norm=%s has no effect with ZO: there is no "
                     "gradient to clip (set max_grad_norm=0 to silence this)",
                     args.max_grad_norm)
