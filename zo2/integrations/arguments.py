@@ -12,9 +12,9 @@ update is made (never one update per micro-batch).
 
 What ZO has no use for is refused with one line saying what zo2 does instead (fp16
 mixed precision and its gradient scaler, ``optim`` names, DeepSpeed ZeRO, FSDP, several
-GPUs in one process, label smoothing, ``torch_compile``); ``max_grad_norm`` > 0 (a
-warning unless it is the default) and ``bf16`` autocast are ignored with a warning (no gradient to clip; the steps run in the
-model's dtype), ``gradient_checkpointing`` silently (no backward pass).
+GPUs in one process, label smoothing, ``torch_compile``). Ignored: ``max_grad_norm`` > 0
+(no gradient to clip; a warning unless it is the default), ``bf16`` autocast (a warning:
+the steps run in the model's dtype) and ``gradient_checkpointing`` (no backward pass).
 """
 
 from __future__ import annotations
