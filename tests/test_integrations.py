@@ -286,3 +286,29 @@ def test_two_ranks_under_torchrun_are_one_process_with_the_global_batch(tmp_path
     for batch, lr in run["steps"]:
         engine.step(batch, lr=lr)
     assert_same(run["weights"], {k: v.clone() for k, v in engine.export_state_dict().items()})
+
+
+def test_offloaded_through_the_zo2_argument_equals_resident(tmp_path):
+    resident = train(tmp_path / "resident")
+    offloaded = train(tmp_path / "offloaded", zo2={"offload": {"enabled": True}})
+    assert offloaded.engine.store is not resident.engine.store
+    assert type(offloaded.engine.residency).__name__ == "Offloader"
+    assert_same(weights(offloaded), weights(resident))
+
+
+def test_a_peft_model_trains_its_adapters_and_saves_an_adapter_folder(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny()
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path), train_dataset=token_rows(tokenizer),
+                        processing_class=tokenizer,
+                        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
