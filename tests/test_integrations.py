@@ -312,3 +312,25 @@ def test_a_peft_model_trains_its_adapters_and_saves_an_adapter_folder(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("lora_" in k for k in changed)
     assert (tmp_path / "final" / "adapter_config.json").is_file()
+
+
+def test_load_best_model_at_end_leaves_the_best_checkpoints_weights(tmp_path):
+    """The update pending after the last step is dropped when the Trainer loads the best
+    checkpoint into the model: the weights are that checkpoint's, bit for bit."""
+    from safetensors.torch import load_file
+
+    model, tokenizer = tiny()
+    rows = token_rows(tokenizer)
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path, eval_strategy="steps",
+                                                     eval_steps=1, save_strategy="steps",
+                                                     save_steps=1, learning_rate=3e-2,
+                                                     load_best_model_at_end=True),
+                        train_dataset=rows, eval_dataset=rows.select(range(8)),
+                        processing_class=tokenizer,
+                        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-4")  # not simply the last
+    saved = load_file(f"{best}/model.safetensors")
+    current = weights(trainer)
+    assert all(torch.equal(saved[k], current[k]) for k in saved)
