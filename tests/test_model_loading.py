@@ -224,3 +224,79 @@ def test_config_key_defaults_off() -> None:
     assert ModelConfig().trust_remote_code is False
     assert compose(["model.trust_remote_code=true"]).model.trust_remote_code is True
     assert compose([]).model.trust_remote_code is False
+
+
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "zo2-custom-lm"
+'''
+CUSTOM_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_custom import CustomConfig
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+'''
+
+
+def custom_code_model(folder: Path) -> Path:
+    """A model folder whose architecture is its own code (auto_map): a small Llama
+    subclass under a model type transformers does not know, with the embedded tokenizer."""
+    import importlib.util
+    import sys
+
+    folder.mkdir()
+    (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_custom.py").write_text(CUSTOM_MODEL)
+    package = f"zo2_custom_{folder.parent.name.replace('-', '_')}"
+    for name in ("configuration_custom", "modeling_custom"):  # build it with its own code
+        spec = importlib.util.spec_from_file_location(f"{package}.{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        if name == "configuration_custom":
+            sys.modules[package] = type(sys)(package)
+            sys.modules[package].__path__ = [str(folder)]
+        spec.loader.exec_module(module)
+    config = sys.modules[f"{package}.configuration_custom"].CustomConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config.auto_map = {"AutoConfig": "configuration_custom.CustomConfig",
+                       "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    torch.manual_seed(0)
+    sys.modules[f"{package}.modeling_custom"].CustomForCausalLM(config).save_pretrained(folder)
+    from zo2.models import embedded_tokenizer
+
+    embedded_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_custom_code_model_trains_and_exports_with_trust_remote_code(tmp_path) -> None:
+    """trust_remote_code=true runs a model's own code: the run trains it (the engine finds
+    its units by the generic rule) and final/ loads back, code included, to the same
+    logits."""
+    from transformers import AutoModelForCausalLM
+
+    from zo2.config import compose
+    from zo2.trainer import Trainer
+
+    folder = custom_code_model(tmp_path / "custom")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sample {i} of the custom model"}) + "\n"
+                            for i in range(8)))
+    cfg = compose([f"model.name={folder}", "model.trust_remote_code=true", f"data.train={data}",
+                   "data.format=text", "data.max_length=64", "steps=2", "optim.batch_size=4",
+                   "progress=false",
+                   "logging=none", f"output_dir={tmp_path / 'run'}"])
+    with Trainer(cfg, cfg.output_dir) as trainer:
+        assert type(trainer.engine.model).__name__ == "CustomForCausalLM"
+        trainer.train()
+        current = trainer.engine.export_state_dict()
+    final = tmp_path / "run" / "final"
+    assert (final / "modeling_custom.py").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
+    assert type(loaded).__name__ == "CustomForCausalLM"
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], current[k]) for k in state)
