@@ -197,3 +197,20 @@ def test_export_merge_lora_needs_a_lora_adapter():
 
     with pytest.raises(ConfigError, match=r"export.merge_lora: needs a LoRA adapter \(peft=lora"):
         compose([*SMALL, "export.merge_lora=true"])
+
+
+def test_an_offloaded_run_exports_the_same_folders_as_a_resident_one(files, tmp_path):
+    """best/ and final/ of an offloaded run (weights streamed from the host store) hold
+    the weights of the same run resident, bit for bit."""
+    from safetensors.torch import load_file
+
+    args = ("optim.lr=1e-2", "steps=3", "eval_every=1", "checkpoint.every=0")
+    train(files, tmp_path / "resident", *args)
+    train(files, tmp_path / "offloaded", *args, "offload.enabled=true")
+    for name in ("best", "final"):
+        folder = tmp_path / "offloaded" / name
+        assert_clean(folder)
+        ours = load_file(folder / "model.safetensors")
+        theirs = load_file(tmp_path / "resident" / name / "model.safetensors")
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
