@@ -317,6 +317,22 @@ class CheckpointConfig(_Checked):
 
 
 @dataclass
+class GuardConfig(_Checked):
+    """The divergence guard (:mod:`zo2.guard`): stop a run whose loss climbs far above its
+    first step's."""
+
+    factor: float = 4.0  # diverged: the last steps' mean loss > factor x the first (0: off)
+    window: int = 5  # steps in the running mean
+    margin: float = 1.0  # ... and > the first + margin nats
+
+    def check(self) -> None:
+        _require(self.factor == 0 or self.factor > 1, "guard.factor",
+                 f"must be 0 (off) or > 1, got {self.factor}")
+        _require(self.window >= 1, "guard.window", "must be >= 1")
+        _require(self.margin >= 0, "guard.margin", "must be >= 0")
+
+
+@dataclass
 class ExportConfig(_Checked):
     """How ``best/`` and ``final/`` are written (:mod:`zo2.export`)."""
 
@@ -339,6 +355,7 @@ class TrainConfig(_Checked):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     steps: int = 150
     eval_every: int = 50  # dev evaluation period (0: only before and after)
     eval_batch_size: int = 32

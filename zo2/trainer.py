@@ -57,6 +57,7 @@ from zo2.data.tasks import load_task
 from zo2.engine import StepResult, ZOEngine
 from zo2.errors import ConfigError, TrainingError
 from zo2.export import export_folder, refresh_card, run_card
+from zo2.guard import DivergenceGuard
 from zo2.models import check_context, load_model, model_identity, weights_folder
 from zo2.offload.lazy_weights import SafetensorsWeights
 from zo2.parallel import LaunchEnv, Mesh
@@ -148,6 +149,8 @@ class Trainer:
         self.zero_shot: dict = {}
         self._window = (0, time.perf_counter())  # train_step also works without train()
         self._nonfinite = 0
+        g = cfg.guard
+        self.guard = DivergenceGuard(g.factor, g.window, g.margin)
         run_state = saved["trainer"] if saved else {}
         self.metrics = MetricsLogger(cfg.logging, self.out, to_dict(cfg), self.mesh.is_main,
                                      resume_step=run_state.get("step"),
@@ -216,10 +219,12 @@ class Trainer:
     def state_dict(self) -> dict:
         """The run's progress besides the engine and the data position."""
         return {"step": self.engine.step_index, "best": self.best, "zero_shot": self.zero_shot,
-                "config": to_dict(self.cfg), "wandb_id": self.metrics.run_id}
+                "config": to_dict(self.cfg), "wandb_id": self.metrics.run_id,
+                "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.zero_shot = state["best"], state["zero_shot"]
+        self.guard.load_state_dict(state.get("guard", {}))
 
     def _resume(self, saved: dict) -> None:
         folder = self.resumed_from
@@ -281,6 +286,8 @@ class Trainer:
                 f"{self._nonfinite} steps in a row (to step {step}) had a non-finite loss: "
                 f"stopping (nonfinite_limit={cfg.nonfinite_limit}); the last good checkpoint "
                 f"is {last_good or 'none'} (lower optim.lr or optim.eps and resume from it)")
+        if not result.skipped and (mean := self.guard.observe(step, result.loss)) is not None:
+            self._diverged(step, mean)
         tokens, since = self._window
         tokens += int(batch["attention_mask"].sum()) * len(result.losses)
         if logged:
@@ -293,6 +300,23 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_step(self, result)
         return result
+
+    def _diverged(self, step: int, mean: float) -> None:
+        """Stop a diverged run: one message with the lr and eps in force and what to try."""
+        guard, optim = self.guard, self.cfg.optim
+        self.metrics.write(event="stopped", step=step, reason="diverged", mean_loss=mean,
+                           first_loss=guard.first)
+        sane = [p for p in self.checkpoints.steps.all()
+                if guard.sane_checkpoint(int(p.name.rsplit("-", 1)[1]))]
+        last = sane[-1] if sane else None
+        best = f"best/ is step {self.best['step']}" if self.best else "no best/"
+        raise TrainingError(
+            f"training diverged at step {step}: the mean loss of the last {guard.window} steps "
+            f"is {mean:.4g}, above {guard.bound(guard.first):.4g} (guard.factor={guard.factor:g}"
+            f" x the first step's {guard.first:.4g}) with optim.lr={optim.lr:g} and "
+            f"optim.eps={optim.eps:g}; try optim.lr={optim.lr / 10:g} (the default lr suits "
+            f"the embedded model, not every model); the last sane checkpoint is "
+            f"{last or 'none'} (the loss left its bound at step {guard.left_at}), {best}")
 
     def _after_step(self, step: int, result: StepResult) -> None:
         """The dev evaluation (best/ on a new best) and the checkpoint due at ``step``."""
@@ -308,8 +332,10 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_evaluate(self, step, dev)
         every = cfg.checkpoint.every
-        # none while losses are non-finite: the last good one is kept
-        if every and (step % every == 0 or step == cfg.steps) and not self._nonfinite:
+        # none while losses are non-finite or out of the guard's bound: the last good one
+        # is kept
+        if every and (step % every == 0 or step == cfg.steps) and not self._nonfinite \
+                and not self.guard.out_of_bounds:
             folder = self.checkpoints.save(step, self.engine,
                                            {"trainer": self, "data": self.data})
             for callback in self.callbacks:
@@ -351,6 +377,11 @@ class Trainer:
 
     def _improves(self, dev: dict) -> bool:
         """Whether ``dev`` beats the best dev score so far (strictly; loss: lower)."""
+        zero = self.zero_shot.get("dev", {}).get("loss")
+        if "loss" in dev and not self.guard.sane(dev["loss"], zero):
+            log.warning("dev loss %.4g is far above the zero-shot %.4g: not a candidate for "
+                        "best/", dev["loss"], zero)
+            return False
         best = self.best.get("dev")
         if best is None:
             return True
