@@ -66,9 +66,9 @@ class ZOArguments:
 
     def __post_init__(self) -> None:
         if isinstance(self.offload, Mapping):
-            self.offload = _section(OffloadConfig, self.offload, "offload")
+            self.offload = _section(OffloadConfig, self.offload, "zo2['offload']")
         if isinstance(self.parallel, Mapping):
-            self.parallel = _section(ParallelConfig, self.parallel, "parallel")
+            self.parallel = _section(ParallelConfig, self.parallel, "zo2['parallel']")
         if self.trainable is not None:
             self.trainable = tuple(self.trainable)
 
@@ -86,12 +86,7 @@ class ZOArguments:
             if key in FROM_TRAINING_ARGUMENTS:
                 raise ConfigError(f"zo2[{key!r}]: set it in TrainingArguments "
                                   f"({FROM_TRAINING_ARGUMENTS[key]}), not in zo2")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise ConfigError(f"zo2: unknown setting(s) {', '.join(map(repr, unknown))}; "
-                              f"known: {', '.join(sorted(names))}")
-        return cls(**value)
+        return _section(cls, value, "zo2")
 
     def optim(self, args: Any, global_batch: int) -> OptimConfig:
         """The OptimConfig of a run with TrainingArguments ``args``: the learning rate is
@@ -103,11 +98,12 @@ class ZOArguments:
                            adam_eps=args.adam_epsilon, batch_size=global_batch)
 
 
-def _section(kind: type, values: Mapping[str, Any], name: str):
+def _section(kind: type, values: Mapping[str, Any], where: str):
+    """``kind(**values)``, or a ConfigError naming ``where`` and the unknown keys."""
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"zo2[{name!r}]: unknown setting(s) {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}; "
                           f"known: {', '.join(sorted(known))}")
     return kind(**values)
 
