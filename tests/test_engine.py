@@ -299,6 +299,10 @@ def test_every_allowed_estimator_is_an_object_with_its_own_state():
         (7, 1), (7, -1), (8, 1), (8, -1)]
     assert two.grads([3.0, 1.0, 2.0, 2.5], 0.5) == [2.0, -0.5]
     assert make_estimator("one-sided").grads([1.0, 1.5, 0.5], 0.5) == [1.0, -1.0]
+    # FZOO: (L_j - L_0) / std(L_1..L_q); std of (1.5, 0.5) is 0.5, exactly
+    assert make_estimator("fzoo").grads([1.0, 1.5, 0.5], 0.5) == [1.0, -1.0]
+    assert make_estimator("fzoo").grads([1.0, 2.0, 2.0], 0.5) == [0.0, 0.0]  # no spread
+    assert all(math.isnan(g) for g in make_estimator("fzoo").grads([1.0, math.inf, 2.0], 0.5))
     point = make_estimator("one-point")
     assert point.grads([2.0], 0.5) == [0.0]  # no baseline on the first step
     point.observe([2.0])

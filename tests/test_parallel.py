@@ -62,6 +62,9 @@ TWO = [
      "optim": {"method": "zo-adam", "state_dtype": "bfloat16"}, "resume_at": 4},
     {"name": "slice-momentum", "dp": 2, "offload": {"enabled": True, "ring": 1},
      "slicing": "on", "optim": {"method": "zo-momentum"}},
+    # FZOO: the baseline and 3 one-sided perturbations, two slices a rank; resumed midway
+    {"name": "pertp-fzoo", "pertp": 2, "q": 3, "resume_at": 4,
+     "optim": {"estimator": "fzoo", "direction": "rademacher", "lr": 1e-4}},
 ]
 FOUR = [
     {"name": "ddp4", "dp": 4},
@@ -174,6 +177,12 @@ def test_pertp2_equals_single_process_exactly(runs, tmp_path, name, family):
     assert got["losses"] == ref["losses"] and got["grads"] == ref["grads"]
     assert got["eval"] == ref["eval"]
     assert_same_weights(got_w, ref_w)
+
+
+def test_fzoo_perturbation_parallel_and_resumed_equals_single_process_exactly(runs, tmp_path):
+    ref = single(tmp_path, q=3, optim={"estimator": "fzoo", "direction": "rademacher",
+                                       "lr": 1e-4})
+    assert_same_run(result(runs, "pertp-fzoo"), ref)
 
 
 def test_pertp4_with_two_directions_equals_single_process_exactly(runs, tmp_path):

@@ -31,6 +31,8 @@ RULES = {
     # eps, so it needs lr << eps / g^2 (at eps=1e-3 and lr=1e-3 it diverges)
     "one-point": ({"estimator": "one-point", "eps": 1e-2}, 3e-4),
     "n-spsa-q4": ({"q": 4}, 5e-3),
+    # the step is lr * (L_j - L_0) / spread: O(lr) per direction, not O(lr * g)
+    "fzoo": ({"estimator": "fzoo", "q": 4, "direction": "rademacher"}, 2e-4),
     "conservative": ({"conservative": True}, 5e-3),
 }
 
@@ -67,7 +69,7 @@ def test_every_rule_lowers_the_loss(name):
 
 
 @pytest.mark.parametrize("name", ["zo-momentum", "zo-adam", "zo-sign", "zo-momentum-history",
-                                  "one-point", "conservative"])
+                                  "one-point", "conservative", "fzoo"])
 def test_offloaded_equals_resident(name):
     batches = [make_batch(seed=i) for i in range(3)]
     results = []

@@ -68,6 +68,8 @@ CASES = {
                                                      direction="rademacher")),
     "adam-offloaded": dict(family="opt", offload=OffloadConfig(enabled=True, ring=2),
                            optim=dict(method="zo-adam", lr=1e-3)),
+    "fzoo": dict(family="llama", optim=dict(estimator="fzoo", q=3, direction="rademacher",
+                                            lr=1e-4)),
 }
 
 

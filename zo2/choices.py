@@ -7,7 +7,7 @@ against these; a new value is added here and where it is implemented.
 
 DIRECTIONS = ("gaussian", "rademacher")  # the distribution of z
 ROUNDINGS = ("nearest", "stochastic")  # of updated bf16 / fp16 weights
-ESTIMATORS = ("two-sided", "one-sided", "one-point")
+ESTIMATORS = ("two-sided", "one-sided", "one-point", "fzoo")
 # Each update rule and its own settings (OptimConfig fields) besides lr and decay.
 RULE_SETTINGS = {"zo-sgd": (), "zo-momentum": ("momentum", "history", "state_dtype"),
                  "zo-adam": ("beta1", "beta2", "adam_eps", "state_dtype"), "zo-sign": ()}

@@ -200,6 +200,9 @@ class OptimConfig(_Checked):
         _require(self.q >= 1, "optim.q", "must be >= 1")
         if self.estimator == "one-point":
             _require(self.q == 1, "optim.q", "the one-point estimator takes q=1")
+        if self.estimator == "fzoo":
+            _require(self.q >= 2, "optim.q", f"fzoo normalises by the spread of its q "
+                     f"perturbed losses: set q >= 2 (FZOO uses 8 and more), got {self.q}")
         _require(self.batch_size >= 1, "optim.batch_size", "must be >= 1")
         _one_of(self.rounding, ROUNDINGS, "optim.rounding")
         _require(0.0 <= self.momentum < 1.0, "optim.momentum", "must be in [0, 1)")

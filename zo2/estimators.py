@@ -12,6 +12,7 @@ a new estimator is a new class here, in :data:`ESTIMATORS`, and its name in
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -90,8 +91,28 @@ class OnePoint(Estimator):
         self.prev_loss = state.get("prev_loss")
 
 
+class FZOO(OneSided):
+    """FZOO (ICLR 2026): one unperturbed baseline and ``q`` one-sided perturbations in a
+    batch (Rademacher directions in the paper: ``optim.direction=rademacher``), each step
+    normalised by the spread of the perturbed losses:
+    ``g_j = (L_j - L_0) / std(L_1..L_q)`` (population std). The update
+    ``-lr/q * sum_j g_j z_j`` then has a length set by ``lr`` whatever the loss's scale
+    (no ``eps`` in it: the differences and their spread scale alike). Equal perturbed
+    losses (a spread of 0) carry no direction: every ``g_j`` is 0. Needs ``q >= 2``."""
+
+    name = "fzoo"
+
+    def grads(self, losses: Sequence[float], eps: float) -> list[float]:
+        perturbed = losses[1:]
+        mean = sum(perturbed) / len(perturbed)
+        spread = math.sqrt(sum((x - mean) ** 2 for x in perturbed) / len(perturbed))
+        if spread == 0.0 or not math.isfinite(spread):
+            return [0.0 if math.isfinite(spread) else math.nan for _ in perturbed]
+        return [(loss - losses[0]) / spread for loss in perturbed]
+
+
 ESTIMATORS: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (TwoSided, OneSided, OnePoint)}
+    cls.name: cls for cls in (TwoSided, OneSided, OnePoint, FZOO)}
 
 
 def make_estimator(name: str) -> Estimator:
