@@ -1,8 +1,8 @@
 """A ZO step's batch from what the Trainer's data loader hands out: micro-batches joined
 into one batch, and (several ranks) the ranks' batches gathered into the global one.
 
-Rows are padded to a common width on the collator's side (``side``: right for TRL and
-``DataCollatorForLanguageModeling``, the tokenizer's ``padding_side`` otherwise) with the
+Rows are padded to a common width on the collator's side (``side``: right for TRL's
+collator, the tokenizer's ``padding_side`` for transformers' collators) with the
 pad id in ``input_ids``, 0 in ``attention_mask`` and -100 in ``labels``: exactly what the
 collator would have produced for all the rows at once, so gradient accumulation over two
 micro-batches is one batch twice as large.

@@ -146,8 +146,9 @@ class ZOTrainerMixin:
         return self.engine.step(batch, telemetry=False, lr=self.optimizer.param_groups[0]["lr"])
 
     def _padding(self) -> tuple[str, int]:
-        """(side, id) the collator pads with: TRL's collator and
-        DataCollatorForLanguageModeling pad on the right, others on the tokenizer's side."""
+        """(side, id) the collator pads with: TRL's collator (it has a ``pad_token_id``)
+        on the right, others (``DataCollatorForLanguageModeling``, ``DataCollatorWithPadding``)
+        on the tokenizer's ``padding_side``."""
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         pad = getattr(self.data_collator, "pad_token_id", None)
         if pad is None and tokenizer is not None:
