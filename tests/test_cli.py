@@ -81,7 +81,7 @@ def correct_fraction(model, tokenizer) -> float:
      "local folder, 'smollm2-135m', or tiny-<family> with family in opt, llama, qwen2, qwen3, "
      "mistral, gpt2, gpt_neo, gpt_bigcode"),
     (["task=jsonl", "task.path=/nonexistent/data.jsonl", "model=tiny-llama"],
-     "error: data file /nonexistent/data.jsonl not found"),
+     "error: task.path: /nonexistent/data.jsonl not found"),
     (["optim.schedule=bogus"],
      "error: optim.schedule: 'bogus' is not one of ['constant', 'linear', 'cosine']"),
 ])
