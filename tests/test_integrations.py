@@ -178,9 +178,14 @@ def test_callbacks_evaluation_and_saving_see_the_updated_weights(tmp_path):
 
 
 def test_report_to_wandb_offline_works(tmp_path, monkeypatch):
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    train(tmp_path / "run", report_to="wandb", logging_steps=1, max_steps=2)
+    try:
+        train(tmp_path / "run", report_to="wandb", logging_steps=1, max_steps=2)
+    finally:
+        wandb.finish()  # the Trainer leaves its run open in the process
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 

@@ -89,9 +89,11 @@ def _wandb_run(config: LoggingConfig, out: Path, run_config: dict, run_id: str |
     except ImportError:
         log.warning("wandb is not installed: no wandb run (pip install wandb)")
         return None
+    # create_new: this run is the run's own, even when the process has another one open
+    # (a Hugging Face Trainer's, an earlier run's in a notebook)
     return wandb.init(project=config.project, name=config.name or out.name, dir=str(out),
                       mode=mode, config=run_config, id=run_id,
-                      resume="allow" if run_id else None,
+                      resume="allow" if run_id else None, reinit="create_new",
                       settings=wandb.Settings(silent=True, console="off"))
 
 
