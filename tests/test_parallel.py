@@ -65,6 +65,12 @@ TWO = [
     # FZOO: the baseline and 3 one-sided perturbations, two slices a rank; resumed midway
     {"name": "pertp-fzoo", "pertp": 2, "q": 3, "resume_at": 4,
      "optim": {"estimator": "fzoo", "direction": "rademacher", "lr": 1e-4}},
+    # sparse and low-rank directions on sliced blocks: each rank forms z and the mask for
+    # its half of every block only; the sparse thresholds resumed from a checkpoint
+    {"name": "slice-sparse", "pertp": 2, "offload": {"enabled": True, "ring": 2},
+     "slicing": "on", "optim": {"sparsity": 0.5}, "resume_at": 4},
+    {"name": "slice-lowrank", "dp": 2, "offload": {"enabled": True, "ring": 1},
+     "slicing": "on", "optim": {"method": "zo-momentum", "rank": 2}},
 ]
 FOUR = [
     {"name": "ddp4", "dp": 4},
@@ -183,6 +189,14 @@ def test_fzoo_perturbation_parallel_and_resumed_equals_single_process_exactly(ru
     ref = single(tmp_path, q=3, optim={"estimator": "fzoo", "direction": "rademacher",
                                        "lr": 1e-4})
     assert_same_run(result(runs, "pertp-fzoo"), ref)
+
+
+def test_sparse_and_low_rank_directions_sliced_equal_single_process_exactly(runs, tmp_path):
+    sparse = {"optim": {"sparsity": 0.5}}
+    assert_same_run(result(runs, "slice-sparse"), single(tmp_path, **sparse))
+    lowrank = {"optim": {"method": "zo-momentum", "rank": 2},
+               "offload": {"enabled": True, "ring": 1}}
+    assert_same_run(result(runs, "slice-lowrank"), single(tmp_path, dp=2, **lowrank))
 
 
 def test_pertp4_with_two_directions_equals_single_process_exactly(runs, tmp_path):

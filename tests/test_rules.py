@@ -34,6 +34,11 @@ RULES = {
     # the step is lr * (L_j - L_0) / spread: O(lr) per direction, not O(lr * g)
     "fzoo": ({"estimator": "fzoo", "q": 4, "direction": "rademacher"}, 2e-4),
     "conservative": ({"conservative": True}, 5e-3),
+    # sparse and low-rank directions (zo2/directions.py): ZO-SGD on a materialized G
+    "sparse": ({"sparsity": 0.75}, 5e-3),
+    "low-rank": ({"rank": 2}, 5e-3),
+    "sparse-adam": ({"method": "zo-adam", "sparsity": 0.5}, 2e-3),
+    "low-rank-momentum": ({"method": "zo-momentum", "rank": 1}, 1e-3),
 }
 
 
@@ -69,7 +74,8 @@ def test_every_rule_lowers_the_loss(name):
 
 
 @pytest.mark.parametrize("name", ["zo-momentum", "zo-adam", "zo-sign", "zo-momentum-history",
-                                  "one-point", "conservative", "fzoo"])
+                                  "one-point", "conservative", "fzoo", "sparse", "low-rank",
+                                  "sparse-adam", "low-rank-momentum"])
 def test_offloaded_equals_resident(name):
     batches = [make_batch(seed=i) for i in range(3)]
     results = []
@@ -82,15 +88,17 @@ def test_offloaded_equals_resident(name):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("name", ["zo-sign", "zo-momentum", "zo-adam"])
+@pytest.mark.parametrize("name", ["zo-sign", "zo-momentum", "zo-adam", "sparse", "low-rank"])
 def test_chunked_updates_equal_one_pass(name, monkeypatch):
-    """Materialized rules update CHUNK elements at a time; chunk boundaries inside every
-    parameter (and its state) change no bit."""
-    from zo2 import rules
+    """Materialized rules update CHUNK elements at a time, and structured directions
+    perturb CHUNK elements at a time; chunk boundaries inside every parameter (and its
+    state; 1000 is not a multiple of any row length here) change no bit."""
+    from zo2 import directions, rules
 
     runs = []
     for chunk in (rules.CHUNK, 1000):
         monkeypatch.setattr(rules, "CHUNK", chunk)
+        monkeypatch.setattr(directions, "CHUNK", chunk)
         engine = _engine(make_model("llama", layers=2), _optim(name, state_dtype="bfloat16")
                          if name != "zo-sign" else _optim(name))
         for i in range(3):
@@ -153,7 +161,7 @@ def test_adam_keeps_two_buffers_of_the_state_dtype(dtype, per_param):
     assert state_bytes(make_rule(OptimConfig(method="zo-momentum", history=8)), numel) == 0
 
 
-@pytest.mark.parametrize("name", ["zo-adam", "one-point"])
+@pytest.mark.parametrize("name", ["zo-adam", "one-point", "sparse-adam", "low-rank"])
 def test_resume_from_a_checkpoint_is_exact(name, tmp_path):
     batches = [make_batch(seed=i) for i in range(6)]
     full = _engine(make_model("llama"), _optim(name))

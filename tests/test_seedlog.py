@@ -70,6 +70,11 @@ CASES = {
                            optim=dict(method="zo-adam", lr=1e-3)),
     "fzoo": dict(family="llama", optim=dict(estimator="fzoo", q=3, direction="rademacher",
                                             lr=1e-4)),
+    # sparse directions: the replay recomputes the thresholds and masks from the base
+    "sparse-offloaded": dict(family="opt", offload=OffloadConfig(enabled=True, ring=2),
+                             optim=dict(sparsity=0.5, weight_decay=0.1)),
+    "sparse-bf16": dict(family="llama", dtype=torch.bfloat16, optim=dict(sparsity=0.75, q=2)),
+    "low-rank-adam": dict(family="qwen2", optim=dict(method="zo-adam", rank=2, lr=1e-3)),
 }
 
 

@@ -12,6 +12,8 @@ ESTIMATORS = ("two-sided", "one-sided", "one-point", "fzoo")
 RULE_SETTINGS = {"zo-sgd": (), "zo-momentum": ("momentum", "history", "state_dtype"),
                  "zo-adam": ("beta1", "beta2", "adam_eps", "state_dtype"), "zo-sign": ()}
 METHODS = tuple(RULE_SETTINGS)
+# the OptimConfig fields that shape z on matrices (zo2.directions); 0 means dense
+DIRECTION_SETTINGS = ("sparsity", "rank")
 DTYPES = ("float32", "bfloat16", "float16")  # model and host weights
 WIRE_DTYPES = DTYPES + ("float8_e4m3fn", "float8_e5m2")  # offload transfers
 SCHEDULES = ("constant", "linear", "cosine")  # of the learning rate

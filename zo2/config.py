@@ -186,6 +186,10 @@ class OptimConfig(_Checked):
     adam_eps: float = 1e-8
     state_dtype: str = "float32"  # zo-momentum / zo-adam buffers: float32 | bfloat16
     conservative: bool = False  # keep w, w - lr*g*z or w + lr*g*z, whichever has less loss
+    # the shape of z on matrices (zo2.directions): sparse (Sparse MeZO: leave this share of
+    # each matrix's largest-magnitude elements unperturbed) or low-rank (U V^T of rank r)
+    sparsity: float = 0.0
+    rank: int = 0
 
     def check(self) -> None:
         _one_of(self.method, METHODS, "optim.method")
@@ -211,6 +215,14 @@ class OptimConfig(_Checked):
                  "beta1 and beta2 must be in [0, 1)")
         _require(self.adam_eps > 0, "optim.adam_eps", "must be > 0")
         _one_of(self.state_dtype, STATE_DTYPES, "optim.state_dtype")
+        _require(0.0 <= self.sparsity < 1.0, "optim.sparsity",
+                 f"is the share of each matrix left unperturbed: in [0, 1), got {self.sparsity}")
+        _require(self.rank >= 0, "optim.rank", f"must be >= 0 (0: dense), got {self.rank}")
+        _require(not (self.sparsity and self.rank), "optim.sparsity",
+                 "and optim.rank select sparse or low-rank directions: set one of them")
+        _require(not (self.history and (self.sparsity or self.rank)), "optim.history",
+                 "rebuilds the momentum with the fused kernel, which forms dense directions "
+                 "only: use optim.history=0 with optim.sparsity or optim.rank")
 
 
 @dataclass

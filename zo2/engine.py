@@ -54,7 +54,7 @@ from zo2.perturb import (
     step_seed,
 )
 from zo2.residency import InPlaceWeights, Residency, Resident, WeightStore
-from zo2.rules import make_rule
+from zo2.rules import directions_of, make_rule
 from zo2.schedule import learning_rate
 from zo2.units import find_units, unique_params
 
@@ -115,8 +115,10 @@ class ZOEngine:
             torch.cuda.set_device(self.device)
         self.gpu = Device(self.device)  # its streams and memory figures (no-ops on the CPU)
         self.rule = make_rule(optim)
+        self.directions = directions_of(optim)  # the shape of z (zo2.directions)
         self.pending = PendingUpdate(optim.direction, optim.rounding,
-                                     rule=None if self.rule.fused else self.rule)
+                                     rule=None if self.rule.fused else self.rule,
+                                     directions=self.directions)
         if optim.conservative and (optim.method != "zo-sgd" or optim.q != 1
                                    or optim.estimator == "one-point" or self.mesh.pertp != 1):
             raise ConfigError("optim.conservative needs optim.method=zo-sgd, optim.q=1, a "
@@ -126,6 +128,7 @@ class ZOEngine:
         self.residency: Residency
         self.store: WeightStore
         if offload is not None and offload.enabled:
+            self._check_sparse_offload(offload)
             offloader = Offloader(model, self.units, self.pending, offload, device=self.gpu,
                                   weights=weights, slicing=self.mesh.slicing(self.gpu),
                                   local_ranks=self.mesh.local_ranks)
@@ -144,6 +147,17 @@ class ZOEngine:
         self.skipped_steps = 0
         self.log: list[dict] = []  # seed log: one record per applied update
         self.estimator = make_estimator(optim.estimator)  # owns its state (one-point)
+
+    def _check_sparse_offload(self, offload: OffloadConfig) -> None:
+        """Sparse masks read the weights: where they are perturbed (the device copy) and
+        where they are updated (the host master) must hold the same values."""
+        dtype = str(self.params[0].param.dtype).removeprefix("torch.")
+        other = {offload.host_dtype, offload.wire_dtype} - {None, dtype}
+        if self.directions.reads_weights and other:
+            raise ConfigError(f"optim.sparsity with offload.host_dtype / offload.wire_dtype "
+                              f"{sorted(other)} other than the model's {dtype}: the mask would "
+                              "be read from differently rounded weights when perturbing (device) "
+                              "and when updating (host); offload in the model's dtype")
 
     # ---- training ---------------------------------------------------------------------
     def plan(self, step: int) -> Plan:
@@ -303,7 +317,7 @@ class ZOEngine:
         self.flush()
         return {"step": self.step_index, "seed": self.seed, "skipped_steps": self.skipped_steps,
                 "optim": asdict(self.optim), "total_steps": self.total_steps, "log": self.log,
-                **self.estimator.state_dict()}
+                "directions": self.directions.state_dict(), **self.estimator.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
         if state["seed"] != self.seed:
@@ -313,6 +327,7 @@ class ZOEngine:
         self.step_index = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.log = list(state.get("log", []))
+        self.directions.load_state_dict(state.get("directions", {}))
         self.estimator.load_state_dict(state)
 
     def save(self, path: str | Path, tokenizer=None) -> Path:

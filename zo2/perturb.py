@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zo2 import noise
+from zo2.directions import Directions
 from zo2.errors import ModelError
 from zo2.units import TrainableParam, Unit
 
@@ -117,12 +118,18 @@ class PendingUpdate:
         rounding: how the updated value is rounded into a bf16 / fp16 tensor
             (``nearest`` | ``stochastic``; fp32 tensors are always exact-rounded).
         rule: the update rule (:mod:`zo2.rules`) when it is not the fused seed update.
+        directions: how ``z`` is formed (:mod:`zo2.directions`; dense by default). The
+            perturbation reads it here too, so both regenerate the same ``z``.
     """
 
-    def __init__(self, dist: str = "gaussian", rounding: str = "nearest", rule=None) -> None:
+    def __init__(self, dist: str = "gaussian", rounding: str = "nearest", rule=None,
+                 directions: Directions | None = None) -> None:
         self.dist = dist
         self.rounding = rounding
         self.rule = rule  # a non-fused update rule (zo2.rules); None: the fused kernel
+        self.directions = directions or Directions(dist)  # how z is formed (zo2.directions)
+        if not self.directions.fused and (rule is None or rule.fused):
+            raise ValueError(f"{self.directions.kind} directions need a materialized rule")
         self.update: Update | None = None
         self._applied: set[int] = set()
 
@@ -148,7 +155,7 @@ class PendingUpdate:
         if update is None or id(p) in self._applied:
             return
         if self.rule is not None and not self.rule.fused:
-            self.rule.apply(p, target.view(-1), start, update, self.dist)
+            self.rule.apply(p, target.view(-1), start, update, self.directions)
             self._applied.add(id(p))
             return
         extra = {}
@@ -240,10 +247,10 @@ class PerturbationContext:
             return
         mirror_of_previous = (previous is not None and previous.seed == sl.seed
                               and previous.sign == 1 and sl.sign == -1)
+        directions = self.pending.directions
         for p, master, view in zip(unit.params, masters, views):
             if not mirror_of_previous:
-                noise.combine(view.view(-1), master.view(-1), sl.seed, p.key, eps,
-                              dist=self.pending.dist)
+                directions.combine(view.view(-1), master.view(-1), sl.seed, p, eps)
             if sl.sign == -1:
                 mirror_(view, master)
             p.param.data = view

@@ -41,9 +41,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from zo2 import noise
-from zo2.choices import METHODS, RULE_SETTINGS
+from zo2.choices import DIRECTION_SETTINGS, METHODS, RULE_SETTINGS
 from zo2.config import OptimConfig
+from zo2.directions import Directions, make_directions
 from zo2.errors import ConfigError
 from zo2.perturb import Update
 from zo2.units import TrainableParam
@@ -71,7 +71,7 @@ class Rule:
         return Update(tuple(last["seeds"]), tuple(last["coefs"]), decay, round_seed=round_seed)
 
     def apply(self, p: TrainableParam, target: torch.Tensor, start: int, update: Update,
-              dist: str) -> None:
+              directions: Directions) -> None:
         raise NotImplementedError  # fused rules never get here
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -124,14 +124,16 @@ class _Materialized(Rule):
         return Update(tuple(last["seeds"]), (), decay, round_seed=round_seed,
                       grads=tuple(last["grads"]), lr=lr, count=len(history))
 
-    def estimate(self, p: TrainableParam, n: int, device: torch.device, start: int,
-                 update: Update, dist: str) -> torch.Tensor:
-        """``G`` for elements ``[start, start+n)`` of ``p``, float32 (scratch-owned)."""
-        buf = self.scratch(2 * n, device)
+    def estimate(self, p: TrainableParam, target: torch.Tensor, start: int, update: Update,
+                 directions: Directions) -> torch.Tensor:
+        """``G`` for elements ``[start, start+n)`` of ``p``, float32 (scratch-owned);
+        ``target`` holds their current values (``n`` of them)."""
+        n = target.numel()
+        buf = self.scratch(2 * n, target.device)
         total, z = buf[:n], buf[n: 2 * n]
         total.zero_()
         for seed, g in zip(update.seeds, update.grads):
-            noise.fill(z, seed, p.key, start, dist)
+            directions.fill(z, seed, p, start, target)
             total.add_(z, alpha=g)
         return total
 
@@ -151,12 +153,12 @@ class _Materialized(Rule):
         return buf
 
     def apply(self, p: TrainableParam, target: torch.Tensor, start: int, update: Update,
-              dist: str) -> None:
+              directions: Directions) -> None:
         states = [self.buffer(p, which, target, start) for which in self.buffers]
         n = target.numel()
         for a in range(0, n, CHUNK):
             b = min(n, a + CHUNK)
-            g = self.estimate(p, b - a, target.device, start + a, update, dist)
+            g = self.estimate(p, target[a:b], start + a, update, directions)
             self.chunk(p, target[a:b], g, [s[a:b] for s in states], update)
 
     def chunk(self, p: TrainableParam, target: torch.Tensor, g: torch.Tensor,
@@ -178,6 +180,16 @@ class _Materialized(Rule):
 def stream_of(device: torch.device) -> object:
     """The stream work on ``device`` is queued on now (the device itself on the CPU)."""
     return torch.cuda.current_stream(device) if device.type == "cuda" else device
+
+
+class Plain(_Materialized):
+    """ZO-SGD with ``G`` materialized: for directions the fused kernel cannot generate
+    (sparse, low-rank: :mod:`zo2.directions`)."""
+
+    name = "zo-sgd"
+
+    def chunk(self, p, target, g, states, update) -> None:
+        self.step(p, target, g, update)
 
 
 class Sign(_Materialized):
@@ -340,12 +352,19 @@ class Adam(_Stateful):
 
 
 def make_rule(optim: OptimConfig) -> Rule:
-    """The rule ``optim.method`` names, with its settings."""
+    """The rule ``optim.method`` names, with its settings. With sparse or low-rank
+    directions (:mod:`zo2.directions`) it forms ``G`` as a tensor: the fused kernel
+    generates dense directions only."""
     state_dtype = getattr(torch, optim.state_dtype)
+    fused = not (optim.sparsity or optim.rank)
     if optim.method == "zo-sgd":
-        return Rule()
+        return Rule() if fused else Plain()
     if optim.method == "zo-momentum":
         if optim.history > 0:
+            if not fused:
+                raise ConfigError("optim.history rebuilds the momentum from older steps' "
+                                  "seeds with the fused kernel, which forms dense directions "
+                                  "only: set optim.history=0 with optim.sparsity or optim.rank")
             return HistoryMomentum(optim.momentum, optim.history)
         return Momentum(optim.momentum, state_dtype)
     if optim.method == "zo-adam":
@@ -356,10 +375,19 @@ def make_rule(optim: OptimConfig) -> Rule:
 
 
 def settings(optim: OptimConfig) -> dict:
-    """``optim.method`` and the fields its rule reads: enough to rebuild the rule."""
+    """``optim.method`` and the fields its rule reads, and the shape of the directions
+    where it is not dense (:data:`DIRECTION_SETTINGS`): enough to rebuild the rule and
+    the directions (:func:`directions_of`)."""
     if optim.method not in RULE_SETTINGS:
         raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(METHODS)}")
-    return {"method": optim.method, **{k: getattr(optim, k) for k in RULE_SETTINGS[optim.method]}}
+    shape = {k: getattr(optim, k) for k in DIRECTION_SETTINGS if getattr(optim, k)}
+    return {"method": optim.method, **{k: getattr(optim, k) for k in RULE_SETTINGS[optim.method]},
+            **shape}
+
+
+def directions_of(optim: OptimConfig) -> Directions:
+    """The directions ``optim`` selects (:mod:`zo2.directions`)."""
+    return make_directions(optim.direction, optim.sparsity, optim.rank)
 
 
 def state_bytes(rule: Rule, numel: int) -> int:

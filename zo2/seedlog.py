@@ -50,13 +50,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from zo2.choices import METHODS, RULE_SETTINGS
+from zo2.choices import DIRECTION_SETTINGS, METHODS, RULE_SETTINGS
 from zo2.config import OptimConfig
 from zo2.errors import CheckpointError, ZO2Error
 from zo2.models import load_model, model_identity
 from zo2.noise import DISTS, ROUNDINGS
 from zo2.perturb import PendingUpdate, Update, step_seed
-from zo2.rules import Rule, make_rule, settings
+from zo2.rules import Rule, directions_of, make_rule, settings
 from zo2.units import find_units, unique_params
 
 FORMAT = "zo2-seedlog"
@@ -66,8 +66,9 @@ HEADER_KEY = "zo2"
 
 
 def _needs_grads(rule: Mapping[str, Any]) -> bool:
-    """Every rule but ZO-SGD makes its update from the grads and lr, not the coefs."""
-    return rule["method"] != "zo-sgd"
+    """Every rule but ZO-SGD on dense directions makes its update from the grads and lr,
+    not the coefs."""
+    return rule["method"] != "zo-sgd" or any(rule.get(k) for k in DIRECTION_SETTINGS)
 
 
 @dataclass(kw_only=True)
@@ -111,7 +112,8 @@ class SeedLog:
         self.lr = [float(x) for x in self.lr]
         self.rule = dict(self.rule)
         method = self.rule.get("method")
-        if method not in METHODS or set(self.rule) - {"method", *RULE_SETTINGS[method]}:
+        allowed = {"method", *RULE_SETTINGS.get(method, ()), *DIRECTION_SETTINGS}
+        if method not in METHODS or set(self.rule) - allowed:
             raise ValueError(f"rule: {self.rule!r} is not the settings of one of {METHODS}")
         if self.needs_grads and not (len(self.grads) == len(self.lr) == len(self.steps)):
             raise ValueError(f"a {self.rule['method']} log needs the grads and lr of every "
@@ -317,8 +319,11 @@ def replay(model: nn.Module, log: SeedLog, *,
                                   f"{dtype}: load the base with dtype={log.dtype}")
     rule = log.make_rule()
     updates = list(log.updates(rule))
-    pending = PendingUpdate(log.direction, log.rounding, rule=None if rule.fused else rule)
+    directions = directions_of(OptimConfig(**log.rule, direction=log.direction))
+    pending = PendingUpdate(log.direction, log.rounding, rule=None if rule.fused else rule,
+                            directions=directions)
     for p in params:
+        directions.prepare(p, p.param.data)  # what the run read of the base weights
         for update in updates:
             pending.set(update)
             pending.apply(p, p.param.data)
