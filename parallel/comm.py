@@ -72,13 +72,16 @@ class Collectives:
         return {k: v[self.dp_rank * size: (self.dp_rank + 1) * size] for k, v in batch.items()}
 
     def my_slices(self, n: int) -> range:
-        """The perturbation slices of a plan of ``n`` this rank runs (perturbation parallel)."""
-        if n % self.pertp:
+        """The perturbation slices of a plan of ``n`` this rank runs (perturbation
+        parallel): consecutive, as many on every rank or, where ``pertp`` does not divide
+        ``n`` (HiZOO's baseline and pairs: ``2q + 1``), one more on the first ranks."""
+        if n < self.pertp:
             raise ZO2Error(f"the step's {n} perturbation slices cannot be split over "
-                           f"pertp={self.pertp} ranks (two-sided: 2*optim.q must be a "
-                           "multiple of parallel.pertp)")
-        size = n // self.pertp
-        return range(self.pertp_rank * size, (self.pertp_rank + 1) * size)
+                           f"pertp={self.pertp} ranks: every rank needs one (two-sided: "
+                           "2*optim.q slices; raise optim.q or lower parallel.pertp)")
+        size, extra = divmod(n, self.pertp)
+        first = self.pertp_rank * size + min(self.pertp_rank, extra)
+        return range(first, first + size + (self.pertp_rank < extra))
 
     def combine_losses(self, n: int, mine: Mapping[int, tuple[float, int]]) -> list[float]:
         """Every slice's loss over the global batch from this rank's ``{slice: (mean

@@ -46,6 +46,7 @@ from zo2.parallel import Mesh  # noqa: E402
 U32 = 2.0**-24  # float32 unit roundoff
 EPS = 1e-3  # dist_job's optim.eps (OptimConfig's default)
 
+HIZOO = {"estimator": "hizoo", "hessian": "diagonal", "hessian_smooth": 0.1}
 TWO = [
     {"name": "pertp-llama", "pertp": 2},
     {"name": "pertp-opt", "pertp": 2, "family": "opt"},
@@ -71,6 +72,11 @@ TWO = [
      "slicing": "on", "optim": {"sparsity": 0.5}, "resume_at": 4},
     {"name": "slice-lowrank", "dp": 2, "offload": {"enabled": True, "ring": 1},
      "slicing": "on", "optim": {"method": "zo-momentum", "rank": 2}},
+    # HiZOO: 3 slices (baseline, +eps, -eps) over 2 ranks, its curvature resumed; and
+    # HiZOO-L on sliced blocks, each rank advancing the whole factors
+    {"name": "pertp-hizoo", "pertp": 2, "resume_at": 4, "optim": HIZOO},
+    {"name": "slice-hizoo-light", "dp": 2, "offload": {"enabled": True, "ring": 1},
+     "slicing": "on", "optim": {**HIZOO, "hessian": "factored"}},
 ]
 FOUR = [
     {"name": "ddp4", "dp": 4},
@@ -197,6 +203,13 @@ def test_sparse_and_low_rank_directions_sliced_equal_single_process_exactly(runs
     lowrank = {"optim": {"method": "zo-momentum", "rank": 2},
                "offload": {"enabled": True, "ring": 1}}
     assert_same_run(result(runs, "slice-lowrank"), single(tmp_path, dp=2, **lowrank))
+
+
+def test_hizoo_perturbation_and_data_parallel_equal_single_process_exactly(runs, tmp_path):
+    assert_same_run(result(runs, "pertp-hizoo"), single(tmp_path, optim=HIZOO))
+    light = {"optim": {**HIZOO, "hessian": "factored"},
+             "offload": {"enabled": True, "ring": 1}}
+    assert_same_run(result(runs, "slice-hizoo-light"), single(tmp_path, dp=2, **light))
 
 
 def test_pertp4_with_two_directions_equals_single_process_exactly(runs, tmp_path):

@@ -39,6 +39,11 @@ RULES = {
     "low-rank": ({"rank": 2}, 5e-3),
     "sparse-adam": ({"method": "zo-adam", "sparsity": 0.5}, 2e-3),
     "low-rank-momentum": ({"method": "zo-momentum", "rank": 1}, 1e-3),
+    # HiZOO (zo2/hessian.py), with a smoothing large enough that D moves within the test
+    "hizoo": ({"estimator": "hizoo", "hessian": "diagonal", "hessian_smooth": 0.1}, 5e-3),
+    "hizoo-light": ({"estimator": "hizoo", "hessian": "factored", "hessian_smooth": 0.1}, 5e-3),
+    "hizoo-light-adam": ({"method": "zo-adam", "estimator": "hizoo", "hessian": "factored",
+                          "hessian_smooth": 0.1, "q": 2}, 2e-3),
 }
 
 
@@ -75,7 +80,8 @@ def test_every_rule_lowers_the_loss(name):
 
 @pytest.mark.parametrize("name", ["zo-momentum", "zo-adam", "zo-sign", "zo-momentum-history",
                                   "one-point", "conservative", "fzoo", "sparse", "low-rank",
-                                  "sparse-adam", "low-rank-momentum"])
+                                  "sparse-adam", "low-rank-momentum", "hizoo-light",
+                                  "hizoo-light-adam"])
 def test_offloaded_equals_resident(name):
     batches = [make_batch(seed=i) for i in range(3)]
     results = []
@@ -88,7 +94,8 @@ def test_offloaded_equals_resident(name):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("name", ["zo-sign", "zo-momentum", "zo-adam", "sparse", "low-rank"])
+@pytest.mark.parametrize("name", ["zo-sign", "zo-momentum", "zo-adam", "sparse", "low-rank",
+                                  "hizoo", "hizoo-light"])
 def test_chunked_updates_equal_one_pass(name, monkeypatch):
     """Materialized rules update CHUNK elements at a time, and structured directions
     perturb CHUNK elements at a time; chunk boundaries inside every parameter (and its
@@ -161,7 +168,8 @@ def test_adam_keeps_two_buffers_of_the_state_dtype(dtype, per_param):
     assert state_bytes(make_rule(OptimConfig(method="zo-momentum", history=8)), numel) == 0
 
 
-@pytest.mark.parametrize("name", ["zo-adam", "one-point", "sparse-adam", "low-rank"])
+@pytest.mark.parametrize("name", ["zo-adam", "one-point", "sparse-adam", "low-rank", "hizoo",
+                                  "hizoo-light-adam"])
 def test_resume_from_a_checkpoint_is_exact(name, tmp_path):
     batches = [make_batch(seed=i) for i in range(6)]
     full = _engine(make_model("llama"), _optim(name))

@@ -75,6 +75,12 @@ CASES = {
                              optim=dict(sparsity=0.5, weight_decay=0.1)),
     "sparse-bf16": dict(family="llama", dtype=torch.bfloat16, optim=dict(sparsity=0.75, q=2)),
     "low-rank-adam": dict(family="qwen2", optim=dict(method="zo-adam", rank=2, lr=1e-3)),
+    # HiZOO: the records keep each step's curvature, from which the replay rebuilds D
+    "hizoo": dict(family="llama", optim=dict(estimator="hizoo", hessian="diagonal",
+                                             hessian_smooth=0.1, q=2)),
+    "hizoo-light-offloaded": dict(family="opt", offload=OffloadConfig(enabled=True, ring=2),
+                                  optim=dict(estimator="hizoo", hessian="factored",
+                                             hessian_smooth=0.1, method="zo-momentum")),
 }
 
 

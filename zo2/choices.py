@@ -7,13 +7,15 @@ against these; a new value is added here and where it is implemented.
 
 DIRECTIONS = ("gaussian", "rademacher")  # the distribution of z
 ROUNDINGS = ("nearest", "stochastic")  # of updated bf16 / fp16 weights
-ESTIMATORS = ("two-sided", "one-sided", "one-point", "fzoo")
+ESTIMATORS = ("two-sided", "one-sided", "one-point", "fzoo", "hizoo")
 # Each update rule and its own settings (OptimConfig fields) besides lr and decay.
 RULE_SETTINGS = {"zo-sgd": (), "zo-momentum": ("momentum", "history", "state_dtype"),
                  "zo-adam": ("beta1", "beta2", "adam_eps", "state_dtype"), "zo-sign": ()}
 METHODS = tuple(RULE_SETTINGS)
-# the OptimConfig fields that shape z on matrices (zo2.directions); 0 means dense
-DIRECTION_SETTINGS = ("sparsity", "rank")
+# the OptimConfig fields that shape z (zo2.directions, zo2.hessian; HiZOO's estimator
+# with its curvature); their defaults: dense
+DIRECTION_SETTINGS = ("sparsity", "rank", "estimator", "hessian", "hessian_smooth")
+HESSIANS = ("none", "diagonal", "factored")  # HiZOO's curvature estimate (optim.hessian)
 DTYPES = ("float32", "bfloat16", "float16")  # model and host weights
 WIRE_DTYPES = DTYPES + ("float8_e4m3fn", "float8_e5m2")  # offload transfers
 SCHEDULES = ("constant", "linear", "cosine")  # of the learning rate

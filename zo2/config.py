@@ -28,6 +28,7 @@ from zo2.choices import (
     DTYPES,
     ESTIMATORS,
     EVAL_METRICS,
+    HESSIANS,
     METHODS,
     OBJECTIVES,
     ROUNDINGS,
@@ -190,6 +191,10 @@ class OptimConfig(_Checked):
     # each matrix's largest-magnitude elements unperturbed) or low-rank (U V^T of rank r)
     sparsity: float = 0.0
     rank: int = 0
+    # HiZOO (optim.estimator=hizoo): z = n / sqrt(D), D a running curvature estimate
+    # (zo2.hessian): diagonal (4 bytes a parameter) or factored (HiZOO-L: rows + cols)
+    hessian: str = "none"
+    hessian_smooth: float = 1e-8  # alpha of D's running average (HiZOO's scripts: 1e-8)
 
     def check(self) -> None:
         _one_of(self.method, METHODS, "optim.method")
@@ -218,11 +223,20 @@ class OptimConfig(_Checked):
         _require(0.0 <= self.sparsity < 1.0, "optim.sparsity",
                  f"is the share of each matrix left unperturbed: in [0, 1), got {self.sparsity}")
         _require(self.rank >= 0, "optim.rank", f"must be >= 0 (0: dense), got {self.rank}")
-        _require(not (self.sparsity and self.rank), "optim.sparsity",
-                 "and optim.rank select sparse or low-rank directions: set one of them")
-        _require(not (self.history and (self.sparsity or self.rank)), "optim.history",
+        _one_of(self.hessian, HESSIANS, "optim.hessian")
+        _require((self.estimator == "hizoo") == (self.hessian != "none"), "optim.hessian",
+                 "and optim.estimator=hizoo go together: HiZOO measures the curvature it "
+                 "scales z by (optim.hessian=diagonal|factored) from an unperturbed forward; "
+                 f"got estimator={self.estimator}, hessian={self.hessian}")
+        _require(0.0 <= self.hessian_smooth <= 1.0, "optim.hessian_smooth",
+                 f"must be in [0, 1], got {self.hessian_smooth}")
+        shaped = [k for k in ("sparsity", "rank") if getattr(self, k)] + \
+            (["hessian"] if self.hessian != "none" else [])
+        _require(len(shaped) <= 1, f"optim.{shaped[0] if shaped else 'sparsity'}",
+                 f"choose one kind of directions (sparse, low-rank or HiZOO), got {shaped}")
+        _require(not (self.history and shaped), "optim.history",
                  "rebuilds the momentum with the fused kernel, which forms dense directions "
-                 "only: use optim.history=0 with optim.sparsity or optim.rank")
+                 f"only: use optim.history=0 with optim.{shaped[0] if shaped else ''}")
 
 
 @dataclass

@@ -82,11 +82,24 @@ class Directions:
         holds the current values of those elements (read by the sparse kind)."""
         noise.fill(z, seed, p.key, start, self.dist)
 
+    def advance(self, p: TrainableParam, update) -> None:  # noqa: B027 (stateless)
+        """Before ``update`` is applied to ``p``: move what ``z`` depends on to the state
+        after the update's step (HiZOO's curvature, :mod:`zo2.hessian`)."""
+
     def state_dict(self) -> dict:
+        """Small JSON state (the engine's); :meth:`tensors` for tensors."""
         return {}
 
     def load_state_dict(self, state: Mapping) -> None:  # noqa: B027 (nothing to restore)
         """Restore what :meth:`state_dict` returned."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Per-parameter state tensors for a checkpoint (none for most kinds)."""
+        return {}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor],  # noqa: B027
+                     device: torch.device) -> None:
+        """Restore what :meth:`tensors` returned."""
 
 
 class _Structured(Directions):
@@ -197,11 +210,17 @@ class LowRank(_Structured):
         z.copy_(block.view(-1)[offset: offset + z.numel()])
 
 
-def make_directions(dist: str, sparsity: float = 0.0, rank: int = 0) -> Directions:
-    """The kind ``optim.sparsity`` / ``optim.rank`` select (dense when both are 0)."""
-    if sparsity and rank:
-        raise ConfigError("optim.sparsity and optim.rank: choose sparse or low-rank "
-                          "directions, not both")
+def make_directions(dist: str, sparsity: float = 0.0, rank: int = 0, hessian: str = "none",
+                    hessian_smooth: float = 0.0) -> Directions:
+    """The kind ``optim.sparsity`` / ``optim.rank`` / ``optim.hessian`` select (dense
+    when none is set)."""
+    if sum(map(bool, (sparsity, rank, hessian != "none"))) > 1:
+        raise ConfigError("optim.sparsity, optim.rank and optim.hessian: choose one kind of "
+                          "directions (sparse, low-rank or Hessian-scaled)")
+    if hessian != "none":
+        from zo2.hessian import HessianScaled  # it builds on this module
+
+        return HessianScaled(dist, hessian, hessian_smooth)
     if sparsity:
         return Sparse(dist, sparsity)
     if rank:
@@ -209,13 +228,3 @@ def make_directions(dist: str, sparsity: float = 0.0, rank: int = 0) -> Directio
     return Directions(dist)
 
 
-def from_settings(dist: str, settings: Mapping) -> Directions:
-    """The kind a seed log's header names (``Directions.settings()``)."""
-    kind = settings.get("kind", "dense")
-    if kind == "sparse":
-        return Sparse(dist, float(settings["sparsity"]))
-    if kind == "low-rank":
-        return LowRank(dist, int(settings["rank"]))
-    if kind != "dense":
-        raise ValueError(f"directions: unknown kind {kind!r}")
-    return Directions(dist)

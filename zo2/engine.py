@@ -120,7 +120,8 @@ class ZOEngine:
                                      rule=None if self.rule.fused else self.rule,
                                      directions=self.directions)
         if optim.conservative and (optim.method != "zo-sgd" or optim.q != 1
-                                   or optim.estimator == "one-point" or self.mesh.pertp != 1):
+                                   or optim.estimator not in ("two-sided", "one-sided")
+                                   or self.mesh.pertp != 1):
             raise ConfigError("optim.conservative needs optim.method=zo-sgd, optim.q=1, a "
                               "two- or one-sided estimator and parallel.pertp=1")
         # the hot path (Residency) and the weights' state (WeightStore): the offloader
@@ -153,6 +154,10 @@ class ZOEngine:
         where they are updated (the host master) must hold the same values."""
         dtype = str(self.params[0].param.dtype).removeprefix("torch.")
         other = {offload.host_dtype, offload.wire_dtype} - {None, dtype}
+        if self.optim.hessian == "diagonal":
+            raise ConfigError("optim.hessian=diagonal keeps a model-sized curvature on the "
+                              "device, where offloaded blocks are perturbed: with offloading "
+                              "use optim.hessian=factored (HiZOO-L: rows + cols per matrix)")
         if self.directions.reads_weights and other:
             raise ConfigError(f"optim.sparsity with offload.host_dtype / offload.wire_dtype "
                               f"{sorted(other)} other than the model's {dtype}: the mask would "
@@ -200,9 +205,12 @@ class ZOEngine:
                 coefs = self._conservative(batch, seeds[0], coefs[0])
                 result.telemetry["conservative_coef"] = coefs[0]
             decay = 1.0 - lr * self.optim.weight_decay
-            self.log.append({"step": t, "seeds": list(seeds), "coefs": list(coefs),
-                             "decay": decay, "grads": [g / len(grads) for g in grads],
-                             "lr": lr})
+            record = {"step": t, "seeds": list(seeds), "coefs": list(coefs), "decay": decay,
+                      "grads": [g / len(grads) for g in grads], "lr": lr}
+            curv = self.estimator.curvatures(losses, plan.eps)
+            if curv:  # HiZOO: what advances the curvature the directions are scaled by
+                record["curv"] = curv
+            self.log.append(record)
             self.pending.set(self.rule.update(self.log, lr, decay,
                                               round_seed=step_seed(self.seed, t, -1)))
         else:

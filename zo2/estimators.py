@@ -32,6 +32,11 @@ class Estimator(ABC):
     def grads(self, losses: Sequence[float], eps: float) -> list[float]:
         """One projected gradient per seed from the slices' losses (plan order)."""
 
+    def curvatures(self, losses: Sequence[float], eps: float) -> list[float]:
+        """Per seed, what the directions' state needs of the step besides the gradient
+        (HiZOO's curvature, :mod:`zo2.hessian`); empty for the other estimators."""
+        return []
+
     def observe(self, losses: Sequence[float]) -> None:  # noqa: B027 (stateless: nothing)
         """The losses of a step whose update was applied (finite)."""
 
@@ -111,8 +116,28 @@ class FZOO(OneSided):
         return [(loss - losses[0]) / spread for loss in perturbed]
 
 
+class HiZOO(Estimator):
+    """HiZOO (ICLR 2025): an unperturbed baseline, then ``+eps`` and ``-eps`` per seed
+    along the Hessian-scaled directions (:mod:`zo2.hessian`); ``g = (L+ - L-) / (2 eps)``
+    and the curvature ``kappa = |L+ + L- - 2 L0| / (2 eps^2)`` that advances ``D``.
+    One forward more than MeZO per step (``2q + 1`` slices)."""
+
+    name = "hizoo"
+
+    def plan(self, seeds: Sequence[int], eps: float) -> Plan:
+        pairs = tuple(Slice(s, sign) for s in seeds for sign in (1, -1))
+        return Plan((Slice(None, 0),) + pairs, eps)
+
+    def grads(self, losses: Sequence[float], eps: float) -> list[float]:
+        return [(losses[i] - losses[i + 1]) / (2 * eps) for i in range(1, len(losses), 2)]
+
+    def curvatures(self, losses: Sequence[float], eps: float) -> list[float]:
+        return [abs(losses[i] + losses[i + 1] - 2 * losses[0]) / (2 * eps * eps)
+                for i in range(1, len(losses), 2)]
+
+
 ESTIMATORS: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (TwoSided, OneSided, OnePoint, FZOO)}
+    cls.name: cls for cls in (TwoSided, OneSided, OnePoint, FZOO, HiZOO)}
 
 
 def make_estimator(name: str) -> Estimator:

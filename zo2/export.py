@@ -30,11 +30,17 @@ from zo2.adapters import is_peft_folder
 from zo2.checkpoints import MANIFEST, RUN_STATE, file_sha256, fsync_path, verify, write_manifest
 from zo2.config import to_dict
 from zo2.errors import CheckpointError, ZO2Error
-from zo2.folders import RULE_STATE_FILE, SEEDLOG_FILE, STATE_FILE
+from zo2.folders import (
+    DIRECTIONS_FILE,
+    RULE_STATE_FILE,
+    SEEDLOG_FILE,
+    STATE_FILE,
+    STATE_TENSOR_FILES,
+)
 from zo2.models import load_model
 
 CARD = "README.md"
-ENGINE_FILES = (STATE_FILE, RULE_STATE_FILE, SEEDLOG_FILE, RUN_STATE, MANIFEST)
+ENGINE_FILES = (STATE_FILE, RULE_STATE_FILE, DIRECTIONS_FILE, SEEDLOG_FILE, RUN_STATE, MANIFEST)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -252,7 +258,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = Fals
     if not (ckpt / MANIFEST).is_file() and not (ckpt / STATE_FILE).is_file():
         raise CheckpointError(f"{ckpt} is not a zo2 checkpoint (no {MANIFEST} or {STATE_FILE})")
     manifest = verify(ckpt) if (ckpt / MANIFEST).is_file() else {}
-    weights = [f for f in ckpt.glob("*.safetensors") if f.name != RULE_STATE_FILE]
+    weights = [f for f in ckpt.glob("*.safetensors") if f.name not in STATE_TENSOR_FILES]
     if not weights:
         raise CheckpointError(f"{ckpt} holds no .safetensors weights")
     peft = is_peft_folder(ckpt)

@@ -8,6 +8,7 @@ model's config, the tokenizer when given) plus:
   settings, the estimator's state), without the seed log;
 * :data:`SEEDLOG_FILE`: the seed log so far, stored once (:mod:`zo2.seedlog`);
 * :data:`RULE_STATE_FILE`: the update rule's moments, for stateful rules only.
+* :data:`DIRECTIONS_FILE`: HiZOO's curvature estimate (:mod:`zo2.hessian`), with it only.
 
 zo2 0.1 folders kept the seed log in :data:`STATE_FILE`; :func:`load_folder` still
 reads them. A peft adapter folder (:func:`zo2.adapters.is_peft_folder`) is read by
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 STATE_FILE = "zo2_state.json"
 RULE_STATE_FILE = "zo2_rule_state.safetensors"
+DIRECTIONS_FILE = "zo2_directions_state.safetensors"  # HiZOO's curvature (zo2.hessian)
+STATE_TENSOR_FILES = (RULE_STATE_FILE, DIRECTIONS_FILE)  # engine state, not weights
 SEEDLOG_FILE = "run.seedlog"  # the seed log, stored once (not in STATE_FILE)
 
 
@@ -54,6 +57,9 @@ def save_folder(engine: ZOEngine, path: str | Path, tokenizer=None) -> Path:
         if engine.rule.stateful:  # the rule's moments (zo-momentum / zo-adam buffers)
             save_file({k: v.contiguous().cpu() for k, v in rule_state.items()},
                       path / RULE_STATE_FILE)
+        if engine.optim.hessian != "none":  # every rank keeps all of it: the writer's
+            save_file({k: v.contiguous().cpu() for k, v in engine.directions.tensors().items()},
+                      path / DIRECTIONS_FILE)
     engine.mesh.wait_for_writer()  # the folder is complete before any rank reads it
     return path
 
@@ -80,6 +86,11 @@ def load_folder(engine: ZOEngine, path: str | Path) -> None:
             raise CheckpointError(f"{path} has no {RULE_STATE_FILE}: it was not made with "
                                   f"optim.method={engine.optim.method}")
         engine.store.load_rule_state(engine.rule, load_file(rule_file))
+    if engine.optim.hessian != "none":
+        if not (path / DIRECTIONS_FILE).is_file():
+            raise CheckpointError(f"{path} has no {DIRECTIONS_FILE}: it was not made with "
+                                  f"optim.hessian={engine.optim.hessian}")
+        engine.directions.load_tensors(load_file(path / DIRECTIONS_FILE), engine.device)
 
 
 @torch.no_grad()
@@ -92,7 +103,7 @@ def load_weights(engine: ZOEngine, path: str | Path) -> None:
     """
     path = Path(path)
     files = [f for f in sorted(path.glob("*.safetensors"))
-             if f.name != RULE_STATE_FILE]  # the rule's moments are not weights
+             if f.name not in STATE_TENSOR_FILES]  # moments and curvatures are not weights
     if not files:
         raise CheckpointError(f"no .safetensors weights in {path}")
     loaded: dict[str, torch.Tensor] = {}

@@ -108,6 +108,8 @@ class Update:
     grads: tuple[float, ...] = ()
     lr: float = 0.0
     count: int = 0
+    # HiZOO: each seed's curvature |L+ + L- - 2 L0| / (2 eps^2) (zo2.hessian)
+    curv: tuple[float, ...] = ()
 
 
 class PendingUpdate:
@@ -154,6 +156,7 @@ class PendingUpdate:
         update = self.update
         if update is None or id(p) in self._applied:
             return
+        self.directions.advance(p, update)
         if self.rule is not None and not self.rule.fused:
             self.rule.apply(p, target.view(-1), start, update, self.directions)
             self._applied.add(id(p))
@@ -167,7 +170,8 @@ class PendingUpdate:
 
     def mark(self, p: TrainableParam) -> None:
         """Count ``p`` as updated (its values live elsewhere, e.g. on another rank)."""
-        if self.update is not None:
+        if self.update is not None and id(p) not in self._applied:
+            self.directions.advance(p, self.update)  # state every rank keeps whole
             self._applied.add(id(p))
 
 

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from zo2.choices import DIRECTION_SETTINGS, METHODS, RULE_SETTINGS
+from zo2.choices import METHODS, RULE_SETTINGS
 from zo2.config import OptimConfig
 from zo2.directions import Directions, make_directions
 from zo2.errors import ConfigError
@@ -122,7 +122,8 @@ class _Materialized(Rule):
     def update(self, history, lr, decay, round_seed) -> Update:
         last = history[-1]
         return Update(tuple(last["seeds"]), (), decay, round_seed=round_seed,
-                      grads=tuple(last["grads"]), lr=lr, count=len(history))
+                      grads=tuple(last["grads"]), lr=lr, count=len(history),
+                      curv=tuple(last.get("curv", ())))
 
     def estimate(self, p: TrainableParam, target: torch.Tensor, start: int, update: Update,
                  directions: Directions) -> torch.Tensor:
@@ -356,7 +357,7 @@ def make_rule(optim: OptimConfig) -> Rule:
     directions (:mod:`zo2.directions`) it forms ``G`` as a tensor: the fused kernel
     generates dense directions only."""
     state_dtype = getattr(torch, optim.state_dtype)
-    fused = not (optim.sparsity or optim.rank)
+    fused = not (optim.sparsity or optim.rank or optim.hessian != "none")
     if optim.method == "zo-sgd":
         return Rule() if fused else Plain()
     if optim.method == "zo-momentum":
@@ -380,14 +381,18 @@ def settings(optim: OptimConfig) -> dict:
     the directions (:func:`directions_of`)."""
     if optim.method not in RULE_SETTINGS:
         raise ConfigError(f"optim.method: {optim.method!r} is not one of {list(METHODS)}")
-    shape = {k: getattr(optim, k) for k in DIRECTION_SETTINGS if getattr(optim, k)}
+    shape = {k: getattr(optim, k) for k in ("sparsity", "rank") if getattr(optim, k)}
+    if optim.hessian != "none":
+        shape.update(estimator=optim.estimator, hessian=optim.hessian,
+                     hessian_smooth=optim.hessian_smooth)
     return {"method": optim.method, **{k: getattr(optim, k) for k in RULE_SETTINGS[optim.method]},
             **shape}
 
 
 def directions_of(optim: OptimConfig) -> Directions:
     """The directions ``optim`` selects (:mod:`zo2.directions`)."""
-    return make_directions(optim.direction, optim.sparsity, optim.rank)
+    return make_directions(optim.direction, optim.sparsity, optim.rank, optim.hessian,
+                           optim.hessian_smooth)
 
 
 def state_bytes(rule: Rule, numel: int) -> int:

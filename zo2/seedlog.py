@@ -102,6 +102,7 @@ class SeedLog:
     rule: dict[str, Any] = field(default_factory=lambda: {"method": "zo-sgd"})
     grads: list[tuple[float, ...]] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    curv: list[tuple[float, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.trainable = list(self.trainable)
@@ -110,6 +111,7 @@ class SeedLog:
         self.decay = [float(d) for d in self.decay]
         self.grads = [tuple(float(g) for g in gs) for gs in self.grads]
         self.lr = [float(x) for x in self.lr]
+        self.curv = [tuple(float(k) for k in ks) for ks in self.curv]
         self.rule = dict(self.rule)
         method = self.rule.get("method")
         allowed = {"method", *RULE_SETTINGS.get(method, ()), *DIRECTION_SETTINGS}
@@ -121,6 +123,8 @@ class SeedLog:
                              f"{len(self.lr)} lrs")
         if self.needs_grads and any(len(g) != len(c) for g, c in zip(self.grads, self.coefs)):
             raise ValueError("every record must have as many grads as coefficients (q)")
+        if self.curved and [len(k) for k in self.curv] != [len(c) for c in self.coefs]:
+            raise ValueError("a HiZOO log needs every record's curvatures, one per direction")
         if self.direction not in DISTS:
             raise ValueError(f"direction must be one of {DISTS}, got {self.direction!r}")
         if self.rounding not in ROUNDINGS:
@@ -142,6 +146,11 @@ class SeedLog:
         return len(self.coefs[0]) if self.coefs else 0
 
     @property
+    def curved(self) -> bool:
+        """Whether the records carry HiZOO's curvatures (``curv``, :mod:`zo2.hessian`)."""
+        return self.rule.get("hessian", "none") != "none"
+
+    @property
     def needs_grads(self) -> bool:
         """Whether the rule needs more than the coefficients (grads and lr)."""
         return _needs_grads(self.rule)
@@ -159,7 +168,8 @@ class SeedLog:
             seeds = [step_seed(self.seed, step, j) for j in range(len(coefs))]
             lr = self.lr[i] if self.lr else 0.0
             history.append({"seeds": seeds, "coefs": coefs, "lr": lr,
-                            "grads": self.grads[i] if self.grads else ()})
+                            "grads": self.grads[i] if self.grads else (),
+                            "curv": self.curv[i] if self.curv else ()})
             yield rule.update(history, lr, decay, round_seed=step_seed(self.seed, step, -1))
 
     # ---- building ---------------------------------------------------------------------
@@ -173,8 +183,9 @@ class SeedLog:
         (a log of another run seed, or records edited by hand). ``settings`` are the
         remaining fields (direction, rounding, trainable, dtype, rule).
         """
-        keep = _needs_grads(settings.get("rule", {"method": "zo-sgd"}))
-        steps, coefs, decay, grads, lrs = [], [], [], [], []
+        rule = settings.get("rule", {"method": "zo-sgd"})
+        keep, curved = _needs_grads(rule), rule.get("hessian", "none") != "none"
+        steps, coefs, decay, grads, lrs, curv = [], [], [], [], [], []
         for record in records:
             step = int(record["step"])
             expected = [step_seed(seed, step, j) for j in range(len(record["coefs"]))]
@@ -187,7 +198,10 @@ class SeedLog:
             if keep:
                 grads.append(tuple(record["grads"]))
                 lrs.append(record["lr"])
+            if curved:
+                curv.append(tuple(record["curv"]))
         return cls(base=base, seed=seed, steps=steps, coefs=coefs, decay=decay, grads=grads,
+                   curv=curv,
                    lr=lrs, **settings)
 
     @classmethod
@@ -219,7 +233,8 @@ class SeedLog:
         return [{"step": step, "seeds": [step_seed(self.seed, step, j) for j in range(len(cs))],
                  "coefs": list(cs), "decay": decay,
                  "grads": list(self.grads[i]) if self.grads else [],
-                 "lr": self.lr[i] if self.lr else 0.0}
+                 "lr": self.lr[i] if self.lr else 0.0,
+                 "curv": list(self.curv[i]) if self.curv else []}
                 for i, (step, cs, decay) in enumerate(zip(self.steps, self.coefs, self.decay))]
 
     # ---- the file ---------------------------------------------------------------------
@@ -242,6 +257,8 @@ class SeedLog:
         if self.needs_grads:
             tensors["grads"] = torch.tensor(self.grads, dtype=torch.float64).reshape(n, self.q)
             tensors["lr"] = torch.tensor(self.lr, dtype=torch.float64).reshape(n)
+        if self.curved:
+            tensors["curv"] = torch.tensor(self.curv, dtype=torch.float64).reshape(n, self.q)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(self.header())})
         os.replace(tmp, path)
@@ -279,7 +296,9 @@ class SeedLog:
                        rule=header.get("rule", {"method": "zo-sgd"}),
                        grads=[tuple(r) for r in tensors["grads"].tolist()]
                        if "grads" in tensors else [],
-                       lr=tensors["lr"].tolist() if "lr" in tensors else [])
+                       lr=tensors["lr"].tolist() if "lr" in tensors else [],
+                       curv=[tuple(r) for r in tensors["curv"].tolist()]
+                       if "curv" in tensors else [])
         except (KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"{path}: corrupt zo2 seed log ({err!r})") from None
 
