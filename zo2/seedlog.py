@@ -16,8 +16,9 @@ replaying ZO-Adam needs one parameter's moments in memory, not the model's.
 File format (one safetensors file; ``.seedlog`` by convention):
 
 * tensors ``steps`` (int64, [n]), ``coefs`` (float64, [n, q]), ``decay`` (float64, [n]);
-  for rules other than ZO-SGD also ``grads`` (float64, [n, q]: ``g_j / q``) and ``lr``
-  (float64, [n]);
+  for rules other than ZO-SGD, and for sparse, low-rank or HiZOO directions, also
+  ``grads`` (float64, [n, q]: ``g_j / q``) and ``lr`` (float64, [n]); for HiZOO also
+  ``curv`` (float64, [n, q]: each direction's curvature, which advances ``D``);
 * metadata key ``zo2``: a JSON header ``{"format": "zo2-seedlog", "version": 2, "base",
   "seed", "direction", "rounding", "trainable", "dtype", "q", "rule"}``, ``base`` being
   the base model's :func:`zo2.models.model_identity` and ``rule`` the settings of
