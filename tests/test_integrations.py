@@ -339,3 +339,66 @@ def test_load_best_model_at_end_leaves_the_best_checkpoints_weights(tmp_path):
     saved = load_file(f"{best}/model.safetensors")
     current = weights(trainer)
     assert all(torch.equal(saved[k], current[k]) for k in saved)
+
+
+def test_the_divergence_guard_stops_a_zotrainer_at_100x_its_working_lr(tmp_path):
+    """learning_rate=1e-3 is these tests' working lr; at 1e-1 train() raises zo2's
+    TrainingError with zo2-train's one line (in the Trainer's knobs) within a few steps of
+    the guard's window, and no checkpoint is saved once the loss has left its bound."""
+    from zo2.errors import TrainingError
+
+    out = tmp_path / "run"
+    trainer = zotrainer(out, learning_rate=1e-1, max_steps=30, save_strategy="steps",
+                        save_steps=1)
+    with pytest.raises(TrainingError) as caught:
+        trainer.train()
+    message, guard = str(caught.value), trainer.guard
+    assert "\n" not in message and message.startswith("training diverged at step ")
+    assert "with learning_rate=0.1 and zo2['eps']=0.001; try learning_rate=0.01" in message
+    stopped = int(message.split()[4].rstrip(":"))
+    assert guard.window <= stopped <= 10 and trainer.engine.step_index == stopped
+    kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert kept and all(step < guard.left_at for step in kept)  # none after the loss left
+    sane = [step for step in kept if step < guard.left_at - 1]
+    assert (f"checkpoint-{sane[-1]} " if sane else "sane checkpoint is none") in message
+    assert f"left its bound at step {guard.left_at}" in message
+
+
+def test_the_divergence_guard_lets_a_sane_zotrainer_run_finish(tmp_path):
+    trainer = zotrainer(tmp_path, max_steps=8)  # learning_rate=1e-3
+    trainer.train()
+    assert trainer.engine.step_index == 8 and trainer.guard.left_at is None
+    assert len(trainer.guard.recent) == trainer.guard.window  # it watched every step
+    assert trainer.optimizer.state_dict()["zo2_guard"] == trainer.guard.state_dict()
+
+
+def test_an_evaluation_out_of_the_guards_bound_is_never_the_best_model(tmp_path):
+    """The bound over the first step's loss 2.0 is max(4 x 2.0, 2.0 + 1) = 8.0: an
+    eval_loss of 8.5 is not a candidate for load_best_model_at_end, even as the first
+    evaluation (which the Trainer alone would take as the best so far); 8.0 is."""
+    model, tokenizer = tiny()
+    rows = token_rows(tokenizer)
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path, eval_strategy="steps",
+                                                     eval_steps=1, save_strategy="steps",
+                                                     save_steps=1, load_best_model_at_end=True),
+                        train_dataset=rows, eval_dataset=rows.select(range(8)),
+                        processing_class=tokenizer,
+                        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.guard.observe(1, 2.0)
+    trainer.state.global_step = 1
+    assert trainer._determine_best_metric({"eval_loss": 8.5}, None) is False
+    assert trainer.state.best_metric is None
+    assert trainer._determine_best_metric({"eval_loss": 8.0}, None) is True
+    assert trainer.state.best_metric == 8.0
+
+
+def test_guard_settings_and_lr_auto_through_the_zo2_argument():
+    zo = ZOArguments.of({"guard": {"window": 3, "factor": 0}})
+    assert (zo.guard.window, zo.guard.factor) == (3, 0)
+    with pytest.raises(ConfigError, match=r"guard.factor: must be 0 \(off\) or > 1"):
+        ZOArguments.of({"guard": {"factor": 0.5}})
+    with pytest.raises(ConfigError, match=r"zo2\['guard'\]: unknown setting\(s\) 'windows'"):
+        ZOArguments.of({"guard": {"windows": 3}})
+    # the lr probe is zo2-train's: a ZOTrainer's lr is TrainingArguments.learning_rate
+    with pytest.raises(ConfigError, match=r"zo2\['lr'\]='auto': the lr probe is zo2-train's"):
+        ZOArguments.of({"lr": "auto"})

@@ -15,7 +15,10 @@ METHODS = tuple(RULE_SETTINGS)
 # the OptimConfig fields that shape z (zo2.directions, zo2.hessian; HiZOO's estimator
 # with its curvature); their defaults: dense
 DIRECTION_SETTINGS = ("sparsity", "rank", "estimator", "hessian", "hessian_smooth")
+# what else a seed log's replay needs to know of the run (zo2.quantized's clamp)
+REPLAY_SETTINGS = DIRECTION_SETTINGS + ("scale_floor",)
 HESSIANS = ("none", "diagonal", "factored")  # HiZOO's curvature estimate (optim.hessian)
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # bitsandbytes bases (zo2.quantized)
 DTYPES = ("float32", "bfloat16", "float16")  # model and host weights
 WIRE_DTYPES = DTYPES + ("float8_e4m3fn", "float8_e5m2")  # offload transfers
 SCHEDULES = ("constant", "linear", "cosine")  # of the learning rate

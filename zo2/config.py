@@ -31,6 +31,7 @@ from zo2.choices import (
     HESSIANS,
     METHODS,
     OBJECTIVES,
+    QUANTIZATIONS,
     ROUNDINGS,
     SCHEDULES,
     SLICINGS,
@@ -73,6 +74,8 @@ class ModelConfig(_Checked):
     trainable: list[str] = field(default_factory=lambda: ["*"])  # globs over param names
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # LoRA / prefix (peft)
     trust_remote_code: bool = False  # run a model's own code (auto_map); only trusted models
+    # load quantized with bitsandbytes (zo2.quantized): ZO trains the scales (QZO)
+    quantization: str = "none"  # none | nf4 | fp4 | int8
 
     def check(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")
@@ -80,6 +83,7 @@ class ModelConfig(_Checked):
         _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                  "model.device", f"{self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
         _require(len(self.trainable) > 0, "model.trainable", "needs at least one pattern")
+        _one_of(self.quantization, QUANTIZATIONS, "model.quantization")
         validate_adapter(self.adapter, self.trainable)
 
 
@@ -169,7 +173,8 @@ class OptimConfig(_Checked):
     """The ZO estimator and update rule."""
 
     method: str = "zo-sgd"
-    lr: float = 1e-5
+    lr: float | int | str = 1e-5  # a float, or "auto": chosen before training by a probe
+    # on training batches (zo2.lr_probe); an int or a numeric string becomes a float
     eps: float = 1e-3
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -195,10 +200,24 @@ class OptimConfig(_Checked):
     # (zo2.hessian): diagonal (4 bytes a parameter) or factored (HiZOO-L: rows + cols)
     hessian: str = "none"
     hessian_smooth: float = 1e-8  # alpha of D's running average (HiZOO's scripts: 1e-8)
+    lr_probe_batches: int = 4  # optim.lr=auto: training batches the probe measures
+    lr_safety: float = 0.5  # optim.lr=auto: lr = lr_safety / median curvature (zo2.lr_probe)
+    clip_grad: float = 0.0  # clip each projected gradient to +-clip_grad (QZO: 100); 0: off
+    scale_floor: float = 1e-8  # a quantized layer's scales are kept >= this (QZO)
 
     def check(self) -> None:
         _one_of(self.method, METHODS, "optim.method")
-        _require(self.lr >= 0, "optim.lr", f"must be >= 0, got {self.lr}")
+        if isinstance(self.lr, str) and self.lr != "auto":
+            try:  # a number a YAML file left as a string (1e-5)
+                self.lr = float(self.lr)
+            except ValueError:
+                raise ConfigError(f"optim.lr: {self.lr!r} is not a float") from None
+        if isinstance(self.lr, int) and not isinstance(self.lr, bool):
+            self.lr = float(self.lr)
+        _require(self.lr == "auto" or isinstance(self.lr, float), "optim.lr",
+                 f"must be a float or 'auto', got {self.lr!r}")
+        _require(self.lr == "auto" or self.lr >= 0, "optim.lr",
+                 f"must be >= 0, got {self.lr}")
         _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _one_of(self.schedule, SCHEDULES, "optim.schedule")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -224,6 +243,10 @@ class OptimConfig(_Checked):
                  f"is the share of each matrix left unperturbed: in [0, 1), got {self.sparsity}")
         _require(self.rank >= 0, "optim.rank", f"must be >= 0 (0: dense), got {self.rank}")
         _one_of(self.hessian, HESSIANS, "optim.hessian")
+        _require(self.clip_grad >= 0, "optim.clip_grad", f"must be >= 0 (0: off), got "
+                 f"{self.clip_grad}")
+        _require(self.scale_floor >= 0, "optim.scale_floor", f"must be >= 0, got "
+                 f"{self.scale_floor}")
         _require((self.estimator == "hizoo") == (self.hessian != "none"), "optim.hessian",
                  "and optim.estimator=hizoo go together: HiZOO measures the curvature it "
                  "scales z by (optim.hessian=diagonal|factored) from an unperturbed forward; "

@@ -105,6 +105,9 @@ class ZOEngine:
         self.trainable = tuple(trainable)  # the globs: the seed log records them
         self.units = find_units(model, self.trainable)
         self.params = unique_params(self.units)
+        for p in self.params:  # quantized layers' scales (zo2.quantized)
+            if p.floor is not None:
+                p.floor = optim.scale_floor
         if device is None:
             device = self.params[0].param.device
             device = torch.device("cpu") if device.type == "meta" else device
@@ -129,6 +132,9 @@ class ZOEngine:
         self.residency: Residency
         self.store: WeightStore
         if offload is not None and offload.enabled:
+            if any(p.floor is not None for p in self.params):
+                raise ConfigError("offload.enabled with a quantized model: offloading "
+                                  "quantized blocks is not supported yet; train it resident")
             self._check_sparse_offload(offload)
             offloader = Offloader(model, self.units, self.pending, offload, device=self.gpu,
                                   weights=weights, slicing=self.mesh.slicing(self.gpu),
@@ -172,6 +178,10 @@ class ZOEngine:
 
     def lr(self, step: int) -> float:
         o = self.optim
+        if isinstance(o.lr, str):
+            raise ConfigError(f"optim.lr={o.lr}: the lr is chosen before the first step by "
+                              "zo2's Trainer (zo2.lr_probe.choose(engine, batches)); a ZOEngine "
+                              "used on its own takes a float optim.lr")
         return learning_rate(step, lr=o.lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
                              total_steps=self.total_steps, min_ratio=o.min_lr_ratio)
 
@@ -194,6 +204,9 @@ class ZOEngine:
         plan = self.plan(t)
         losses = self._losses(batch, plan)
         grads = self._projected_grads(losses, plan)
+        if self.optim.clip_grad:  # QZO: one bad batch cannot blow up the scales
+            c = self.optim.clip_grad
+            grads = [min(max(g, -c), c) if math.isfinite(g) else g for g in grads]
         lr = self.lr(t) if lr is None else lr
         result = StepResult(step=t, loss=sum(losses) / len(losses), grads=grads, lr=lr,
                             losses=losses, telemetry=self.telemetry() if telemetry else {})

@@ -8,11 +8,14 @@ the run's seed log) and zo2's manifest (:data:`zo2.checkpoints.MANIFEST`). The e
 state (:data:`~zo2.folders.STATE_FILE`), the seed log and the update rule's moments
 (:data:`~zo2.folders.RULE_STATE_FILE`) stay in ``checkpoints/``.
 
-``python -m zo2.export CKPT OUT [--merge-lora]`` exports any run checkpoint
-(``<run>/checkpoints/step-N``) or ``best/``/``final/`` to a clean folder: the weights of
-an engine folder already are a ``save_pretrained`` folder, so its files are copied
-without the engine state. ``--merge-lora`` (a LoRA run) loads the base model and the
-adapter with peft and writes the merged weights (``merge_and_unload``).
+``python -m zo2.export CKPT OUT [--merge-lora] [--dequantize DTYPE]`` exports any run
+checkpoint (``<run>/checkpoints/step-N``) or ``best/``/``final/`` to a clean folder: the
+weights of an engine folder already are a ``save_pretrained`` folder, so its files are
+copied without the engine state. ``--merge-lora`` (a LoRA run) loads the base model and
+the adapter with peft and writes the merged weights (``merge_and_unload``).
+``--dequantize bfloat16`` (a quantized run, :mod:`zo2.quantized`) writes the model with
+every quantized layer dequantized (``scale * code``, transformers' ``dequantize``) into
+plain weights of that dtype; without it a quantized run exports quantized.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from zo2.models import load_model
 
 CARD = "README.md"
 ENGINE_FILES = (STATE_FILE, RULE_STATE_FILE, DIRECTIONS_FILE, SEEDLOG_FILE, RUN_STATE, MANIFEST)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # --dequantize
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json", "vocab.json", "chat_template.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -248,8 +254,27 @@ def _source_card(ckpt: Path, merged: bool) -> dict | None:
                     figures=figures, merged=merged)
 
 
+def dequantize_folder(ckpt: Path, out: Path, dtype: str) -> None:
+    """Write the quantized model of ``ckpt`` dequantized into plain ``dtype`` weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zo2.quantized import portable
+
+    config = json.loads((ckpt / "config.json").read_text())
+    if "quantization_config" not in config:
+        raise CheckpointError(f"--dequantize: {ckpt} is not a quantized model (its "
+                              "config.json has no quantization_config)")
+    model = portable(AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu"))
+    model = model.dequantize().to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    weights = {f.name for f in ckpt.iterdir() if f.name.endswith((".safetensors", ".json"))
+               and f.name not in TOKENIZER_JSON}
+    _copy_files(ckpt, out, skip=ENGINE_FILES + tuple(weights))  # the tokenizer, the card
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = False,
-                      base: str | None = None) -> Path:
+                      base: str | None = None, dequantize: str | None = None) -> Path:
     """Export a zo2 checkpoint (``checkpoints/step-N``, ``best/``, ``final/`` or an engine
     folder) to ``out``, a clean folder; CheckpointError for bad input."""
     ckpt, out = Path(ckpt), Path(out)
@@ -286,6 +311,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = Fals
                 card = (ckpt / CARD).read_text().replace("library_name: peft",
                                                          "library_name: transformers")
                 (tmp / CARD).write_text(card)
+        elif dequantize is not None:
+            dequantize_folder(ckpt, tmp, dequantize)
         else:
             _copy_files(ckpt, tmp, skip=ENGINE_FILES)
         card = _source_card(ckpt, merged=merge_lora)
@@ -313,10 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None,
                         help="--merge-lora: the base model (default: the run's model.name, "
                              "else the adapter's base model)")
+    parser.add_argument("--dequantize", choices=DTYPE_NAMES, default=None,
+                        help="a quantized run: write plain weights of this dtype")
     args = parser.parse_args(argv)
+    if args.merge_lora and args.dequantize:
+        parser.error("--merge-lora and --dequantize: one at a time")
     try:
         out = export_checkpoint(args.checkpoint, args.out, merge_lora=args.merge_lora,
-                                base=args.base)
+                                base=args.base, dequantize=args.dequantize)
     except (ZO2Error, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from zo2 import choices, embedded
 from zo2.embedded import EMBEDDED_NAME, cache_root
 from zo2.errors import ConfigError, ModelError
 from zo2.offload.lazy_weights import empty_model
+from zo2.quantized import bnb_config, check_supported, portable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def load_model(
     empty: bool = False,
     trust_remote_code: bool = False,
     hub_cache: str | os.PathLike | None = None,
+    quantization: str = "none",
 ) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)``: ``"smollm2-135m"``, ``"tiny-<family>[-L<n>]"``, a
     folder, or a hub id ``owner/name`` from the local Hugging Face cache.
@@ -57,6 +60,10 @@ def load_model(
     block from :func:`weights_folder`'s checkpoint. Tiny random models are always built.
     ``trust_remote_code`` lets transformers run a model's own code (its ``auto_map``);
     ``hub_cache`` overrides the Hugging Face cache folder hub ids are looked up in.
+    ``quantization`` (``nf4`` / ``fp4`` / ``int8``) loads the weights quantized by
+    bitsandbytes through transformers' ``BitsAndBytesConfig`` (:mod:`zo2.quantized`; a
+    tiny random model is saved to a temporary folder and loaded back quantized); the
+    folder of an already quantized model loads quantized as it is.
 
     Raises ModelError when the model is missing, unknown or not a decoder-only
     causal LM, and ConfigError for a dtype outside ``DTYPES``.
@@ -64,12 +71,25 @@ def load_model(
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     name = str(name_or_path)
+    quantize = {}
+    if quantization != "none":
+        if empty:
+            raise ConfigError("model.quantization with an empty (offloaded, meta) model: "
+                              "quantized weights are loaded whole")
+        quantize = {"quantization_config": bnb_config(quantization, DTYPES[dtype]),
+                    "device_map": "cpu"}
     if name.startswith("tiny-") and not Path(name).exists():
         model, tokenizer = _build_tiny(name, cache_root(cache_dir))
+        if quantize:
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                model, _ = _load_folder(Path(tmp), dtype=DTYPES[dtype], **quantize)
+                model.config._name_or_path = name
     else:
         folder = weights_folder(name, cache_dir, hub_cache=hub_cache)
         model, tokenizer = _load_folder(folder, empty=empty, dtype=DTYPES[dtype],
-                                        trust_remote_code=trust_remote_code)
+                                        trust_remote_code=trust_remote_code, **quantize)
     return _finish(model, DTYPES[dtype], name), _prepare_tokenizer(tokenizer)
 
 
@@ -191,8 +211,12 @@ def embedded_tokenizer(cache_dir: str | os.PathLike | None = None) -> Any:
 
 def _finish(model: torch.nn.Module, dtype: torch.dtype, name: str) -> torch.nn.Module:
     """Cast (a no-op for parameters already read in ``dtype``; buffers such as rotary
-    tables follow), freeze and switch to eval; record the requested name on the model."""
-    model = model.to(dtype)
+    tables follow; a quantized model was loaded in its compute dtype and is not cast),
+    freeze and switch to eval; record the requested name on the model."""
+    if not getattr(model, "is_quantized", False):
+        model = model.to(dtype)
+    check_supported(model)  # a quantization zo2 can train the scales of
+    portable(model)  # the same arithmetic on every CPU (zo2.quantized)
     model.config.use_cache = False
     model.eval()
     model.requires_grad_(False)
@@ -255,7 +279,7 @@ def _empty_remote_model(config: Any) -> torch.nn.Module:
 
 
 def _load_folder(path: Path, empty: bool = False, dtype: torch.dtype = torch.float32,
-                 trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+                 trust_remote_code: bool = False, **quantize: Any) -> tuple[torch.nn.Module, Any]:
     """Load a local Hugging Face causal LM folder and its tokenizer (``empty``: on meta),
     its weights read straight into ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -282,7 +306,7 @@ def _load_folder(path: Path, empty: bool = False, dtype: torch.dtype = torch.flo
             model = _empty_remote_model(config) if trust_remote_code else empty_model(config)
         else:  # dtype=: each tensor is cast as it is read, never a whole fp32 model first
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                         **remote)
+                                                         **remote, **quantize)
     except (OSError, ValueError, RuntimeError) as exc:
         if not trust_remote_code and _needs_remote_code(exc):
             raise _remote_code_error(path) from exc

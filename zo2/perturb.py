@@ -159,13 +159,14 @@ class PendingUpdate:
         self.directions.advance(p, update)
         if self.rule is not None and not self.rule.fused:
             self.rule.apply(p, target.view(-1), start, update, self.directions)
-            self._applied.add(id(p))
-            return
-        extra = {}
-        if self.rounding != "nearest":
-            extra = {"rounding": self.rounding, "round_seed": update.round_seed}
-        noise.add_(target.view(-1), update.seeds, update.coefs, p.key, start=start,
-                   dist=self.dist, decay=update.decay if p.decay else 1.0, **extra)
+        else:
+            extra = {}
+            if self.rounding != "nearest":
+                extra = {"rounding": self.rounding, "round_seed": update.round_seed}
+            noise.add_(target.view(-1), update.seeds, update.coefs, p.key, start=start,
+                       dist=self.dist, decay=update.decay if p.decay else 1.0, **extra)
+        if p.floor is not None:  # a quantized layer's scale stays positive (QZO)
+            target.clamp_(min=p.floor)
         self._applied.add(id(p))
 
     def mark(self, p: TrainableParam) -> None:

@@ -385,6 +385,8 @@ def settings(optim: OptimConfig) -> dict:
     if optim.hessian != "none":
         shape.update(estimator=optim.estimator, hessian=optim.hessian,
                      hessian_smooth=optim.hessian_smooth)
+    if optim.scale_floor != OptimConfig.scale_floor:  # quantized scales' clamp (zo2.quantized)
+        shape["scale_floor"] = optim.scale_floor
     return {"method": optim.method, **{k: getattr(optim, k) for k in RULE_SETTINGS[optim.method]},
             **shape}
 

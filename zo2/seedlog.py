@@ -51,7 +51,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from zo2.choices import DIRECTION_SETTINGS, METHODS, RULE_SETTINGS
+from zo2.choices import DIRECTION_SETTINGS, METHODS, REPLAY_SETTINGS, RULE_SETTINGS
 from zo2.config import OptimConfig
 from zo2.errors import CheckpointError, ZO2Error
 from zo2.models import load_model, model_identity
@@ -115,7 +115,7 @@ class SeedLog:
         self.curv = [tuple(float(k) for k in ks) for ks in self.curv]
         self.rule = dict(self.rule)
         method = self.rule.get("method")
-        allowed = {"method", *RULE_SETTINGS.get(method, ()), *DIRECTION_SETTINGS}
+        allowed = {"method", *RULE_SETTINGS.get(method, ()), *REPLAY_SETTINGS}
         if method not in METHODS or set(self.rule) - allowed:
             raise ValueError(f"rule: {self.rule!r} is not the settings of one of {METHODS}")
         if self.needs_grads and not (len(self.grads) == len(self.lr) == len(self.steps)):
@@ -231,12 +231,15 @@ class SeedLog:
     def records(self) -> list[dict]:
         """The log as :attr:`ZOEngine.log` records (the inverse of :meth:`from_records`;
         ``grads`` and ``lr`` are empty / 0 where the rule does not keep them)."""
-        return [{"step": step, "seeds": [step_seed(self.seed, step, j) for j in range(len(cs))],
-                 "coefs": list(cs), "decay": decay,
-                 "grads": list(self.grads[i]) if self.grads else [],
-                 "lr": self.lr[i] if self.lr else 0.0,
-                 "curv": list(self.curv[i]) if self.curv else []}
-                for i, (step, cs, decay) in enumerate(zip(self.steps, self.coefs, self.decay))]
+        out = [{"step": step, "seeds": [step_seed(self.seed, step, j) for j in range(len(cs))],
+                "coefs": list(cs), "decay": decay,
+                "grads": list(self.grads[i]) if self.grads else [],
+                "lr": self.lr[i] if self.lr else 0.0}
+               for i, (step, cs, decay) in enumerate(zip(self.steps, self.coefs, self.decay))]
+        if self.curved:  # HiZOO's records, as the engine keeps them
+            for record, curv in zip(out, self.curv):
+                record["curv"] = list(curv)
+        return out
 
     # ---- the file ---------------------------------------------------------------------
     def header(self) -> dict[str, Any]:
@@ -339,10 +342,13 @@ def replay(model: nn.Module, log: SeedLog, *,
                                   f"{dtype}: load the base with dtype={log.dtype}")
     rule = log.make_rule()
     updates = list(log.updates(rule))
-    directions = directions_of(OptimConfig(**log.rule, direction=log.direction))
+    optim = OptimConfig(**log.rule, direction=log.direction)
+    directions = directions_of(optim)
     pending = PendingUpdate(log.direction, log.rounding, rule=None if rule.fused else rule,
                             directions=directions)
     for p in params:
+        if p.floor is not None:  # a quantized layer's scale (zo2.quantized)
+            p.floor = optim.scale_floor
         directions.prepare(p, p.param.data)  # what the run read of the base weights
         for update in updates:
             pending.set(update)

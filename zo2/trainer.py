@@ -15,6 +15,10 @@ position is the data's own state; both are saved with every checkpoint
 the wandb run, the engine and the process group on every exit path (use the trainer
 as a context manager).
 
+``optim.lr=auto``: ``__init__`` (a fresh run) chooses the lr from a probe of the first
+training batches (:mod:`zo2.lr_probe`; the weights and the data position are left as
+they were); the lr is logged, kept in :meth:`state_dict` and reused on resume.
+
 Files written to the output directory:
 
 * ``metrics.jsonl``: one JSON record per logged step and per evaluation;
@@ -55,9 +59,14 @@ from zo2.data import pipeline, sft
 from zo2.data.labelled import LABELLED
 from zo2.data.tasks import load_task
 from zo2.engine import StepResult, ZOEngine
-from zo2.errors import ConfigError, TrainingError
+from zo2.errors import CheckpointError, ConfigError, TrainingError
 from zo2.export import export_folder, refresh_card, run_card
 from zo2.guard import DivergenceGuard
+from zo2.lr_probe import Probe
+from zo2.lr_probe import check as check_lr
+from zo2.lr_probe import choose as choose_lr
+from zo2.lr_probe import is_auto as lr_is_auto
+from zo2.lr_probe import use as use_lr
 from zo2.models import check_context, load_model, model_identity, weights_folder
 from zo2.offload.lazy_weights import SafetensorsWeights
 from zo2.parallel import LaunchEnv, Mesh
@@ -98,6 +107,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def diverged_message(guard: DivergenceGuard, step: int, mean: float, *, lr: float, eps: float,
+                     last: Any, best: str, lr_key: str = "optim.lr",
+                     eps_key: str = "optim.eps", lr_note: str = "") -> str:
+    """The one line a diverged run stops with (zo2's Trainer and the Hugging Face
+    ZOTrainer): the bound it crossed, the lr and eps in force (under the keys that set
+    them), the lr to try (a tenth), the last sane checkpoint and the best one."""
+    return (f"training diverged at step {step}: the mean loss of the last {guard.window} "
+            f"steps is {mean:.4g}, above {guard.bound(guard.first):.4g} (guard.factor="
+            f"{guard.factor:g} x the first step's {guard.first:.4g}) with {lr_key}={lr:g}"
+            f"{lr_note} and {eps_key}={eps:g}; try {lr_key}={lr / 10:g} (the default lr suits "
+            f"the embedded model, not every model); the last sane checkpoint is "
+            f"{last or 'none'} (the loss left its bound at step {guard.left_at}), {best}")
+
+
 class Trainer:
     """One fine-tuning run, built from a validated :class:`TrainConfig`.
 
@@ -116,6 +139,7 @@ class Trainer:
                  callbacks: Sequence[Callback] = (),
                  engine_factory: Callable[..., ZOEngine] = ZOEngine) -> None:
         validate(cfg)
+        check_lr(cfg.optim)  # optim.lr=auto with a rule it suits
         self.given = sft.given_rows(data, cfg.data) if data is not None else None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -123,6 +147,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.metrics: MetricsLogger | None = None
         self.engine: ZOEngine | None = None
+        self.probe: Probe | None = None  # optim.lr=auto: what the lr probe measured, chose
         env = LaunchEnv.read()
         self.device = resolve_device(cfg.model.device, env.local_rank)
         self.mesh = Mesh(cfg.parallel, self.device, env)  # joins the process group
@@ -157,6 +182,15 @@ class Trainer:
                                      run_id=run_state.get("wandb_id"))
         if saved:
             self._resume(saved)
+        elif lr_is_auto(cfg.optim):
+            self._probe_lr()
+
+    def _probe_lr(self) -> None:
+        """``optim.lr=auto``: choose the run's lr from the first training batches
+        (:mod:`zo2.lr_probe`; the weights and the data position are left as they were)."""
+        self.probe = choose_lr(self.engine, self.data)
+        log.info("%s", self.probe.describe())
+        self.metrics.write(event="lr_probe", step=0, **self.probe.state_dict())
 
     def _build_engine(self, engine_factory: Callable[..., ZOEngine]):
         """The data (first: a bad file is reported before a big model loads), the model
@@ -165,11 +199,13 @@ class Trainer:
         cfg = self.cfg
         data = self._read_data()
         adapter = cfg.model.adapter  # peft initialises adapters on real weights: not lazy
-        lazy = cfg.offload.enabled and adapter.kind == "none"
+        lazy = cfg.offload.enabled and adapter.kind == "none" \
+            and cfg.model.quantization == "none"
         folder = weights_folder(cfg.model.name) if lazy else None
         model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype,
                                       empty=folder is not None,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      quantization=cfg.model.quantization)
         weights = SafetensorsWeights(folder) if folder is not None else None
         model, self.trainable = wrap(model, adapter, cfg.model.trainable, seed=cfg.seed)
         pipe = self._pipeline(data, model, tokenizer)  # every row encoded and checked
@@ -218,13 +254,23 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The run's progress besides the engine and the data position."""
-        return {"step": self.engine.step_index, "best": self.best, "zero_shot": self.zero_shot,
-                "config": to_dict(self.cfg), "wandb_id": self.metrics.run_id,
-                "guard": self.guard.state_dict()}
+        state = {"step": self.engine.step_index, "best": self.best,
+                 "zero_shot": self.zero_shot, "config": to_dict(self.cfg),
+                 "wandb_id": self.metrics.run_id, "guard": self.guard.state_dict()}
+        if self.probe is not None:  # a resumed run reuses the lr: it never probes again
+            state["lr_probe"] = self.probe.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.zero_shot = state["best"], state["zero_shot"]
         self.guard.load_state_dict(state.get("guard", {}))
+        if lr_is_auto(self.cfg.optim):
+            if "lr_probe" not in state:
+                raise CheckpointError("optim.lr=auto: the checkpoint has no probed lr "
+                                      "(lr_probe in run_state.json) to resume with")
+            self.probe = Probe.from_state(state["lr_probe"])
+            use_lr(self.engine, self.probe.lr)
+            log.info("optim.lr=auto: resuming with the probed lr %.4g", self.probe.lr)
 
     def _resume(self, saved: dict) -> None:
         folder = self.resumed_from
@@ -259,9 +305,10 @@ class Trainer:
         return self._finish()
 
     def _evaluate_zero_shot(self) -> None:
+        probed = {"lr": self.probe.lr} if self.probe is not None else {}  # lr=auto's
         self.metrics.write(event="config", config=to_dict(self.cfg),
                            model=model_identity(self.engine.model),
-                           parallel=self.mesh.describe())
+                           parallel=self.mesh.describe(), **probed)
         self.zero_shot = {split: self.evaluate(split) for split in self.pipe.splits}
         self.metrics.write(event="eval", step=0, **self.zero_shot)
         log.info("zero-shot: %s", describe_scores(self.zero_shot, self.metric))
@@ -303,20 +350,16 @@ class Trainer:
 
     def _diverged(self, step: int, mean: float) -> None:
         """Stop a diverged run: one message with the lr and eps in force and what to try."""
-        guard, optim = self.guard, self.cfg.optim
+        guard, optim, lr = self.guard, self.cfg.optim, self.engine.optim.lr
         self.metrics.write(event="stopped", step=step, reason="diverged", mean_loss=mean,
                            first_loss=guard.first)
         sane = [p for p in self.checkpoints.steps.all()
                 if guard.sane_checkpoint(int(p.name.rsplit("-", 1)[1]))]
-        last = sane[-1] if sane else None
         best = f"best/ is step {self.best['step']}" if self.best else "no best/"
-        raise TrainingError(
-            f"training diverged at step {step}: the mean loss of the last {guard.window} steps "
-            f"is {mean:.4g}, above {guard.bound(guard.first):.4g} (guard.factor={guard.factor:g}"
-            f" x the first step's {guard.first:.4g}) with optim.lr={optim.lr:g} and "
-            f"optim.eps={optim.eps:g}; try optim.lr={optim.lr / 10:g} (the default lr suits "
-            f"the embedded model, not every model); the last sane checkpoint is "
-            f"{last or 'none'} (the loss left its bound at step {guard.left_at}), {best}")
+        auto = " (chosen by optim.lr=auto)" if self.probe is not None else ""
+        raise TrainingError(diverged_message(guard, step, mean, lr=lr, eps=optim.eps,
+                                             last=sane[-1] if sane else None, best=best,
+                                             lr_note=auto))
 
     def _after_step(self, step: int, result: StepResult) -> None:
         """The dev evaluation (best/ on a new best) and the checkpoint due at ``step``."""

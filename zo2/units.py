@@ -39,6 +39,7 @@ class TrainableParam:
     param: nn.Parameter
     key: int
     decay: bool  # weight decay applies (matrices); biases and norm weights are skipped
+    floor: float | None = None  # a quantized layer's scale: clamped to >= floor (QZO)
 
     @property
     def numel(self) -> int:
@@ -82,14 +83,39 @@ def _is_trainable(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def trainable_tensors(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Module, bool]]:
+    """``(name, tensor, owning module, is a scale)`` of every tensor ZO may train, once
+    each under its first name: the floating-point parameters (integer ones are a quantized
+    layer's frozen codes), then the scales of quantized layers (:mod:`zo2.quantized`)."""
+    from zo2.quantized import scales  # imports bitsandbytes only if the model uses it
+
+    seen: set[int] = set()
+    out = []
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen and param.is_floating_point():
+                seen.add(id(param))
+                out.append((f"{module_name}.{name}" if module_name else name, param, module,
+                            False))
+    for name, scale, module in scales(model):
+        if id(scale) not in seen:
+            seen.add(id(scale))
+            out.append((name, scale, module, True))
+    return out
+
+
 def find_units(model: nn.Module, trainable: Sequence[str] = ("*",)) -> list[Unit]:
-    """Split ``model`` into units; ``trainable`` are glob patterns over parameter names."""
+    """Split ``model`` into units; ``trainable`` are glob patterns over the names of
+    :func:`trainable_tensors`."""
     canonical: dict[int, TrainableParam] = {}
-    for name, param in model.named_parameters():
+    owned: dict[int, list[TrainableParam]] = {}  # id(module) -> its own trainable tensors
+    for name, param, module, scale in trainable_tensors(model):
         if _is_trainable(name, trainable):
-            canonical[id(param)] = TrainableParam(
-                name=name, param=param, key=param_key(name), decay=param.ndim >= 2
-            )
+            p = TrainableParam(name=name, param=param, key=param_key(name),
+                               decay=param.ndim >= 2 and not scale,
+                               floor=0.0 if scale else None)
+            canonical[id(param)] = p
+            owned.setdefault(id(module), []).append(p)
     if not canonical:
         raise ModelError(
             f"no parameter of {type(model).__name__} matches trainable={list(trainable)}"
@@ -100,9 +126,12 @@ def find_units(model: nn.Module, trainable: Sequence[str] = ("*",)) -> list[Unit
 
     def collect(module: nn.Module) -> list[TrainableParam]:
         seen: dict[int, TrainableParam] = {}
-        for param in module.parameters():
+        for sub in module.modules():
+            for p in owned.get(id(sub), ()):
+                seen[id(p.param)] = p
+        for param in module.parameters():  # tied weights owned by a module outside
             if id(param) in canonical:
-                seen[id(param)] = canonical[id(param)]
+                seen.setdefault(id(param), canonical[id(param)])
         return list(seen.values())
 
     def walk(prefix: str, module: nn.Module) -> None:
@@ -110,7 +139,8 @@ def find_units(model: nn.Module, trainable: Sequence[str] = ("*",)) -> list[Unit
             for index, layer in enumerate(layers):
                 units.append(Unit(f"{layers_name}.{index}", layer, collect(layer)))
             return
-        owns = any(id(p) in canonical for p in module.parameters(recurse=False))
+        owns = id(module) in owned or any(
+            id(p) in canonical for p in module.parameters(recurse=False))
         if owns:
             units.append(Unit(prefix or "<root>", module, collect(module)))
             return

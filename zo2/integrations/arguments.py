@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from zo2.config import OffloadConfig, OptimConfig, ParallelConfig
+from zo2.config import GuardConfig, OffloadConfig, OptimConfig, ParallelConfig
 from zo2.errors import ConfigError
 
 log = logging.getLogger("zo2")
@@ -46,7 +46,9 @@ class ZOArguments:
     The estimator and update rule (:class:`~zo2.config.OptimConfig`'s fields less those
     ``TrainingArguments`` own, see :data:`FROM_TRAINING_ARGUMENTS`), ``trainable`` (glob
     patterns over parameter names; None: the parameters that require grad, as an
-    optimizer would see them), ``offload`` and ``parallel`` (dicts or configs).
+    optimizer would see them), ``offload``, ``parallel`` and ``guard`` (the divergence
+    guard, :class:`~zo2.config.GuardConfig`: ``factor``, ``window``, ``margin``; dicts or
+    configs).
     """
 
     method: str = "zo-sgd"
@@ -63,12 +65,15 @@ class ZOArguments:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     # dp=-1: every rank of the launch is data parallel
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp=-1))
+    guard: GuardConfig = field(default_factory=GuardConfig)  # factor=0: off
 
     def __post_init__(self) -> None:
         if isinstance(self.offload, Mapping):
             self.offload = _section(OffloadConfig, self.offload, "zo2['offload']")
         if isinstance(self.parallel, Mapping):
             self.parallel = _section(ParallelConfig, self.parallel, "zo2['parallel']")
+        if isinstance(self.guard, Mapping):
+            self.guard = _section(GuardConfig, self.guard, "zo2['guard']")
         if self.trainable is not None:
             self.trainable = tuple(self.trainable)
 
@@ -83,6 +88,10 @@ class ZOArguments:
         if not isinstance(value, Mapping):
             raise ConfigError(f"zo2: expected ZOArguments or a dict, got {type(value).__name__}")
         for key in value:
+            if key == "lr" and value[key] == "auto":
+                raise ConfigError("zo2['lr']='auto': the lr probe is zo2-train's "
+                                  "(optim.lr=auto, zo2.trainer.Trainer); a ZOTrainer takes "
+                                  "its lr from TrainingArguments (learning_rate)")
             if key in FROM_TRAINING_ARGUMENTS:
                 raise ConfigError(f"zo2[{key!r}]: set it in TrainingArguments "
                                   f"({FROM_TRAINING_ARGUMENTS[key]}), not in zo2")
@@ -123,7 +132,10 @@ def _name(value: Any) -> str:
 def check_training_arguments(args: Any) -> None:
     """Refuse what ZO has no use for, each with one line saying what zo2 does instead."""
     optim = _name(args.optim)
+    lr = args.learning_rate
     refusals = [
+        (isinstance(lr, bool) or not isinstance(lr, (int, float)), f"learning_rate="
+         f"{lr!r}: a float (the lr probe, optim.lr=auto, is zo2-train's only)"),
         (args.fp16, "fp16 mixed precision: ZO has no backward pass and no gradient to "
          "scale; load the model in the dtype to train in (e.g. dtype=torch.bfloat16) and "
          "leave fp16 off"),

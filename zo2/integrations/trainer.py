@@ -1,4 +1,5 @@
-"""Zeroth-order steps inside the Hugging Face ``Trainer``, through its public hooks only.
+"""Zeroth-order steps inside the Hugging Face ``Trainer``, through its public hooks (and one
+method, ``_determine_best_metric``, for the divergence guard).
 
 :class:`ZOTrainerMixin` goes before a ``transformers.Trainer`` (or a subclass such as
 TRL's ``SFTTrainer``) in the bases; the Trainer's own loop runs unchanged, and:
@@ -17,7 +18,17 @@ TRL's ``SFTTrainer``) in the bases; the Trainer's own loop runs unchanged, and:
 * ``evaluate``, ``predict`` and ``save_model`` first apply the pending update (zo2 fuses
   each update into the next forward), and loading weights into the model (resuming,
   ``load_best_model_at_end``) drops it, through a ``load_state_dict`` pre-hook on the
-  model.
+  model;
+* zo2's divergence guard (:mod:`zo2.guard`, ``zo2={"guard": {...}}``) watches each ZO
+  step's loss: a :class:`GuardCallback` cancels the checkpoint of a step whose loss is out
+  of the guard's bound, an evaluation whose ``eval_loss`` is out of the bound over the
+  reference (the evaluation before training, ``eval_on_start``, else the first step's
+  training loss) never becomes the best model (``load_best_model_at_end``,
+  ``save_strategy="best"``: the one Trainer method overridden that is not a public hook,
+  ``_determine_best_metric``), and a diverged run stops: ``train()`` raises zo2's
+  :class:`~zo2.errors.TrainingError` with zo2-train's one line (the ``learning_rate`` and
+  ``eps`` in force, a tenth of the lr to try, the last sane ``checkpoint-N``), so nothing
+  is saved after it and a script does not go on to save diverged weights.
 
 The model only ever runs forward: the accelerator prepares it as for evaluation, so it is
 never wrapped in ``DistributedDataParallel``; under ``torchrun`` every rank's batch goes into
@@ -36,7 +47,8 @@ import torch
 import transformers
 
 from zo2.engine import ZOEngine
-from zo2.errors import ConfigError
+from zo2.errors import ConfigError, TrainingError
+from zo2.guard import DivergenceGuard
 from zo2.integrations.arguments import ZOArguments, check_training_arguments
 from zo2.integrations.batches import gather, join, zo_batch
 from zo2.loss import Objective
@@ -52,9 +64,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     update is the engine's, made by :meth:`ZOTrainerMixin.training_step`.
     """
 
-    def __init__(self, engine: ZOEngine, lr: float) -> None:
+    def __init__(self, engine: ZOEngine, lr: float,
+                 guard: DivergenceGuard | None = None) -> None:
         super().__init__([torch.zeros(())], {"lr": lr})
         self.engine = engine
+        self.guard = guard  # saved and restored with zo2's state
 
     def step(self, closure=None) -> None:  # the ZO update was made in training_step
         return None
@@ -69,6 +83,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                  "zo2": engine.state_dict()}
         if engine.rule.stateful:
             state["zo2_rule"] = engine.store.rule_state(engine.rule)
+        if self.guard is not None:
+            state["zo2_guard"] = self.guard.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -76,6 +92,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.engine.load_state_dict(state["zo2"])
         if self.engine.rule.stateful:
             self.engine.store.load_rule_state(self.engine.rule, state["zo2_rule"])
+        if self.guard is not None and "zo2_guard" in state:
+            self.guard.load_state_dict(state["zo2_guard"])
+
+
+class GuardCallback(transformers.TrainerCallback):
+    """No checkpoint of a step whose loss is out of the divergence guard's bound (the
+    Trainer decides ``should_save`` in its flow callback, which runs first)."""
+
+    def __init__(self, guard: DivergenceGuard) -> None:
+        self.guard = guard
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.guard.out_of_bounds and control.should_save:
+            log.warning("step %d: the loss is out of the divergence guard's bound: no "
+                        "checkpoint", state.global_step)
+            control.should_save = False
+        return control
 
 
 class ZOTrainerMixin:
@@ -91,8 +124,12 @@ class ZOTrainerMixin:
         self.zo2 = ZOArguments.of(zo2)
         self.engine: ZOEngine | None = None
         self._micro: list[dict[str, torch.Tensor]] = []
+        g = self.zo2.guard
+        self.guard = DivergenceGuard(g.factor, g.window, g.margin)
+        self._eval_reference: float | None = None  # eval_loss before training (eval_on_start)
         super().__init__(*args, **kwargs)
         check_training_arguments(self.args)
+        self.add_callback(GuardCallback(self.guard))
 
     # ---- the model is only ever run forward --------------------------------------------
     def create_accelerator_and_postprocess(self) -> None:
@@ -106,7 +143,7 @@ class ZOTrainerMixin:
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             self.engine = self._build_engine(self.model if model is None else model)
-            self.optimizer = ZOOptimizer(self.engine, self.args.learning_rate)
+            self.optimizer = ZOOptimizer(self.engine, self.args.learning_rate, self.guard)
         return self.optimizer
 
     def _build_engine(self, model) -> ZOEngine:
@@ -142,8 +179,41 @@ class ZOTrainerMixin:
         return torch.tensor(self._zo_step(batch).loss, device=self.args.device)
 
     def _zo_step(self, batch: dict[str, torch.Tensor]):
-        """One ZO step on the step's (global) batch at the scheduler's lr."""
-        return self.engine.step(batch, telemetry=False, lr=self.optimizer.param_groups[0]["lr"])
+        """One ZO step on the step's (global) batch at the scheduler's lr; its loss goes to
+        the divergence guard (every rank sees the same combined loss)."""
+        result = self.engine.step(batch, telemetry=False,
+                                  lr=self.optimizer.param_groups[0]["lr"])
+        step = self.engine.step_index
+        if not result.skipped and (mean := self.guard.observe(step, result.loss)) is not None:
+            self._diverged(step, mean)
+        return result
+
+    def _diverged(self, step: int, mean: float) -> None:
+        """Stop: zo2-train's one line, with the Trainer's knobs and checkpoints."""
+        from zo2.trainer import diverged_message
+
+        sane = sorted((p for p in _checkpoints(self.args.output_dir)
+                       if self.guard.sane_checkpoint(int(p.rsplit("-", 1)[1]))),
+                      key=lambda p: int(p.rsplit("-", 1)[1]))
+        best = self.state.best_model_checkpoint
+        raise TrainingError(diverged_message(
+            self.guard, step, mean, lr=self.args.learning_rate, eps=self.zo2.eps,
+            last=sane[-1] if sane else None, lr_key="learning_rate", eps_key="zo2['eps']",
+            best=f"the best checkpoint is {best}" if best else "no best checkpoint"))
+
+    def _determine_best_metric(self, metrics, trial) -> bool:
+        """The Trainer's choice of the best checkpoint, less any evaluation whose
+        ``eval_loss`` is out of the divergence guard's bound over the reference (the
+        evaluation before training, else the first step's training loss)."""
+        loss = metrics.get("eval_loss")
+        reference = self._eval_reference if self._eval_reference is not None \
+            else self.guard.first
+        if loss is not None and not self.guard.sane(loss, reference):
+            log.warning("step %d: eval_loss %.4g is far above the reference %.4g: not a "
+                        "candidate for the best model", self.state.global_step, loss,
+                        reference)
+            return False
+        return super()._determine_best_metric(metrics, trial)
 
     def _padding(self) -> tuple[str, int]:
         """(side, id) the collator pads with: TRL's collator (it has a ``pad_token_id``)
@@ -166,7 +236,10 @@ class ZOTrainerMixin:
 
     def evaluate(self, *args: Any, **kwargs: Any):
         self._flushed()
-        return super().evaluate(*args, **kwargs)
+        metrics = super().evaluate(*args, **kwargs)
+        if self.state.global_step == 0 and self._eval_reference is None:  # before training
+            self._eval_reference = metrics.get("eval_loss")
+        return metrics
 
     def predict(self, *args: Any, **kwargs: Any):
         self._flushed()
@@ -186,6 +259,16 @@ def _forward_only(kind: type) -> type:
 
     ForwardOnly.__name__ = ForwardOnly.__qualname__ = f"ForwardOnly{kind.__name__}"
     return ForwardOnly
+
+
+def _checkpoints(folder) -> list[str]:
+    """The Trainer's ``checkpoint-N`` folders in ``folder``."""
+    import os
+
+    if not folder or not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, name) for name in os.listdir(folder)
+            if name.startswith("checkpoint-") and name.rsplit("-", 1)[1].isdigit()]
 
 
 def _trainable(model) -> tuple[str, ...]:

@@ -1,0 +1,138 @@
+"""QZO on the embedded default: SmolLM2-135M in nf4 against bf16 ZO and first-order AdamW.
+
+Three runs of ``--steps`` steps (150) on the tweets (MeZO's k-shot sample, label words,
+batch 16, seed 0), each in its own process so that its peak RSS is its own:
+
+* ``q4``: ``model.quantization=nf4`` (bitsandbytes, float32 compute), the default
+  estimator and rule (MeZO) on the scales and the float parameters, ``optim.clip_grad``
+  100 (QZO's);
+* ``bf16``: ``model.dtype=bfloat16``, the same estimator, rule and lr;
+* ``adam``: first-order AdamW (autograd, fp32), the reference (``bench.methods``).
+
+Test accuracy of ``best/`` (picked by dev accuracy) on ``--n-test`` balanced held-out
+tweets, zero-shot and tuned; peak RSS; seconds per step. ``q4_bytes_over_bf16``: the
+offloaded bytes up per step of a short offloaded run of each (offloading quantized
+blocks is not supported yet: recorded as such when it is refused).
+
+    python -m bench.quantized [--steps 150] [--n-test 500] [--parts q4,bf16,adam]
+
+Writes bench/results/quantized.json; last line: the figures as ``key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import RESULTS, report
+
+PARTS = {
+    "q4": ["model.quantization=nf4", "optim.clip_grad=100"],
+    "bf16": ["model.dtype=bfloat16"],
+}
+BYTES_STEPS = 4  # steps of the offloaded runs that measure bytes up per step
+
+
+def _command(out: Path, args, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "zo2.launch.train", f"output_dir={out}", "progress=false",
+            "model=smollm2-135m", "model.device=cpu", "task=tweets",
+            f"task.n_train={args.n_train}", f"task.n_test={args.n_test}",
+            f"task.n_dev={args.n_dev}", f"steps={args.steps}", f"eval_every={args.eval_every}",
+            "checkpoint.every=0", "logging=none", "seed=0", *extra]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    print("+", " ".join(command[3:]), flush=True)
+    return subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True)
+
+
+def run_zo(part: str, args, out: Path) -> dict:
+    done = _run(_command(out, args, PARTS[part]))
+    if done.returncode:
+        raise SystemExit(f"{part} failed:\n{done.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {f"{part}_zero_shot": summary["zero_shot_test"],
+            f"{part}_tuned": summary["tuned_test"], f"{part}_best_step": summary["best_step"],
+            f"{part}_peak_rss_mb": summary["peak_rss_mb"],
+            f"{part}_s_per_step": summary["minutes"] * 60 / args.steps}
+
+
+def bytes_up(part: str, args, out: Path) -> float | str:
+    """MiB uploaded per step, steady state, in a short offloaded run of ``part``."""
+    small = argparse.Namespace(**{**vars(args), "steps": BYTES_STEPS, "eval_every": 0,
+                                  "n_test": 16, "n_dev": 16})
+    done = _run(_command(out, small, [*PARTS[part], "offload.enabled=true",
+                                      "offload.timing=false", "eval_every=0"]))
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return f"refused: {last}"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    ups = [r["offload_up_mb"] for r in records if "offload_up_mb" in r]
+    return ups[-1] if ups else "no offload_up_mb in metrics.jsonl"
+
+
+def run_adam(args) -> dict:
+    """First-order AdamW over the same steps (3 forward-equivalents a step)."""
+    from bench.methods import FO_FORWARDS_PER_STEP, run_method
+
+    result = run_method("adam_fo", args.steps * FO_FORWARDS_PER_STEP, args.n_train,
+                        args.n_test, None)
+    points = result["run"]["points"]
+    return {"adam_zero_shot": points[0]["test_accuracy"],
+            "adam_tuned": points[-1]["test_accuracy"],
+            "adam_peak_rss_mb": result["run"]["peak_rss_mb"],
+            "adam_s_per_step": result["run"]["wall_s"] / max(args.steps, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--n-dev", type=int, default=64)
+    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--parts", default="q4,bf16,adam")
+    parser.add_argument("--bytes", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure offloaded bytes up per step")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # adam, in its own process
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="quantized")
+    args = parser.parse_args()
+    if args.child == "adam":
+        print(json.dumps(run_adam(args)))
+        return
+    figures: dict = {"steps": args.steps, "n_test": args.n_test}
+    parts = [p for p in args.parts.split(",") if p]
+    with tempfile.TemporaryDirectory(prefix="zo2-bench-quantized-") as tmp:
+        for part in parts:
+            if part == "adam":
+                child = [sys.executable, "-m", "bench.quantized", "--child", "adam",
+                         f"--steps={args.steps}", f"--n-train={args.n_train}",
+                         f"--n-test={args.n_test}"]
+                done = _run(child)
+                if done.returncode:
+                    raise SystemExit(f"adam failed:\n{done.stderr[-3000:]}")
+                figures.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            else:
+                figures.update(run_zo(part, args, Path(tmp) / part))
+        if args.bytes:
+            for part in ("q4", "bf16"):
+                figures[f"{part}_bytes_up_mb_per_step"] = bytes_up(part, args,
+                                                                   Path(tmp) / f"{part}-off")
+    if "q4_peak_rss_mb" in figures and "bf16_peak_rss_mb" in figures:
+        figures["q4_rss_over_bf16"] = figures["q4_peak_rss_mb"] / figures["bf16_peak_rss_mb"]
+    q4b, bfb = figures.get("q4_bytes_up_mb_per_step"), figures.get("bf16_bytes_up_mb_per_step")
+    if isinstance(q4b, float) and isinstance(bfb, float):
+        figures["q4_bytes_over_bf16"] = q4b / bfb
+    report(args.name, figures, args.out)
+
+
+if __name__ == "__main__":
+    main()

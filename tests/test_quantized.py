@@ -1,0 +1,210 @@
+"""Quantized bases (zo2/quantized.py, QZO): tiny models quantized on the fly with
+bitsandbytes (nf4, fp4, int8; its CPU backend). ZO trains the continuous scales and
+leaves the integer codes bit-identical; the engine's projected gradient is a plain
+two-forward finite difference over the scales; clipping bounds it; scales stay above
+their floor; resume, seed-log replay and the exported checkpoint are exact; LoRA
+trains over a frozen 4-bit base (QLoRA-style)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+
+pytest.importorskip("bitsandbytes")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from zo2 import noise  # noqa: E402
+from zo2.adapters import wrap  # noqa: E402
+from zo2.config import AdapterConfig, ModelConfig, OffloadConfig, OptimConfig  # noqa: E402
+from zo2.engine import ZOEngine  # noqa: E402
+from zo2.errors import ConfigError  # noqa: E402
+from zo2.export import export_checkpoint  # noqa: E402
+from zo2.loss import Objective, positions_to_keep  # noqa: E402
+from zo2.perturb import mirror_, step_seed  # noqa: E402
+from zo2.quantized import bnb_config, check_supported, portable, scales  # noqa: E402
+from zo2.seedlog import SeedLog, replay  # noqa: E402
+
+LABELS = torch.tensor([5, 9])
+SCALES = ("*.absmax", "*.SCB")  # the trainable globs of the scales alone
+
+
+def quantized(tmp_path, fmt: str = "nf4", family: str = "llama", double: bool = False):
+    """A tiny random model saved and loaded back quantized (deterministic: the same
+    codes and scales every time)."""
+    folder = tmp_path / f"base-{family}"
+    if not folder.exists():
+        make_model(family, layers=2).save_pretrained(folder)
+    config = bnb_config(fmt, torch.float32)
+    if double:
+        config.bnb_4bit_use_double_quant = True
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
+                                                 device_map="cpu", dtype=torch.float32)
+    portable(model)  # as zo2.models.load_model does: no CPU-specific repacking
+    model.config.use_cache = False
+    return model.eval().requires_grad_(False)
+
+
+def _engine(model, trainable=("*",), **optim) -> ZOEngine:
+    return ZOEngine(model, OptimConfig(**{"lr": 1e-3, **optim}),
+                    Objective("label_words", candidates=LABELS), seed=3, total_steps=8,
+                    trainable=trainable)
+
+
+def _codes(model) -> dict[str, torch.Tensor]:
+    return {n: p.clone() for n, p in model.named_parameters() if not p.is_floating_point()}
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
+def test_zo_trains_the_scales_and_float_params_and_never_the_codes(tmp_path, fmt):
+    model = quantized(tmp_path, fmt)
+    codes = _codes(model)
+    assert codes  # the quantized layers' integer weights
+    engine = _engine(model)
+    names = [p.name for p in engine.params]
+    assert not set(codes) & set(names)  # integer tensors are never trainable
+    suffix = ".SCB" if fmt == "int8" else ".weight.absmax"
+    layers = [n for n, *_ in scales(model)]
+    assert layers and all(n.endswith(suffix) for n in layers) and set(layers) <= set(names)
+    before = {p.name: p.param.data.clone() for p in engine.params}
+    for i in range(3):
+        engine.step(make_batch(seed=i))
+    engine.flush()
+    assert all(torch.equal(codes[n], p) for n, p in model.named_parameters() if n in codes)
+    assert all(not torch.equal(before[p.name], p.param.data) for p in engine.params)
+
+
+def test_the_projected_gradient_is_a_finite_difference_over_the_scales(tmp_path):
+    """The engine's g at step 0 against two plain forwards of the unwrapped model with
+    every scale at w0 + eps z and at the mirror 2 w0 - (w0 + eps z), as the engine
+    forms them: the same arithmetic, so the same bits (the stacked forward is
+    row-independent)."""
+    batch = make_batch(seed=0)
+    eps = 1e-3
+    engine = _engine(quantized(tmp_path), trainable=SCALES, eps=eps, lr=0.0)
+    got = engine.step(batch).grads[0]
+    seed = step_seed(3, 0, 0)
+    reference = quantized(tmp_path)
+    params = {n: s for n, s, _ in scales(reference)}
+    originals = {n: s.data.clone() for n, s in params.items()}
+    keep = positions_to_keep(batch["labels"])
+    losses = []
+    for sign in (1, -1):
+        for p in engine.params:
+            scale = params[p.name]
+            master = scale.data.clone()
+            plus = noise.combine(torch.empty_like(master), master, seed, p.key, eps)
+            scale.data = plus if sign == 1 else mirror_(plus, master)
+        with torch.no_grad():
+            logits = reference(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits[:, -keep:]
+        losses.append(float(engine.objective.loss(logits, batch["labels"])))
+        for n, s in params.items():  # back to the base values
+            s.data = originals[n].clone()
+    assert got == (losses[0] - losses[1]) / (2 * eps)
+    assert got != 0.0
+
+
+def test_clipping_bounds_the_projected_gradient_and_the_floor_keeps_scales_positive(
+        tmp_path):
+    engine = _engine(quantized(tmp_path), trainable=SCALES, clip_grad=1e-4)
+    grads = [g for i in range(3) for g in engine.step(make_batch(seed=i)).grads]
+    assert all(abs(g) <= 1e-4 for g in grads) and any(abs(g) == 1e-4 for g in grads)
+    assert [r["grads"][0] for r in engine.log] == grads  # the log keeps the clipped g
+    # a step far too large drives many scales below zero: they stop at the floor
+    wild = _engine(quantized(tmp_path), trainable=SCALES, lr=1e4, scale_floor=1e-6)
+    wild.step(make_batch(seed=0))
+    wild.flush()
+    values = torch.cat([p.param.data for p in wild.params])
+    assert values.min() == 1e-6 and (values == 1e-6).sum() > 0
+
+
+def test_resume_and_seed_log_replay_are_exact(tmp_path):
+    batches = [make_batch(seed=i) for i in range(6)]
+    full = _engine(quantized(tmp_path), method="zo-adam")
+    for b in batches:
+        full.step(b)
+    first = _engine(quantized(tmp_path), method="zo-adam")
+    for b in batches[:3]:
+        first.step(b)
+    first.save(tmp_path / "ck")
+    resumed = _engine(quantized(tmp_path), method="zo-adam")
+    resumed.load(tmp_path / "ck")
+    for b in batches[3:]:
+        resumed.step(b)
+    want, got = full.export_state_dict(), resumed.export_state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # the seed log rebuilds the fine-tune from the quantized base
+    base = quantized(tmp_path)
+    replay(base, SeedLog.from_engine(full))
+    again = dict(base.state_dict())
+    assert all(torch.equal(again[k], want[k]) for k in want)
+
+
+def test_the_exported_checkpoint_loads_back_quantized_with_the_same_logits(tmp_path):
+    engine = _engine(quantized(tmp_path), trainable=SCALES)
+    for i in range(2):
+        engine.step(make_batch(seed=i))
+    folder = engine.save(tmp_path / "out")
+    back = portable(AutoModelForCausalLM.from_pretrained(folder, device_map="cpu",
+                                                         dtype=torch.float32))
+    assert list(scales(back))  # quantized again, by its own config
+    ids = make_batch(seed=9)["input_ids"]
+    with torch.no_grad():
+        want = engine.model(input_ids=ids).logits
+        assert torch.equal(back(input_ids=ids).logits, want)
+    # dequantized: plain float32 weights scale * code, the values bitsandbytes' forward
+    # computes with, so the same logits
+    plain = export_checkpoint(folder, tmp_path / "plain", dequantize="float32")
+    model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
+    assert not list(scales(model)) and all(p.is_floating_point() for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+
+
+def test_double_quantized_statistics_are_read_as_float_scales(tmp_path):
+    model = quantized(tmp_path, double=True)
+    ids = make_batch(seed=1)["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    layers = list(scales(model))  # normalises: absmax dequantized to float32
+    assert all(s.dtype == torch.float32 and not m.weight.quant_state.nested
+               for _, s, m in layers)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_lora_over_a_frozen_4bit_base(tmp_path):
+    base = quantized(tmp_path)
+    codes, frozen = _codes(base), {n: s.data.clone() for n, s, _ in scales(base)}
+    model, trainable = wrap(base, AdapterConfig(kind="lora", r=4,
+                                                target_modules=["q_proj", "v_proj"]))
+    engine = _engine(model, trainable=trainable, lr=1e-2, eps=1e-2)
+    assert engine.params and all("lora_" in p.name for p in engine.params)
+    before = {p.name: p.param.data.clone() for p in engine.params}
+    for i in range(3):
+        engine.step(make_batch(seed=i))
+    engine.flush()
+    assert any(not torch.equal(before[p.name], p.param.data) for p in engine.params)
+    def base_name(name: str) -> str:  # peft's name of a wrapped layer's weight
+        return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+    assert all(torch.equal(codes[base_name(n)], p)
+               for n, p in model.named_parameters() if not p.is_floating_point())
+    now = {base_name(n): s.data for n, s, _ in scales(model)}
+    assert all(torch.equal(now[n], frozen[n]) for n in frozen)
+
+
+def test_settings_that_cannot_work_are_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.quantization"):
+        ModelConfig(quantization="int4").check()
+    with pytest.raises(ConfigError, match="optim.clip_grad"):
+        OptimConfig(clip_grad=-1.0).check()
+    other = make_model("llama")
+    other.config.quantization_config = {"quant_method": "awq"}
+    with pytest.raises(ConfigError, match="quantized with awq, which zo2 cannot train"):
+        check_supported(other)
+    with pytest.raises(ConfigError, match="offloading quantized blocks"):
+        ZOEngine(quantized(tmp_path), OptimConfig(), Objective("label_words",
+                 candidates=LABELS), offload=OffloadConfig(enabled=True))
