@@ -228,3 +228,24 @@ def test_cuda_update_table_is_made_once_per_update_and_stream():
         noise.add_(w, [1, 2], [0.5, 0.25], 9)
     assert T._tables[side][1] is not table  # its own table on the other stream
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("shape", [{"sparsity": 0.75}, {"rank": 2},
+                                   {"estimator": "hizoo", "hessian": "factored",
+                                    "hessian_smooth": 0.1}],
+                         ids=["sparse", "low-rank", "hizoo-light"])
+def test_cuda_structured_directions_offloaded_equal_resident(shape):
+    """Sparse masks, low-rank factors and HiZOO-L's curvature are formed on the upload
+    stream for offloaded blocks and on the compute stream for the resident units: the
+    same values either way (zo2/directions.py, zo2/hessian.py)."""
+    runs = []
+    for offload in (None, OffloadConfig(enabled=True, ring=2)):
+        model = make_model("llama", layers=4, hidden=256, vocab=4096, dtype=torch.bfloat16)
+        engine = ZOEngine(model, OptimConfig(lr=1e-3, **shape),
+                          Objective("label_words", torch.tensor([5, 9])), offload=offload,
+                          device="cuda")
+        losses = [engine.step(make_batch(seed=i, vocab=4096)).losses for i in range(6)]
+        runs.append((losses, {k: v.cpu() for k, v in engine.export_state_dict().items()}))
+    (la, wa), (lb, wb) = runs
+    assert la == lb
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

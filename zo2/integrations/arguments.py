@@ -61,6 +61,12 @@ class ZOArguments:
     history: int = 0
     state_dtype: str = "float32"
     conservative: bool = False
+    sparsity: float = 0.0  # sparse / low-rank / HiZOO directions (zo2.directions)
+    rank: int = 0
+    hessian: str = "none"
+    hessian_smooth: float = 1e-8
+    clip_grad: float = 0.0  # quantized bases (zo2.quantized)
+    scale_floor: float = 1e-8
     trainable: tuple[str, ...] | None = None
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     # dp=-1: every rank of the launch is data parallel
