@@ -168,10 +168,12 @@ class Offloader:
         compute = self.blocks[0].compute_dtype
         transfer = self.blocks[0].host.dtype if not self.master_on_host else wire
         slots = []
+        codes = max(b.codes_numel for b in self.blocks)  # quantized blocks' frozen lane
         for _ in range(min(self.ring, len(self.blocks))):
             store = self.device.empty(numel, transfer)
             work = store if transfer == compute else self.device.empty(numel, compute)
-            slots.append(Slot(store, work))
+            slots.append(Slot(store, work, codes=self.device.empty(codes, torch.uint8)
+                              if codes else None))
         return slots
 
     # ---- the residency protocol (called by the unit wrapper and the engine) ----------
@@ -199,6 +201,8 @@ class Offloader:
         slot.users += 1
         for e in block.entries:
             e.param.data = block.view(slot.work, e)
+        for e in block.codes:
+            e.param.data = block.code_view(slot.codes, e)
         self._prefetch()
 
     def release(self, unit: Unit) -> None:
@@ -207,7 +211,7 @@ class Offloader:
             return
         slot = self._slot_of(block)
         slot.users -= 1
-        for e in block.entries:
+        for e in block.entries + block.codes:
             e.param.data = self._placeholder(e.param.dtype).expand(e.shape)
         if slot.users == 0:
             self._finish(slot)
@@ -366,7 +370,7 @@ class Offloader:
         """
         inside = {id(e): (a, b) for e, a, b in block.overlaps(base, base + flat.numel())}
         update, fused = self.pending.update, self.pending.rule is None
-        segments = []
+        segments, floors = [], []
         for e in block.trainable:
             if not self.pending.needs(e.trainable):
                 continue
@@ -374,6 +378,8 @@ class Offloader:
                 a, b = inside[id(e)]
                 p = e.trainable
                 segments.append((a - base, b - a, p.key, a - e.offset, p.decay))
+                if p.floor is not None:  # a quantized layer's scales stay positive
+                    floors.append((a - base, b - base, p.floor))
                 self.pending.mark(p)
             elif id(e) in inside:
                 a, b = inside[id(e)]
@@ -384,6 +390,8 @@ class Offloader:
             noise.add_segments_(flat, segments, update.seeds, update.coefs,
                                 dist=self.pending.dist, decay=update.decay,
                                 rounding=self.pending.rounding, round_seed=update.round_seed)
+        for a, b, floor in floors:
+            flat[a:b].clamp_(min=floor)
 
     def _update_on_host(self, block: Block) -> None:
         """Apply the pending update to the fp32 host master (compressed-wire mode)."""

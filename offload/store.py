@@ -11,6 +11,13 @@ block. The flat buffer is page-locked host memory when there is a GPU, or a
 memory-mapped safetensors file on disk (:mod:`zo2.offload.disk`) for blocks beyond
 the host-memory budget.
 
+A quantized layer's integer codes (:mod:`zo2.quantized`) are not part of that buffer:
+they form a second, frozen lane of the block, one flat byte buffer (:attr:`Block.codes`)
+uploaded with the block and never written back, while the layer's float scales are
+ordinary (trainable) entries of the flat buffer. A 4-bit block so crosses the bus in
+about a quarter of the bytes of its 16-bit weights (a byte per two codes, plus a float
+scale per 64 of them).
+
 Between uses an offloaded parameter holds a *placeholder*: a one-element tensor
 expanded to the parameter's shape, on the compute device and in its dtype, so
 ``model.dtype``, ``model.device`` and shape checks still see the right values while
@@ -64,11 +71,27 @@ class Block:
     disk: DiskBuffer | None = None
     lo: int = 0  # this rank's slice [lo, hi) of the flat buffer (all of it without slicing)
     hi: int = 0
+    codes: list[Entry] = field(default_factory=list)  # frozen 1-byte integer tensors
+    codes_numel: int = 0  # bytes of the codes lane
+    codes_host: torch.Tensor | None = None  # flat uint8, in host memory
 
     def add(self, name: str, param: nn.Parameter, trainable: TrainableParam | None) -> None:
+        if not param.is_floating_point():  # a quantized layer's codes: the frozen lane
+            if param.element_size() != 1 or trainable is not None:
+                raise ConfigError(f"offload: {name} ({param.dtype}) is neither a float "
+                                  "parameter nor a frozen 1-byte code tensor")
+            self.codes.append(Entry(name, param, self.codes_numel, param.shape, None))
+            self.codes_numel += _aligned(param.numel())
+            return
         self.entries.append(Entry(name, param, self.numel, param.shape, trainable))
         self.numel += _aligned(param.numel())
         self.hi = self.numel
+
+    @staticmethod
+    def code_view(flat: torch.Tensor, entry: Entry) -> torch.Tensor:
+        """``entry``'s codes in a flat byte buffer laid out like this block's codes lane."""
+        return flat[entry.offset: entry.offset + entry.numel].view(entry.param.dtype) \
+            .view(entry.shape)
 
     def view(self, flat: torch.Tensor, entry: Entry) -> torch.Tensor:
         """``entry``'s slice of a flat buffer laid out like this block."""
@@ -155,8 +178,11 @@ def group_units(model: nn.Module, units: Sequence[Unit], offload: Sequence[bool]
         block = blocks.setdefault(root, Block(unit.name, []))
         block.units.append(unit)
     trainable = {id(p.param): p for unit in units for p in unit.params}
+    for p in trainable.values():  # tensors trained that no module owns: quantized scales
+        named.setdefault(id(p.param), (p.name, p.param))
     for block in blocks.values():
         params = {id(p): p for unit in block.units for p in unit.module.parameters()}
+        params.update({id(p.param): p.param for unit in block.units for p in unit.params})
         ordered = sorted(params.values(), key=lambda p: id(p) not in trainable)  # stable
         for param in ordered:
             block.add(named[id(param)][0], param, trainable.get(id(param)))
@@ -270,7 +296,16 @@ def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: 
             block.host = block.disk.tensor
         else:
             block.host = flat
-        for entry in block.entries:
+        if block.codes:  # the frozen codes lane, always in host memory
+            if to_disk:
+                raise ConfigError(f"offload: block {block.name} holds quantized codes, which "
+                                  "the disk tier does not take; raise offload.host_budget_gb")
+            codes = allocate(block.codes_numel, torch.uint8)
+            codes.zero_()
+            for e in block.codes:
+                block.code_view(codes, e).copy_(e.param.data)
+            block.codes_host = codes
+        for entry in block.entries + block.codes:
             assign(entry.param, placeholder(entry.param.dtype).expand(entry.shape))
 
 

@@ -46,6 +46,7 @@ class Slot:
     dirty: bool = False  # updated on the device, not yet written back
     work_current: bool = False  # ``work`` holds ``store``'s values
     tick: int = 0
+    codes: torch.Tensor | None = None  # flat uint8: a quantized block's frozen codes
 
 
 @dataclass(eq=False)
@@ -139,6 +140,9 @@ class Transfers:
         with self.device.on(stream):
             start = self.device.record(stream, self.timing)
             slot.store[lo:hi].copy_(source, non_blocking=True)
+            codes = block.codes_numel
+            if codes:  # the frozen codes lane, whole on every rank, never written back
+                slot.codes[:codes].copy_(block.codes_host, non_blocking=True)
             uploaded = self.device.record(stream, self.timing)
             if update is not None:  # the previous step's update, fused into the upload
                 update(slot.store[lo:hi], lo)
@@ -148,7 +152,8 @@ class Transfers:
         if stage is not None:
             stage.copied = slot.ready
         if self.timing:
-            self.stats.add("up", (hi - lo) * slot.store.element_size(), start, uploaded)
+            self.stats.add("up", (hi - lo) * slot.store.element_size() + block.codes_numel,
+                           start, uploaded)
         slot.block, slot.dirty = block, update is not None
         slot.work_current = slot.work is slot.store
 

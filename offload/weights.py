@@ -54,6 +54,7 @@ class OffloadedWeights:
         self.copies = copies
         self.slicing = slicing
         self._entry_of = {id(e.param): (b, e) for b in self.blocks for e in b.entries}
+        self._code_of = {id(e.param): (b, e) for b in self.blocks for e in b.codes}
 
     def host_tensors(self, writer_only: bool = False) -> dict[int, torch.Tensor]:
         """id(param) -> a host tensor holding its current value (after a flush).
@@ -70,11 +71,17 @@ class OffloadedWeights:
                 else self.slicing.gather_host(b.host)
             if flat is not None:
                 out.update({id(e.param): b.view(flat, e) for e in b.entries})
+                out.update({id(e.param): b.code_view(b.codes_host, e) for e in b.codes})
         return out
 
     def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
         """Set ``param``'s current value (loading weights): this rank's slice of it."""
         entry = self._entry_of.get(id(param))
+        if entry is None and id(param) in self._code_of:  # frozen codes: the codes lane
+            block, e = self._code_of[id(param)]
+            block.code_view(block.codes_host, e).copy_(value)
+            self.copies.drop_copies()  # a device copy holds the old codes
+            return
         if entry is None:
             param.data.copy_(value)
             return
@@ -118,6 +125,8 @@ class OffloadedWeights:
             whole = self._whole(block)
             for e in block.entries:
                 e.param.data = block.view(whole, e).to(e.param.dtype, copy=True)
+            for e in block.codes:
+                e.param.data = block.code_view(block.codes_host, e).clone()
         self.copies.free_ring()
 
     def _whole(self, block: Block) -> torch.Tensor:
