@@ -132,9 +132,6 @@ class ZOEngine:
         self.residency: Residency
         self.store: WeightStore
         if offload is not None and offload.enabled:
-            if any(p.floor is not None for p in self.params):
-                raise ConfigError("offload.enabled with a quantized model: offloading "
-                                  "quantized blocks is not supported yet; train it resident")
             self._check_sparse_offload(offload)
             offloader = Offloader(model, self.units, self.pending, offload, device=self.gpu,
                                   weights=weights, slicing=self.mesh.slicing(self.gpu),
