@@ -69,9 +69,15 @@ class OffloadedWeights:
         for b in self.blocks:
             flat = self._whole(b) if not writer_only or self.slicing is None \
                 else self.slicing.gather_host(b.host)
-            if flat is not None:
+            if flat is None:
+                continue
+            if b.codes:  # a quantized block: its own tensors (transformers' save of a
+                # quantized model refuses tensors sharing a buffer); a 4-bit block is small
+                out.update({id(e.param): b.view(flat, e).clone() for e in b.entries})
+                out.update({id(e.param): b.code_view(b.codes_host, e).clone()
+                            for e in b.codes})
+            else:
                 out.update({id(e.param): b.view(flat, e) for e in b.entries})
-                out.update({id(e.param): b.code_view(b.codes_host, e) for e in b.codes})
         return out
 
     def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:

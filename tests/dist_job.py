@@ -71,6 +71,8 @@ def build(spec: dict, mesh: Mesh) -> tuple[ZOEngine, torch.nn.Module]:
     """The scenario's engine and model (fresh weights)."""
     offload = OffloadConfig(**spec["offload"]) if spec.get("offload") else None
     model = make_model(spec.get("family", "llama"), layers=spec.get("layers", 3))
+    if spec.get("quantization"):  # loaded back quantized by bitsandbytes (zo2.quantized)
+        model = quantized(model, spec["quantization"])
     optim = OptimConfig(**{"lr": 1e-3, "q": spec.get("q", 1), **spec.get("optim", {})})
     cls = ZOEngine
     if spec.get("emulate_dp", 1) > 1:
@@ -78,6 +80,27 @@ def build(spec: dict, mesh: Mesh) -> tuple[ZOEngine, torch.nn.Module]:
     engine = cls(model, optim, Objective("label_words", candidates=torch.tensor([5, 9])),
                  seed=3, total_steps=spec.get("steps", 10), offload=offload, mesh=mesh)
     return engine, model
+
+
+def quantized(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
+    """``model`` saved and loaded back quantized (the same codes on every rank)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from zo2.quantized import bnb_config, portable
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:  # written by every rank (save_pretrained
+        # writes on rank 0 only once torch.distributed is up)
+        model.config.to_json_file(f"{tmp}/config.json")
+        save_file({k: v.clone() for k, v in model.state_dict().items()},
+                  f"{tmp}/model.safetensors", metadata={"format": "pt"})
+        q = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb_config(
+            fmt, torch.float32), device_map="cpu", dtype=torch.float32)
+    q.config.use_cache = False
+    return portable(q).eval().requires_grad_(False)
 
 
 def batch(spec: dict, t: int) -> dict:

@@ -77,6 +77,9 @@ TWO = [
     {"name": "pertp-hizoo", "pertp": 2, "resume_at": 4, "optim": HIZOO},
     {"name": "slice-hizoo-light", "dp": 2, "offload": {"enabled": True, "ring": 1},
      "slicing": "on", "optim": {**HIZOO, "hessian": "factored"}},
+    # a 4-bit model: each rank uploads its slice of the float lane and the codes whole
+    {"name": "slice-q4", "pertp": 2, "offload": {"enabled": True, "ring": 2},
+     "slicing": "on", "quantization": "nf4", "resume_at": 4},
 ]
 FOUR = [
     {"name": "ddp4", "dp": 4},
@@ -210,6 +213,11 @@ def test_hizoo_perturbation_and_data_parallel_equal_single_process_exactly(runs,
     light = {"optim": {**HIZOO, "hessian": "factored"},
              "offload": {"enabled": True, "ring": 1}}
     assert_same_run(result(runs, "slice-hizoo-light"), single(tmp_path, dp=2, **light))
+
+
+def test_a_quantized_model_sliced_and_resumed_equals_single_process_exactly(runs, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    assert_same_run(result(runs, "slice-q4"), single(tmp_path, quantization="nf4"))
 
 
 def test_pertp4_with_two_directions_equals_single_process_exactly(runs, tmp_path):

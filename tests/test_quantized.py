@@ -155,9 +155,16 @@ def test_offloaded_quantized_blocks_equal_resident_and_move_codes_once(tmp_path,
                           total_steps=8, trainable=SCALES, offload=offload)
         losses = [engine.step(make_batch(seed=i)).losses for i in range(4)]
         runs.append((losses, engine.export_state_dict(), engine))
-    (la, wa, _), (lb, wb, offloaded) = runs
+    (la, wa, resident), (lb, wb, offloaded) = runs
     assert la == lb
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # saved from host memory (its tensors hold placeholders): it loads back quantized,
+    # with the resident run's logits
+    back = portable(AutoModelForCausalLM.from_pretrained(
+        offloaded.save(tmp_path / f"off-{fmt}"), device_map="cpu", dtype=torch.float32))
+    ids = make_batch(seed=9)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, resident.model(input_ids=ids).logits)
     blocks = offloaded.residency.blocks
     assert blocks and all(b.codes for b in blocks)
     if method == "zo-sgd":  # updated on the device: the bytes of one step, exactly

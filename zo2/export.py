@@ -39,6 +39,7 @@ from zo2.folders import (
     SEEDLOG_FILE,
     STATE_FILE,
     STATE_TENSOR_FILES,
+    save_weights,
 )
 from zo2.models import load_model
 
@@ -176,7 +177,7 @@ def export_folder(engine, path: str | Path, tokenizer=None, card: Mapping | None
         if merge_lora and target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True, exist_ok=True)
-        engine.model.save_pretrained(target, state_dict=state_dict)
+        save_weights(engine.model, target, state_dict)
         _name_base(target, base or (card or {}).get("base_model"))
         if tokenizer is not None:
             tokenizer.save_pretrained(target)

@@ -17,6 +17,7 @@ reads them. A peft adapter folder (:func:`zo2.adapters.is_peft_folder`) is read 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from zo2.adapters import from_peft_format, is_peft_folder
 from zo2.errors import CheckpointError
 from zo2.seedlog import SeedLog
+from zo2.units import trainable_tensors
 
 if TYPE_CHECKING:
     from zo2.engine import ZOEngine
@@ -47,7 +49,7 @@ def save_folder(engine: ZOEngine, path: str | Path, tokenizer=None) -> Path:
     rule_state = engine.store.rule_state(engine.rule, writer_only=True) \
         if engine.rule.stateful else {}
     if engine.mesh.is_main:
-        engine.model.save_pretrained(path, state_dict=state_dict)
+        save_weights(engine.model, path, state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         state = engine.state_dict()
@@ -62,6 +64,37 @@ def save_folder(engine: ZOEngine, path: str | Path, tokenizer=None) -> Path:
                       path / DIRECTIONS_FILE)
     engine.mesh.wait_for_writer()  # the folder is complete before any rank reads it
     return path
+
+
+def save_weights(model, path: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """``model.save_pretrained(path, state_dict=...)`` with the values of ``state_dict``
+    (the engine's export: offloaded values come from host memory), also for a quantized
+    model, which transformers saves from its own tensors (:func:`_holding`)."""
+    with _holding(model, state_dict):
+        model.save_pretrained(path, state_dict=state_dict)
+
+
+@contextlib.contextmanager
+def _holding(model, state_dict: dict[str, torch.Tensor]):
+    """While a quantized model is saved, its tensors hold the exported values:
+    transformers saves a quantized model from its own tensors (its quantizer's state
+    dict), not from the state dict it is given, and offloaded ones hold placeholders."""
+    if getattr(model, "hf_quantizer", None) is None:
+        yield
+        return
+    owners = {name: t for name, t, *_ in trainable_tensors(model)}
+    owners.update(dict(model.named_parameters()))
+    saved = []
+    for name, tensor in owners.items():
+        value = state_dict.get(name)
+        if value is not None and value.data_ptr() != tensor.data_ptr():
+            saved.append((tensor, tensor.data))
+            tensor.data = value
+    try:
+        yield
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
 
 
 def load_folder(engine: ZOEngine, path: str | Path) -> None:
