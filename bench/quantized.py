@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ PARTS = {
     "q4": ["model.quantization=nf4", "optim.clip_grad=100"],
     "bf16": ["model.dtype=bfloat16"],
 }
-BYTES_STEPS = 4  # steps of the offloaded runs that measure bytes up per step
+BYTES_STEPS = 5  # steps of the offloaded runs that measure bytes up per step
 
 
 def _command(out: Path, args, extra: list[str]) -> list[str]:
@@ -67,15 +68,15 @@ def bytes_up(part: str, args, out: Path) -> float | str:
     """MiB uploaded per step, steady state, in a short offloaded run of ``part``."""
     small = argparse.Namespace(**{**vars(args), "steps": BYTES_STEPS, "eval_every": 0,
                                   "n_test": 16, "n_dev": 16})
-    done = _run(_command(out, small, [*PARTS[part], "offload.enabled=true",
-                                      "offload.timing=false", "eval_every=0"]))
+    done = _run(_command(out, small, [*PARTS[part], "offload.enabled=true", "log_every=1"]))
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["?"])[-1]
         return f"refused: {last}"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                if line.strip()]
-    ups = [r["offload_up_mb"] for r in records if "offload_up_mb" in r]
-    return ups[-1] if ups else "no offload_up_mb in metrics.jsonl"
+    # one record a step (log_every=1); the first also covers the zero-shot evaluation
+    ups = [r["offload_up_mb"] for r in records if "offload_up_mb" in r][1:]
+    return statistics.median(ups) if ups else "no offload_up_mb in metrics.jsonl"
 
 
 def run_adam(args) -> dict:
@@ -84,7 +85,7 @@ def run_adam(args) -> dict:
 
     result = run_method("adam_fo", args.steps * FO_FORWARDS_PER_STEP, args.n_train,
                         args.n_test, None)
-    points = result["run"]["points"]
+    points = result["run"]["curve"]
     return {"adam_zero_shot": points[0]["test_accuracy"],
             "adam_tuned": points[-1]["test_accuracy"],
             "adam_peak_rss_mb": result["run"]["peak_rss_mb"],

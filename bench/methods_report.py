@@ -1,0 +1,151 @@
+"""The record of :mod:`bench.methods`: per-seed runs merged into one results file, the
+mean and sample standard deviation over seeds at each eval point, and the plot.
+
+A results file holds ``methods[name]`` with the method's settings, ``runs`` (one run
+record per seed, keyed by the seed as a string: its curve of forward passes -> test
+accuracy, ``cut_short``, ``forwards_reached``, ``wall_s``, ``peak_rss_mb``) and
+``aggregate`` (recomputed from ``runs`` on every write; ``final_mean`` / ``final_sd``
+over the seeds that ran the whole budget). A later invocation on the same file (same
+``--name``) adds or replaces its own (method, seed) runs and keeps the others;
+:func:`write` also lists the runs ``cut_short`` and those ``--expect``-ed but missing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from bench.common import report
+
+SD_KIND = "sample standard deviation over seeds (n-1 denominator); null with one seed"
+
+
+def load(path: Path) -> dict:
+    """The record at ``path`` (an empty one when there is none)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_same_protocol(old: dict, budget: int, n_test: int, n_train: int) -> None:
+    """Refuse to merge runs of another budget or test set into an existing record."""
+    s = old.get("setup", {})
+    mine = {"budget_forward_passes": budget, "n_test": n_test, "n_train": n_train}
+    clash = {k: (s[k], v) for k, v in mine.items() if k in s and s[k] != v}
+    if clash:
+        raise SystemExit(f"{clash} (existing, this run): use another --name")
+
+
+def merge(methods: dict, name: str, seed: int, run: dict, info: dict) -> None:
+    """Put ``run`` (seed ``seed`` of ``name``) into ``methods``, in place; ``info``: the
+    method's settings (the latest invocation's win)."""
+    entry = methods.setdefault(name, {})
+    entry.update(info)
+    entry.setdefault("runs", {})[str(seed)] = run
+    entry["seeds"] = sorted(int(s) for s in entry["runs"])
+    entry["aggregate"] = aggregate(entry["runs"])
+
+
+def aggregate(runs: dict) -> dict:
+    """Mean and sample sd of test accuracy over the seeds at each eval point (forward
+    passes), with the seeds that reached it (a run cut short lacks the later points)."""
+    at: dict[int, list[float]] = {}
+    for r in runs.values():
+        for p in r["curve"]:
+            at.setdefault(p["forward_passes"], []).append(p["test_accuracy"])
+    points = [{"forward_passes": fp, "n_seeds": len(v), "mean": statistics.fmean(v),
+               "sd": statistics.stdev(v) if len(v) > 1 else None}
+              for fp, v in sorted(at.items())]
+    whole = {s: r for s, r in runs.items() if not r["cut_short"]}
+    finals = [r["curve"][-1]["test_accuracy"] for r in (whole or runs).values()]
+    return {"sd": SD_KIND, "points": points, "n_seeds": len(runs),
+            "final_over_seeds": sorted(int(s) for s in (whole or runs)),
+            "final_over": "the seeds that ran the whole budget" if whole else
+                          "every seed was cut short: their last points (unequal budgets)",
+            "final_mean": statistics.fmean(finals),
+            "final_sd": statistics.stdev(finals) if len(finals) > 1 else None,
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs.values()),
+            "cut_short_seeds": sorted(int(s) for s, r in runs.items() if r["cut_short"])}
+
+
+def plot(methods: dict, budget: int, n_test: int, target: Path) -> None:
+    """Test accuracy against forward passes: the mean over seeds per method, a +-1 sd
+    band where two or more seeds reached the point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in methods.items():
+        agg = m["aggregate"]
+        xs = [p["forward_passes"] for p in agg["points"]]
+        ys = [p["mean"] for p in agg["points"]]
+        sd = f" +-{agg['final_sd']:.3f}" if agg["final_sd"] is not None else ""
+        (line,) = ax.plot(xs, ys, marker="o", ms=3,
+                          label=f"{name} ({agg['final_mean']:.3f}{sd}, "
+                                f"{agg['n_seeds']} seed{'s' * (agg['n_seeds'] > 1)})")
+        band = [p for p in agg["points"] if p["sd"] is not None]
+        if band:
+            ax.fill_between([p["forward_passes"] for p in band],
+                            [p["mean"] - p["sd"] for p in band],
+                            [p["mean"] + p["sd"] for p in band],
+                            color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("forward passes of batch 16 (first order: 3 per step)")
+    ax.set_ylabel(f"test accuracy ({n_test} balanced examples)")
+    ax.set_title(f"SmolLM2-135M, tweet sentiment: budget {budget} forward passes\n"
+                 "mean over seeds, band +-1 sample sd", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
+def write(args, methods: dict, invocations: list, seeds: list[int], tuned: list[str],
+          fo_forwards_per_step: int, n_dev: int) -> None:
+    """The record and the plot of every run so far (this invocation's and earlier ones')."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(methods, args.budget, args.n_test, args.out / f"{args.name}.png")
+    expected = [f"{n}/{s}" for n in args.expect.split(",") if n for s in seeds]
+    done = {f"{n}/{s}" for n, m in methods.items() for s in m["runs"]}
+    cut = sorted(f"{n}/{s}" for n, m in methods.items() for s, r in m["runs"].items()
+                 if r["cut_short"])
+    figures = {name: round(m["aggregate"]["final_mean"], 4) for name, m in methods.items()}
+    record_extra = {
+        "setup": {
+            "model": "smollm2-135m (embedded, fp32, CPU)", "task": "tweets, label_words",
+            "n_train": args.n_train, "n_test": args.n_test, "test_balanced": True,
+            "batch_size": 16, "eval_batch_size": 32, "max_length": 128,
+            "seed_drives": "zo2-train's seed: the perturbation directions "
+                           "(step_seed(seed, step, j)), the training data order "
+                           "(BatchIterator, Random(seed + epoch)) and an adapter's init; "
+                           "the splits are fixed by task.seed=42 (same test set for all)",
+            "sd": SD_KIND,
+            "budget_forward_passes": args.budget,
+            "forward_pass_accounting": "ZO: one forward of batch 16 per slice of the "
+                                       "estimator's plan (two-sided 2*q, one-sided/FZOO q+1), "
+                                       "whole steps within the budget; first-order AdamW: "
+                                       f"{fo_forwards_per_step} forward-equivalents per step",
+            "eval_points": "test accuracy at 0 and after ~1/4, 1/2, 3/4, 1 of the budget",
+            "acc0": "measured once for the base weights and reused for methods that start "
+                    "from them (all but prefix_zo, whose random prefix changes the model)",
+            "peak_rss": "ru_maxrss of each run's own process (load + train + eval)",
+            "lr_choice": f"{', '.join(tuned)}: as tuned for this default; the others: their "
+                         "preset's lr, or with --probe the lowest dev loss of a short probe "
+                         "(see each method's probe)",
+            "n_dev": n_dev,
+            "wall_limit": "each invocation's limit (--max-minutes / --stop-at) shared "
+                          "equally by its runs left; a run whose share runs out stops at a "
+                          "whole step, is evaluated there and is marked cut_short",
+            "invocations": invocations,
+            "machine_note": "2 shared CPU cores: wall times are noisy",
+        },
+        "cut_short_runs": cut,
+        "missing_runs": [e for e in expected if e not in done],
+        "methods": methods,
+    }
+    report(args.name, figures, args.out)  # prints the last line
+    path = args.out / f"{args.name}.json"
+    record = json.loads(path.read_text())
+    record.update(record_extra)
+    path.write_text(json.dumps(record, indent=2) + "\n")
