@@ -230,18 +230,19 @@ def test_cuda_update_table_is_made_once_per_update_and_stream():
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("shape", [{"sparsity": 0.75}, {"rank": 2},
-                                   {"estimator": "hizoo", "hessian": "factored",
-                                    "hessian_smooth": 0.1}],
-                         ids=["sparse", "low-rank", "hizoo-light"])
-def test_cuda_structured_directions_offloaded_equal_resident(shape):
+SHAPES = {"sparse": {"sparsity": 0.75}, "low-rank": {"rank": 2},
+          "hizoo-light": {"estimator": "hizoo", "hessian": "factored", "hessian_smooth": 0.1}}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_cuda_structured_directions_offloaded_equal_resident(name):
     """Sparse masks, low-rank factors and HiZOO-L's curvature are formed on the upload
     stream for offloaded blocks and on the compute stream for the resident units: the
     same values either way (zo2/directions.py, zo2/hessian.py)."""
     runs = []
     for offload in (None, OffloadConfig(enabled=True, ring=2)):
         model = make_model("llama", layers=4, hidden=256, vocab=4096, dtype=torch.bfloat16)
-        engine = ZOEngine(model, OptimConfig(lr=1e-3, **shape),
+        engine = ZOEngine(model, OptimConfig(lr=1e-3, **SHAPES[name]),
                           Objective("label_words", torch.tensor([5, 9])), offload=offload,
                           device="cuda")
         losses = [engine.step(make_batch(seed=i, vocab=4096)).losses for i in range(6)]

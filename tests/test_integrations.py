@@ -238,7 +238,7 @@ def test_zosfttrainer_trains_on_the_assistant_tokens_trl_labels(tmp_path):
             return super()._zo_step(batch)
 
     args = trl.SFTConfig(str(tmp_path), max_steps=12, per_device_train_batch_size=8,
-                         learning_rate=3e-2, lr_scheduler_type="constant", report_to="none",
+                         learning_rate=3e-3, lr_scheduler_type="constant", report_to="none",
                          use_cpu=True, save_strategy="no", assistant_only_loss=True,
                          max_grad_norm=0.0, seed=0, disable_tqdm=True,
                          gradient_checkpointing=False)
