@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import io
 import json
 import logging
@@ -66,65 +67,40 @@ def torchao_configs(group: int = 64) -> dict:
     )
     from torchao.quantization.granularity import PerGroup, PerRow
 
-    configs = {
-        "int8_wo_row": (
-            lambda: Int8WeightOnlyConfig(granularity=PerRow()),
-            "Int8WeightOnlyConfig() (per output row)",
-        ),
-        "int8_wo_group": (
-            lambda: Int8WeightOnlyConfig(granularity=PerGroup(group)),
-            f"Int8WeightOnlyConfig(granularity=PerGroup({group}))",
-        ),
-        "int4_wo_plain": (
-            lambda: Int4WeightOnlyConfig(group_size=group),
-            f"Int4WeightOnlyConfig(group_size={group}) (default packing 'plain')",
-        ),
-        "int4_wo_tile": (
-            lambda: Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d"),
-            f"Int4WeightOnlyConfig(group_size={group}, int4_packing_format='tile_packed_to_4d')",
-        ),
-        "int4_wo_int32": (
-            lambda: Int4WeightOnlyConfig(group_size=group, int4_packing_format="plain_int32"),
-            f"Int4WeightOnlyConfig(group_size={group}, int4_packing_format='plain_int32')",
-        ),
-        "intx4_wo_group": (
-            lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)),
-            f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup({group}))",
-        ),
-        "intx4_wo_group_kleidiai": (
-            lambda: IntxWeightOnlyConfig(
-                weight_dtype=torch.int4,
-                granularity=PerGroup(group),
-                intx_packing_format="opaque_aten_kleidiai",
-            ),
-            f"IntxWeightOnlyConfig(int4, PerGroup({group}), intx_packing_format='opaque_aten_kleidiai')",  # noqa: E501
-        ),
-        "intx4_wo_group_torchao_auto": (
-            lambda: IntxWeightOnlyConfig(
-                weight_dtype=torch.int4,
-                granularity=PerGroup(group),
-                intx_packing_format="opaque_torchao_auto",
-            ),
-            f"IntxWeightOnlyConfig(int4, PerGroup({group}), intx_packing_format='opaque_torchao_auto')",  # noqa: E501
-        ),
-        "fp8_wo_row": (
-            lambda: Float8WeightOnlyConfig(),
-            "Float8WeightOnlyConfig() (e4m3 codes, per row)",
-        ),
-    }
+    int4, grouped = torch.int4, PerGroup(group)
+    table = [  # name, config class, its arguments
+        ("int8_wo_row", Int8WeightOnlyConfig, {"granularity": PerRow()}),
+        ("int8_wo_group", Int8WeightOnlyConfig, {"granularity": grouped}),
+        ("int4_wo_plain", Int4WeightOnlyConfig, {"group_size": group}),
+        ("int4_wo_tile", Int4WeightOnlyConfig,
+         {"group_size": group, "int4_packing_format": "tile_packed_to_4d"}),
+        ("int4_wo_int32", Int4WeightOnlyConfig,
+         {"group_size": group, "int4_packing_format": "plain_int32"}),
+        ("intx4_wo_group", IntxWeightOnlyConfig, {"weight_dtype": int4, "granularity": grouped}),
+        ("intx4_wo_group_kleidiai", IntxWeightOnlyConfig,
+         {"weight_dtype": int4, "granularity": grouped,
+          "intx_packing_format": "opaque_aten_kleidiai"}),
+        ("intx4_wo_group_torchao_auto", IntxWeightOnlyConfig,
+         {"weight_dtype": int4, "granularity": grouped,
+          "intx_packing_format": "opaque_torchao_auto"}),
+        ("fp8_wo_row", Float8WeightOnlyConfig, {}),
+    ]
+    configs = {name: (functools.partial(cls, **kwargs), _describe(cls, kwargs))
+               for name, cls, kwargs in table}
     # not weight-only (int8 dynamic activations): the only configs with packed int4 CPU
     # kernels (opaque formats); in the support matrix only
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig as Dyn
 
     for fmt in ("opaque_aten_kleidiai", "opaque_torchao_auto"):
-        configs[f"dyn_act_int4_{fmt}"] = (
-            lambda fmt=fmt: Dyn(
-                weight_dtype=torch.int4, weight_granularity=PerGroup(group), intx_packing_format=fmt
-            ),
-            f"Int8DynamicActivationIntxWeightConfig(int4, PerGroup({group}), "
-            f"intx_packing_format='{fmt}') (not weight-only)",
-        )
+        kwargs = {"weight_dtype": int4, "weight_granularity": grouped, "intx_packing_format": fmt}
+        configs[f"dyn_act_int4_{fmt}"] = (functools.partial(Dyn, **kwargs),
+                                          _describe(Dyn, kwargs) + " (not weight-only)")
     return configs
+
+
+def _describe(cls, kwargs: dict) -> str:
+    """``Class(key=value, ...)``: the config as it was built."""
+    return f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
 
 
 def decoder_linear(module: nn.Module, fqn: str) -> bool:

@@ -86,11 +86,10 @@ def quantized(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
     """``model`` saved and loaded back quantized (the same codes on every rank)."""
     import tempfile
 
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from zo2.quantized import bnb_config, portable
-
-    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:  # written by every rank (save_pretrained
         # writes on rank 0 only once torch.distributed is up)

@@ -160,3 +160,32 @@ def test_settings_that_cannot_work_are_one_clear_error():
     # low-rank directions are pure functions of the seed: a compressed wire is fine
     ZOEngine(make_model("opt", dtype=torch.bfloat16), OptimConfig(rank=2),
              Objective("label_words", candidates=torch.tensor([5, 9])), offload=wire).close()
+
+
+@pytest.mark.parametrize("kind", ["sparse", "hizoo-light", "hizoo"])
+def test_a_kinds_sum_over_seeds_equals_the_sum_of_its_directions(kind):
+    """``accumulate`` does once per chunk what the seeds share (the sparse mask, the
+    Hessian scale); ``G`` must keep the bits of summing each seed's ``z`` (the generic
+    loop over :meth:`fill`), so the update still agrees with the perturbation."""
+    from zo2.directions import Directions
+    from zo2.hessian import HessianScaled
+    from zo2.perturb import Update
+
+    p = _param("layer.weight", (12, 10))
+    weights = p.param.data.reshape(-1)
+    if kind == "sparse":
+        directions = Sparse("gaussian", 0.75)
+        directions.prepare(p, weights)
+    else:  # a D that is not 1, advanced by one update of two seeds
+        directions = HessianScaled("gaussian", "factored" if kind == "hizoo-light"
+                                   else "diagonal", 0.5)
+        directions.advance(p, Update((1, 2), (), 1.0, grads=(0.3, -0.2), curv=(4.0, 9.0)))
+    seeds, grads = (11, 12, 13), (0.5, -1.25, 2.0)
+    for start, n in [(0, 120), (7, 50)]:
+        z = torch.empty(n)
+        ours, generic = torch.zeros(n), torch.zeros(n)
+        part = weights[start: start + n]
+        directions.accumulate(ours, z, seeds, grads, p, start, part)
+        Directions.accumulate(directions, generic, z, seeds, grads, p, start, part)
+        assert torch.equal(ours, generic)
+        assert (ours != 0).any()

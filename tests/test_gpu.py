@@ -140,22 +140,27 @@ def test_cuda_steps_make_no_host_sync(offloaded, dtype):
         assert not engine.step(make_batch(seed=i), telemetry=False).skipped
 
 
+def _assert_offloaded_equals_resident(optim: OptimConfig, steps: int) -> None:
+    """A bf16 llama on CUDA, resident and offloaded (ring 2): the same losses at every
+    step and the same weights after ``steps``, bit for bit."""
+    runs = []
+    for offload in (None, OffloadConfig(enabled=True, ring=2)):
+        model = make_model("llama", layers=4, hidden=256, vocab=4096, dtype=torch.bfloat16)
+        engine = ZOEngine(model, optim, Objective("label_words", torch.tensor([5, 9])),
+                          offload=offload, device="cuda")
+        losses = [engine.step(make_batch(seed=i, vocab=4096)).losses for i in range(steps)]
+        runs.append((losses, {k: v.cpu() for k, v in engine.export_state_dict().items()}))
+    (la, wa), (lb, wb) = runs
+    assert la == lb
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.parametrize("method", ["zo-sign", "zo-sgd"])
 def test_cuda_zo_sign_offloaded_equals_resident(method):
     """Offloaded blocks are updated on the upload stream, the resident embeddings and head
     on the compute stream, at the same time: a scratch buffer shared by the two streams
     would mix their values. Per-stream scratch: offloaded == resident, bit for bit."""
-    runs = []
-    for offload in (None, OffloadConfig(enabled=True, ring=2)):
-        model = make_model("llama", layers=4, hidden=256, vocab=4096, dtype=torch.bfloat16)
-        engine = ZOEngine(model, OptimConfig(method=method, lr=1e-3),
-                          Objective("label_words", torch.tensor([5, 9])), offload=offload,
-                          device="cuda")
-        losses = [engine.step(make_batch(seed=i, vocab=4096)).losses for i in range(8)]
-        runs.append((losses, {k: v.cpu() for k, v in engine.export_state_dict().items()}))
-    (la, wa), (lb, wb) = runs
-    assert la == lb
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_offloaded_equals_resident(OptimConfig(method=method, lr=1e-3), steps=8)
 
 
 @pytest.mark.parametrize("offloaded", [False, True])
@@ -239,14 +244,4 @@ def test_cuda_structured_directions_offloaded_equal_resident(name):
     """Sparse masks, low-rank factors and HiZOO-L's curvature are formed on the upload
     stream for offloaded blocks and on the compute stream for the resident units: the
     same values either way (zo2/directions.py, zo2/hessian.py)."""
-    runs = []
-    for offload in (None, OffloadConfig(enabled=True, ring=2)):
-        model = make_model("llama", layers=4, hidden=256, vocab=4096, dtype=torch.bfloat16)
-        engine = ZOEngine(model, OptimConfig(lr=1e-3, **SHAPES[name]),
-                          Objective("label_words", torch.tensor([5, 9])), offload=offload,
-                          device="cuda")
-        losses = [engine.step(make_batch(seed=i, vocab=4096)).losses for i in range(6)]
-        runs.append((losses, {k: v.cpu() for k, v in engine.export_state_dict().items()}))
-    (la, wa), (lb, wb) = runs
-    assert la == lb
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_offloaded_equals_resident(OptimConfig(lr=1e-3, **SHAPES[name]), steps=6)

@@ -47,7 +47,6 @@ from collections.abc import Mapping
 import torch
 
 from zo2 import noise
-from zo2.errors import ConfigError
 from zo2.units import TrainableParam
 
 CHUNK = 1 << 20  # elements formed at a time (4 MiB of float32 and its temporaries)
@@ -81,6 +80,15 @@ class Directions:
         """``z`` (float32) = elements ``[start, start+len)`` of ``p``'s direction; ``weights``
         holds the current values of those elements (read by the sparse kind)."""
         noise.fill(z, seed, p.key, start, self.dist)
+
+    def accumulate(self, total: torch.Tensor, z: torch.Tensor, seeds, grads,
+                   p: TrainableParam, start: int, weights: torch.Tensor) -> None:
+        """``total += sum_j g_j z_j`` over elements ``[start, start+len)`` of ``p`` (the
+        update's ``G``); ``z`` is float32 scratch of the same length. A kind overrides
+        it to do once per chunk what does not depend on the seed."""
+        for seed, g in zip(seeds, grads):
+            self.fill(z, seed, p, start, weights)
+            total.add_(z, alpha=g)
 
     def advance(self, p: TrainableParam, update) -> None:  # noqa: B027 (stateless)
         """Before ``update`` is applied to ``p``: move what ``z`` depends on to the state
@@ -151,6 +159,18 @@ class Sparse(_Structured):
 
     def fill(self, z, seed, p, start, weights) -> None:
         noise.fill(z, seed, p.key, start, self.dist)
+        self._mask(z, p, weights)
+
+    def accumulate(self, total, z, seeds, grads, p, start, weights) -> None:
+        # the mask is the seeds' common factor: applied once to the sum, the same bits
+        # (a masked element is 0 in every term; unmasked ones are summed as before)
+        for seed, g in zip(seeds, grads):
+            noise.fill(z, seed, p.key, start, self.dist)
+            total.add_(z, alpha=g)
+        self._mask(total, p, weights)
+
+    def _mask(self, z: torch.Tensor, p: TrainableParam, weights: torch.Tensor) -> None:
+        """Zero the elements of ``z`` whose weight's magnitude is above ``tau``."""
         if self.structured(p):
             if p.name not in self.thresholds:
                 raise RuntimeError(f"{p.name}: updated before it was perturbed (no sparse "
@@ -201,6 +221,7 @@ class LowRank(_Structured):
         noise.fill(v, seed, key_v, 0, self.dist)
         u = u.view(rows, r).mul_(1.0 / math.sqrt(r))
         v = v.view(cols, r)
+        # V (cols x r) is drawn again for every chunk: r/rows of the block's work
         block = torch.zeros(rows, cols, dtype=torch.float32, device=z.device)
         term = torch.empty_like(block)
         for k in range(r):  # separate multiply and add: exact elementwise, slice-independent
@@ -213,10 +234,7 @@ class LowRank(_Structured):
 def make_directions(dist: str, sparsity: float = 0.0, rank: int = 0, hessian: str = "none",
                     hessian_smooth: float = 0.0) -> Directions:
     """The kind ``optim.sparsity`` / ``optim.rank`` / ``optim.hessian`` select (dense
-    when none is set)."""
-    if sum(map(bool, (sparsity, rank, hessian != "none"))) > 1:
-        raise ConfigError("optim.sparsity, optim.rank and optim.hessian: choose one kind of "
-                          "directions (sparse, low-rank or Hessian-scaled)")
+    when none is set; :class:`zo2.config.OptimConfig` allows one at most)."""
     if hessian != "none":
         from zo2.hessian import HessianScaled  # it builds on this module
 

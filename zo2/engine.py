@@ -56,7 +56,7 @@ from zo2.perturb import (
 from zo2.residency import InPlaceWeights, Residency, Resident, WeightStore
 from zo2.rules import directions_of, make_rule
 from zo2.schedule import learning_rate
-from zo2.units import find_units, trainable_tensors, unique_params
+from zo2.units import find_units, tensors_by_name, unique_params
 
 
 @dataclass
@@ -369,11 +369,8 @@ class ZOEngine:
         """
         self.flush()
         homes = self.store.host_tensors(writer_only)
-        # by name too: a layer may save a detached copy of its parameter (bitsandbytes'
-        # 4-bit codes), whose identity is not the parameter's
-        owners = {name: t for name, t, *_ in trainable_tensors(self.model)}
-        owners.update(dict(self.model.named_parameters()))
-        by_name = {n: homes[id(t)] for n, t in owners.items() if id(t) in homes}
+        by_name = {n: homes[id(t)] for n, t in tensors_by_name(self.model).items()
+                   if id(t) in homes}
         return {k: by_name[k] if k in by_name else homes.get(id(v), v.detach())
                 for k, v in self.model.state_dict(keep_vars=True).items()}
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from zo2.adapters import from_peft_format, is_peft_folder
 from zo2.errors import CheckpointError
 from zo2.seedlog import SeedLog
-from zo2.units import trainable_tensors
+from zo2.units import tensors_by_name
 
 if TYPE_CHECKING:
     from zo2.engine import ZOEngine
@@ -82,10 +82,8 @@ def _holding(model, state_dict: dict[str, torch.Tensor]):
     if getattr(model, "hf_quantizer", None) is None:
         yield
         return
-    owners = {name: t for name, t, *_ in trainable_tensors(model)}
-    owners.update(dict(model.named_parameters()))
     saved = []
-    for name, tensor in owners.items():
+    for name, tensor in tensors_by_name(model).items():
         value = state_dict.get(name)
         if value is not None and value.data_ptr() != tensor.data_ptr():
             saved.append((tensor, tensor.data))

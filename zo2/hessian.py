@@ -83,7 +83,7 @@ class HessianScaled(_Structured):
             cols = c.numel()
             first, last = start // cols, (start + n - 1) // cols
             block = r[first: last + 1, None] * c[None, :]  # one rounding per element
-            block.div_(r.sum())
+            block.div_(r.sum())  # rows floats: reduced again by every call (once a chunk)
             offset = start - first * cols
             return block.view(-1)[offset: offset + n].clone()
         d = self.diag.get(p.name)
@@ -95,6 +95,14 @@ class HessianScaled(_Structured):
         noise.fill(z, seed, p.key, start, self.dist)
         if z.numel():
             z.div_(self.curvature(p, start, z.numel(), z.device).sqrt_())
+
+    def accumulate(self, total, z, seeds, grads, p, start, weights) -> None:
+        if not z.numel():
+            return
+        scale = self.curvature(p, start, z.numel(), z.device).sqrt_()  # once per chunk
+        for seed, g in zip(seeds, grads):
+            noise.fill(z, seed, p.key, start, self.dist)
+            total.add_(z.div_(scale), alpha=g)
 
     def advance(self, p: TrainableParam, update) -> None:
         """``D <- D * (1 - alpha + alpha * mean_j kappa_j n_j^2)`` over all of ``p``.

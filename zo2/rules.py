@@ -133,9 +133,7 @@ class _Materialized(Rule):
         buf = self.scratch(2 * n, target.device)
         total, z = buf[:n], buf[n: 2 * n]
         total.zero_()
-        for seed, g in zip(update.seeds, update.grads):
-            directions.fill(z, seed, p, start, target)
-            total.add_(z, alpha=g)
+        directions.accumulate(total, z, update.seeds, update.grads, p, start, target)
         return total
 
     def scratch(self, n: int, device: torch.device) -> torch.Tensor:

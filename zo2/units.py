@@ -25,6 +25,7 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from zo2.errors import ModelError
@@ -102,6 +103,16 @@ def trainable_tensors(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Modu
             seen.add(id(scale))
             out.append((name, scale, module, True))
     return out
+
+
+def tensors_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and quantization scale of ``model`` by its state-dict name.
+
+    By name, not identity: a quantized layer may save a detached copy of its parameter
+    (bitsandbytes' 4-bit codes), whose identity is not the parameter's."""
+    owners = {name: t for name, t, *_ in trainable_tensors(model)}
+    owners.update(dict(model.named_parameters()))
+    return owners
 
 
 def find_units(model: nn.Module, trainable: Sequence[str] = ("*",)) -> list[Unit]:
