@@ -227,7 +227,7 @@ def run_method(method: str, budget: int, n_train: int, n_test: int, acc0: float 
     accuracy curve, cut_short, peak RSS, wall time)."""
     started = time.perf_counter()
     with setup(method, budget, n_train, n_test, lr, seed) as run:
-        out = {"seed": seed, **curve(method, run, acc0, deadline)}
+        out = {"seed": seed, **curve(method, run, acc0, deadline, started)}
     from zo2.tracking import peak_rss_mb
 
     wall = time.perf_counter() - started
@@ -236,9 +236,13 @@ def run_method(method: str, budget: int, n_train: int, n_test: int, acc0: float 
     return {"info": {"method": method, **run.info}, "run": out}
 
 
-def curve(method: str, run: Run, acc0: float | None, deadline: float | None) -> dict:
+def curve(method: str, run: Run, acc0: float | None, deadline: float | None,
+          started: float | None = None) -> dict:
     """Train ``run`` for its steps (fewer when ``deadline`` comes first), test accuracy
-    at 0 (unless ``acc0`` is given) and at the :func:`eval_steps`."""
+    at 0 (unless ``acc0`` is given) and at the :func:`eval_steps`; each point's
+    ``wall_s``: seconds since ``started`` (``time.perf_counter()``, the process's setup
+    included) when its evaluation ended, so accuracy at equal wall time can be read."""
+    started = time.perf_counter() if started is None else started
     checkpoints = eval_steps(run.steps)
     points = []
     evals_s = 0.0
@@ -251,7 +255,8 @@ def curve(method: str, run: Run, acc0: float | None, deadline: float | None) -> 
         out["acc0_measured"] = True
     else:
         out["acc0_measured"] = False  # the same initial weights as a measured method
-    points.append({"step": 0, "forward_passes": 0, "test_accuracy": acc0})
+    points.append({"step": 0, "forward_passes": 0, "test_accuracy": acc0,
+                   "wall_s": time.perf_counter() - started})
     losses = []
     train_s = 0.0
     eval_s_last = evals_s
@@ -270,7 +275,7 @@ def curve(method: str, run: Run, acc0: float | None, deadline: float | None) -> 
             eval_s_last = time.perf_counter() - t0
             evals_s += eval_s_last
             points.append({"step": step, "forward_passes": step * run.per_step,
-                           "test_accuracy": acc})
+                           "test_accuracy": acc, "wall_s": time.perf_counter() - started})
             print(f"{method} step {step}: test acc {acc:.4f} (train {train_s:.0f} s)",
                   file=sys.stderr, flush=True)
     if points[-1]["step"] != done:  # stopped early: evaluate where it stopped
@@ -278,7 +283,7 @@ def curve(method: str, run: Run, acc0: float | None, deadline: float | None) -> 
         acc = run.evaluate("test")["accuracy"]
         evals_s += time.perf_counter() - t0
         points.append({"step": done, "forward_passes": done * run.per_step,
-                       "test_accuracy": acc})
+                       "test_accuracy": acc, "wall_s": time.perf_counter() - started})
     out.update({
         "cut_short": done < run.steps, "forwards_reached": done * run.per_step,
         "forwards_planned": run.steps * run.per_step,

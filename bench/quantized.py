@@ -6,6 +6,9 @@ batch 16, seed 0), each in its own process so that its peak RSS is its own:
 * ``q4``: ``model.quantization=nf4`` (bitsandbytes, float32 compute), the default
   estimator and rule (MeZO) on the scales and the float parameters, ``optim.clip_grad``
   100 (QZO's);
+* ``q4_bf16``: the same in bfloat16 compute (the unquantized tensors, the activations
+  and the logits in bf16, as the ``bf16`` run has them): the like-for-like memory
+  comparison, ``q4_rss_over_bf16``;
 * ``bf16``: ``model.dtype=bfloat16``, the same estimator, rule and lr;
 * ``adam``: first-order AdamW (autograd, fp32), the reference (``bench.methods``).
 
@@ -14,9 +17,13 @@ tweets, zero-shot and tuned; peak RSS; seconds per step. ``q4_bytes_over_bf16``:
 offloaded bytes up per step of a short offloaded run of each (offloading quantized
 blocks is not supported yet: recorded as such when it is refused).
 
-    python -m bench.quantized [--steps 150] [--n-test 500] [--parts q4,bf16,adam]
+    python -m bench.quantized [--steps 150] [--n-test 500] [--parts q4,q4_bf16,bf16,adam]
+        [--merge-from bench/results/quantized-q4.json ...]
 
-Writes bench/results/quantized.json; last line: the figures as ``key=value``.
+Writes bench/results/quantized.json; last line: the figures as ``key=value``. The parts
+can run in separate invocations: ``--merge-from`` takes the figures of earlier records
+(of the same ``--steps`` and ``--n-test``) and this run's replace what they share; the
+ratios are computed from the merged figures.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from bench.common import RESULTS, report
 
 PARTS = {
     "q4": ["model.quantization=nf4", "optim.clip_grad=100"],
+    "q4_bf16": ["model.quantization=nf4", "model.dtype=bfloat16", "optim.clip_grad=100"],
     "bf16": ["model.dtype=bfloat16"],
 }
 BYTES_STEPS = 5  # steps of the offloaded runs that measure bytes up per step
@@ -99,10 +107,12 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-dev", type=int, default=64)
     parser.add_argument("--n-test", type=int, default=500)
-    parser.add_argument("--parts", default="q4,bf16,adam")
+    parser.add_argument("--parts", default="q4,q4_bf16,bf16,adam")
     parser.add_argument("--bytes", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure offloaded bytes up per step")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # adam, in its own process
+    parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
+                        help="earlier records whose figures this run adds to")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="quantized")
     args = parser.parse_args()
@@ -110,6 +120,12 @@ def main() -> None:
         print(json.dumps(run_adam(args)))
         return
     figures: dict = {"steps": args.steps, "n_test": args.n_test}
+    for path in args.merge_from:
+        earlier = json.loads(path.read_text())["figures"]
+        if (earlier.get("steps"), earlier.get("n_test")) != (args.steps, args.n_test):
+            raise SystemExit(f"{path}: steps / n_test {earlier.get('steps')} / "
+                             f"{earlier.get('n_test')}, this run's {args.steps} / {args.n_test}")
+        figures.update(earlier)
     parts = [p for p in args.parts.split(",") if p]
     with tempfile.TemporaryDirectory(prefix="zo2-bench-quantized-") as tmp:
         for part in parts:
@@ -127,8 +143,16 @@ def main() -> None:
             for part in ("q4", "bf16"):
                 figures[f"{part}_bytes_up_mb_per_step"] = bytes_up(part, args,
                                                                    Path(tmp) / f"{part}-off")
-    if "q4_peak_rss_mb" in figures and "bf16_peak_rss_mb" in figures:
-        figures["q4_rss_over_bf16"] = figures["q4_peak_rss_mb"] / figures["bf16_peak_rss_mb"]
+    bf16 = figures.get("bf16_peak_rss_mb")
+    if bf16:  # the target's ratio: q4 in bf16 compute, like the bf16 run
+        if "q4_bf16_peak_rss_mb" in figures:
+            figures["q4_rss_over_bf16"] = figures["q4_bf16_peak_rss_mb"] / bf16
+        if "q4_peak_rss_mb" in figures:  # float32 compute: activations and logits fp32
+            figures["q4_fp32_rss_over_bf16"] = figures["q4_peak_rss_mb"] / bf16
+    for part in ("q4", "q4_bf16"):  # the accuracy target: within 3 points of bf16
+        if f"{part}_tuned" in figures and "bf16_tuned" in figures:
+            figures[f"{part}_minus_bf16_points"] = 100 * (figures[f"{part}_tuned"]
+                                                          - figures["bf16_tuned"])
     q4b, bfb = figures.get("q4_bytes_up_mb_per_step"), figures.get("bf16_bytes_up_mb_per_step")
     if isinstance(q4b, float) and isinstance(bfb, float):
         figures["q4_bytes_over_bf16"] = q4b / bfb
