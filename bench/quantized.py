@@ -13,7 +13,8 @@ batch 16, seed 0), each in its own process so that its peak RSS is its own:
 * ``adam``: first-order AdamW (autograd, fp32), the reference (``bench.methods``).
 
 Test accuracy of ``best/`` (picked by dev accuracy) on ``--n-test`` balanced held-out
-tweets, zero-shot and tuned; peak RSS; seconds per step. ``q4_bytes_over_bf16``: the
+tweets, zero-shot and tuned; peak RSS; seconds per step; ``<part>_model_mb``: the bytes
+of each ZO part's model tensors (``q4_model_bytes_over_bf16``). ``q4_bytes_over_bf16``: the
 offloaded bytes up per step of a short offloaded run of each (offloading quantized
 blocks is not supported yet: recorded as such when it is refused).
 
@@ -87,6 +88,20 @@ def bytes_up(part: str, args, out: Path) -> float | str:
     return statistics.median(ups) if ups else "no offload_up_mb in metrics.jsonl"
 
 
+def model_mb(part: str) -> float:
+    """MiB of the model's tensors as loaded for ``part`` (its state dict, each storage
+    once: the tied embedding and LM head count once): what the weights themselves take,
+    beside the process's peak RSS (runtime, activations and transients included)."""
+    from zo2.models import load_model
+
+    changes = dict(item.split("=", 1) for item in PARTS[part])
+    model, _ = load_model("smollm2-135m", dtype=changes.get("model.dtype", "float32"),
+                          quantization=changes.get("model.quantization", "none"))
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                for t in model.state_dict().values()}
+    return sum(n for _, n in storages) / 2**20
+
+
 def run_adam(args) -> dict:
     """First-order AdamW over the same steps (3 forward-equivalents a step)."""
     from bench.methods import FO_FORWARDS_PER_STEP, run_method
@@ -110,6 +125,8 @@ def main() -> None:
     parser.add_argument("--parts", default="q4,q4_bf16,bf16,adam")
     parser.add_argument("--bytes", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure offloaded bytes up per step")
+    parser.add_argument("--model-bytes", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the bytes of each ZO part's model tensors")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # adam, in its own process
     parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
                         help="earlier records whose figures this run adds to")
@@ -143,6 +160,10 @@ def main() -> None:
             for part in ("q4", "bf16"):
                 figures[f"{part}_bytes_up_mb_per_step"] = bytes_up(part, args,
                                                                    Path(tmp) / f"{part}-off")
+    if args.model_bytes:
+        for part in PARTS:
+            figures[f"{part}_model_mb"] = model_mb(part)
+        figures["q4_model_bytes_over_bf16"] = figures["q4_bf16_model_mb"] / figures["bf16_model_mb"]
     bf16 = figures.get("bf16_peak_rss_mb")
     if bf16:  # the target's ratio: q4 in bf16 compute, like the bf16 run
         if "q4_bf16_peak_rss_mb" in figures:
