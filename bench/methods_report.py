@@ -67,6 +67,39 @@ def aggregate(runs: dict) -> dict:
             "cut_short_seeds": sorted(int(s) for s, r in runs.items() if r["cut_short"])}
 
 
+REFERENCE = "zo_sgd"
+REFERENCE_STEPS = 150  # issue 17: "ZO-SGD's 150-step accuracy" (2 forwards a step)
+
+
+def targets(methods: dict) -> dict:
+    """Issue 17's first and third targets from the runs so far: ZO-SGD's mean test
+    accuracy after 150 steps (300 forward passes), then per method the first eval point
+    whose mean over seeds reaches it (``forwards_to_reference`` and its fraction of 300:
+    the target is <= 1/3) and its peak RSS over ZO-SGD's (the target is <= 1.25).
+    Means over unequal seed sets are flagged by ``n_seeds``."""
+    ref = methods.get(REFERENCE)
+    if ref is None:
+        return {"missing": f"{REFERENCE} has not run"}
+    fp = 2 * REFERENCE_STEPS
+    at = next((p for p in ref["aggregate"]["points"] if p["forward_passes"] == fp), None)
+    if at is None:
+        return {"missing": f"{REFERENCE} has no eval point at {fp} forward passes"}
+    rss = ref["aggregate"]["peak_rss_mb_max"]
+    out: dict = {"reference": {"method": REFERENCE, "forward_passes": fp,
+                               "mean": at["mean"], "n_seeds": at["n_seeds"]}}
+    for name, m in methods.items():
+        if name == REFERENCE:
+            continue
+        agg = m["aggregate"]
+        first = next((p for p in agg["points"]
+                      if p["forward_passes"] > 0 and p["mean"] >= at["mean"]), None)
+        out[name] = {"forwards_to_reference": first and first["forward_passes"],
+                     "fraction_of_reference": first and first["forward_passes"] / fp,
+                     "n_seeds": first["n_seeds"] if first else agg["n_seeds"],
+                     "peak_rss_over_reference": agg["peak_rss_mb_max"] / rss}
+    return out
+
+
 def plot(methods: dict, budget: int, n_test: int, target: Path) -> None:
     """Test accuracy against forward passes: the mean over seeds per method, a +-1 sd
     band where two or more seeds reached the point."""
@@ -140,6 +173,7 @@ def write(args, methods: dict, invocations: list, seeds: list[int], tuned: list[
             "invocations": invocations,
             "machine_note": "2 shared CPU cores: wall times are noisy",
         },
+        "targets": targets(methods),
         "cut_short_runs": cut,
         "missing_runs": [e for e in expected if e not in done],
         "methods": methods,
