@@ -140,15 +140,14 @@ class Offloader:
         allocate = lambda numel, dtype: torch.empty(numel, dtype=dtype)  # noqa: E731
         disk_dir, budget = config.disk_dir, config.host_budget_gb * 2**30
         in_host = host_blocks(self.blocks, host, disk_dir, budget)  # the rest: on disk
-        size = torch.empty((), dtype=host).element_size() if self.blocks else 0
-        pinned = sum(b.hi - b.lo for b in in_host) * size
+        pinned = sum(b.host_bytes(host) for b in in_host)  # float lanes and codes lanes
         if device.is_cuda and in_host:  # pinned memory for the blocks kept in host memory
             # the parameters' own CPU storage (not on meta) is given back as blocks fill
             freed = sum(e.param.numel() * e.param.element_size() for b in in_host
-                        for e in b.entries if e.param.device.type == "cpu")
+                        for e in b.entries + b.codes if e.param.device.type == "cpu")
             check_host_memory(local_ranks, pinned, freed=freed)
             self._arena = PinnedArena(lambda n: device.host_empty(n, torch.uint8),
-                                      largest=max(b.hi - b.lo for b in in_host) * size,
+                                      largest=max(b.host_bytes(host) for b in in_host),
                                       total=pinned)
             allocate = self._arena.take
         suffix = f".slice{slicing.rank}of{slicing.size}" if slicing else ""

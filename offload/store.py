@@ -87,6 +87,12 @@ class Block:
         self.numel += _aligned(param.numel())
         self.hi = self.numel
 
+    def host_bytes(self, host_dtype: torch.dtype | None) -> int:
+        """Bytes this block keeps in host memory: its slice of the flat buffer in
+        ``host_dtype`` (its compute dtype when None) and its whole codes lane."""
+        size = torch.empty((), dtype=host_dtype or self.compute_dtype).element_size()
+        return (self.hi - self.lo) * size + self.codes_numel
+
     @staticmethod
     def code_view(flat: torch.Tensor, entry: Entry) -> torch.Tensor:
         """``entry``'s codes in a flat byte buffer laid out like this block's codes lane."""
@@ -249,8 +255,7 @@ def host_blocks(blocks: Sequence[Block], host_dtype: torch.dtype | None,
     order, each that still fits in ``host_budget_bytes`` (all without ``disk_dir``)."""
     kept, used = [], 0.0
     for block in blocks:
-        dtype = host_dtype or block.compute_dtype
-        nbytes = (block.hi - block.lo) * torch.empty((), dtype=dtype).element_size()
+        nbytes = block.host_bytes(host_dtype)
         if disk_dir is None or used + nbytes <= host_budget_bytes:
             kept.append(block)
             used += nbytes

@@ -238,6 +238,11 @@ def test_pinned_arena_is_sized_from_the_blocks_kept_in_host_memory():
     kept = host_blocks(blocks, torch.float32, "/disk", 4 * 250)  # 250 float32 elements
     assert [b.name for b in kept] == ["b0", "b2", "b3"]  # b1 does not fit: it goes to disk
     assert host_blocks(blocks, torch.float32, None, 0) == blocks  # no disk tier: all
+    blocks[0].codes_numel = 200  # a quantized block: its codes lane counts too (1 byte each)
+    assert blocks[0].host_bytes(torch.float32) == 4 * 100 + 200
+    assert blocks[0].host_bytes(torch.bfloat16) == 2 * 100 + 200
+    kept = host_blocks(blocks, torch.float32, "/disk", 4 * 250)
+    assert [b.name for b in kept] == ["b0", "b2"]  # 600 + 400 bytes: b3's 200 do not fit
     src = inspect.getsource(__import__("zo2.offload.scheduler", fromlist=["x"]).Offloader)
     assert "total=pinned" in src and "in_host = host_blocks(" in src
 

@@ -167,6 +167,9 @@ def test_offloaded_quantized_blocks_equal_resident_and_move_codes_once(tmp_path,
         assert torch.equal(back(input_ids=ids).logits, resident.model(input_ids=ids).logits)
     blocks = offloaded.residency.blocks
     assert blocks and all(b.codes for b in blocks)
+    # what the pinned-memory budget counts (Block.host_bytes) is what the blocks hold
+    held = sum(b.host.numel() * b.host.element_size() + b.codes_host.numel() for b in blocks)
+    assert held == sum(b.host_bytes(b.host.dtype) for b in blocks)
     if method == "zo-sgd":  # updated on the device: the bytes of one step, exactly
         offloaded.step(make_batch(seed=5))  # (its figures hold the export's flush too)
         figures = offloaded.step(make_batch(seed=6)).telemetry  # one step's transfers
