@@ -46,7 +46,7 @@ def peak_mb() -> float:
 
 def measure(mode: str, shape: str) -> dict:
     from zo2 import Objective, OptimConfig, ZOEngine
-    from zo2.loss import positions_to_keep
+    from zo2.loss import last_positions, positions_to_keep
 
     model = opt_shape(shape=shape)
     batch = classification_batch(8, 128, model.config.vocab_size, LABELS)
@@ -57,7 +57,7 @@ def measure(mode: str, shape: str) -> dict:
         with torch.no_grad():
             for _ in range(2):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      logits_to_keep=keep)
+                      logits_to_keep=last_positions(batch["input_ids"], keep))
     elif mode.startswith("zo"):
         engine = ZOEngine(model, OptimConfig(lr=1e-7, **RULES[mode.removeprefix("zo:") or "zo"]),
                           objective)
@@ -71,7 +71,7 @@ def measure(mode: str, shape: str) -> dict:
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
         for _ in range(3):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           logits_to_keep=keep).logits
+                           logits_to_keep=last_positions(batch["input_ids"], keep)).logits
             objective.loss(logits, batch["labels"]).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

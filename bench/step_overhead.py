@@ -19,7 +19,7 @@ import torch
 
 from bench.common import classification_batch, median, opt_shape, report, timed
 from zo2 import Objective, OptimConfig, ZOEngine
-from zo2.loss import positions_to_keep
+from zo2.loss import last_positions, positions_to_keep
 
 LABELS = (5, 9)
 
@@ -37,7 +37,7 @@ def naive_mezo_step(model, batch, objective, seed: int, eps: float, lr: float) -
 
     def loss() -> float:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=keep).logits
+                       logits_to_keep=last_positions(batch["input_ids"], keep)).logits
         return float(objective.loss(logits, batch["labels"]))
 
     perturb(1.0)
@@ -68,7 +68,7 @@ def main() -> None:
 
     def forward() -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              logits_to_keep=keep)
+              logits_to_keep=last_positions(batch["input_ids"], keep))
 
     with torch.no_grad():
         engine.step(batch)  # warm-up: compiles the noise kernels, sizes the scratch buffer

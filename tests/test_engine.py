@@ -49,8 +49,8 @@ def reference_mezo(model, batches, *, seed: int, lr: float, eps: float = 1e-3, q
                         noise.combine(p.data.view(-1), w0.view(-1), s, key, eps)
                     else:
                         mirror_(p.data, w0)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=keep).logits
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits[:, -keep:]
                 pair.append(float(obj.loss(logits, batch["labels"])))
             for (_, p, _), w0 in zip(params, saved):
                 p.data.copy_(w0)
@@ -215,8 +215,8 @@ def test_evaluation_sees_the_pending_update():
     engine.step(batch)
     evaluated = engine.evaluate([batch])["loss"]
     engine.close()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=positions_to_keep(batch["labels"])).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                   ).logits[:, -positions_to_keep(batch["labels"]):]
     assert evaluated == pytest.approx(float(objective().loss(logits, batch["labels"])), abs=0)
     assert "forward" not in model.model.decoder.layers[0].__dict__  # unwrapped
 

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, sys.argv[2])
 from conftest import make_batch, make_model
 from zo2 import Objective, OptimConfig, ZOEngine, noise
-from zo2.loss import positions_to_keep
+from zo2.loss import last_positions, positions_to_keep
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -35,7 +35,7 @@ stacked = {k: v.repeat(2, 1) for k, v in batch.items()}  # what the MeZO forward
 with torch.no_grad():
     for _ in range(3):
         model(input_ids=stacked["input_ids"], attention_mask=stacked["attention_mask"],
-              logits_to_keep=keep)
+              logits_to_keep=last_positions(stacked["input_ids"], keep))
 inference = peak()
 engine = ZOEngine(model, OptimConfig(lr=1e-4), Objective("label_words", torch.tensor([5, 9])))
 for _ in range(3):

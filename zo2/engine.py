@@ -39,7 +39,7 @@ from zo2.config import OffloadConfig, OptimConfig
 from zo2.errors import CheckpointError, ConfigError
 from zo2.estimators import make_estimator
 from zo2.folders import RULE_STATE_FILE, SEEDLOG_FILE, STATE_FILE  # noqa: F401  (re-exported)
-from zo2.loss import Objective, positions_to_keep
+from zo2.loss import Objective, last_positions, positions_to_keep
 from zo2.offload import Device, Offloader
 from zo2.offload.lazy_weights import load_into
 from zo2.offload.telemetry import gpu_metrics
@@ -289,7 +289,8 @@ class ZOEngine:
 
     def _model_forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
         if self._takes_keep:
-            out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep,
+            out = self.model(input_ids=ids, attention_mask=mask,
+                             logits_to_keep=last_positions(ids, keep),
                              use_cache=False)
             return out.logits
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -keep:]
