@@ -66,6 +66,23 @@ def test_weight_scales_10x_apart_each_get_an_lr_under_which_the_loss_falls(famil
     assert engine.evaluate([batch])["loss"] > before
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_fzoo_needs_no_probe_one_lr_lowers_the_loss_at_every_scale(family):
+    """FZOO divides its step by the spread of the step's losses, so its lr is a step
+    length: the preset's one lr (configs/optim/fzoo.yaml) lowers the training loss at
+    weight scales 10x apart, where ZO-SGD needs the probe (the test above: one lr that
+    suits the smallest scale raises the loss at the largest)."""
+    preset = compose(["optim=fzoo"]).optim
+    batch = make_batch(batch=16, seed=0)
+    for scale in SCALES:
+        engine = engine_at(family, scale, lr=preset.lr, q=preset.q, estimator=preset.estimator,
+                           direction=preset.direction)
+        before = engine.evaluate([batch])["loss"]
+        for _ in range(12):
+            engine.step(batch)
+        assert engine.evaluate([batch])["loss"] < before, (family, scale)
+
+
 def test_the_rule_is_half_the_line_minimum_of_the_median_curvature():
     """The chosen lr is exactly ``0.5 * f / median(|L+ + L- - 2 L0| / eps^2)`` of the
     measured losses, ``f`` being 1 for zo-sgd and ``1 - beta`` for momentum; the probe
