@@ -20,7 +20,6 @@ Last line: ``zo_over_inference=... adam_over_inference=... zo_extra_mb=...``; wi
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 
@@ -41,7 +40,9 @@ RULES = {  # mode: the OptimConfig fields of a ZO run
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from zo2.tracking import peak_rss_mb  # VmHWM: ru_maxrss keeps a parent's peak too
+
+    return peak_rss_mb()
 
 
 def measure(mode: str, shape: str) -> dict:

@@ -27,7 +27,8 @@ init; the splits (train pool, dev, test) are fixed by ``task.seed=42``. The reco
 (:mod:`bench.methods_report`) gives each seed's curve, and at each eval point the mean
 and the sample standard deviation over seeds; the plot a mean line and a +-1 sd band.
 
-Each (method, seed) runs in its own process, so ``ru_maxrss`` is its own peak. A run
+Each (method, seed) runs in its own process, so its ``VmHWM`` is its own peak
+(:func:`zo2.tracking.peak_rss_mb`). A run
 whose share of the wall limit (``--max-minutes``, ``--stop-at``) runs out stops at a
 whole step, is evaluated there and is marked ``cut_short`` (``forwards_reached``).
 Results go to ``--name``.json, merged: a later invocation adds or replaces its own
@@ -242,6 +243,8 @@ def curve(method: str, run: Run, acc0: float | None, deadline: float | None,
     at 0 (unless ``acc0`` is given) and at the :func:`eval_steps`; each point's
     ``wall_s``: seconds since ``started`` (``time.perf_counter()``, the process's setup
     included) when its evaluation ended, so accuracy at equal wall time can be read."""
+    from zo2.errors import TrainingError
+
     started = time.perf_counter() if started is None else started
     checkpoints = eval_steps(run.steps)
     points = []
@@ -266,9 +269,15 @@ def curve(method: str, run: Run, acc0: float | None, deadline: float | None,
                 train_s / done + eval_s_last) > deadline:
             break  # this method's share of the run's wall limit is spent
         t0 = time.perf_counter()
-        losses.append(run.step())
+        try:
+            losses.append(run.step())
+        except TrainingError as exc:  # the guard stopped it after this step: a result too
+            out["diverged"] = {"step": step, "message": str(exc)}
+            print(f"{method} diverged at step {step}: {exc}", file=sys.stderr, flush=True)
         train_s += time.perf_counter() - t0
         done = step
+        if "diverged" in out:
+            break
         if step in checkpoints:
             t0 = time.perf_counter()
             acc = run.evaluate("test")["accuracy"]
@@ -278,7 +287,8 @@ def curve(method: str, run: Run, acc0: float | None, deadline: float | None,
                            "test_accuracy": acc, "wall_s": time.perf_counter() - started})
             print(f"{method} step {step}: test acc {acc:.4f} (train {train_s:.0f} s)",
                   file=sys.stderr, flush=True)
-    if points[-1]["step"] != done:  # stopped early: evaluate where it stopped
+    if points[-1]["step"] != done:  # stopped early: evaluate where it stopped (diverged:
+        # the weights after the step the guard stopped it at)
         t0 = time.perf_counter()
         acc = run.evaluate("test")["accuracy"]
         evals_s += time.perf_counter() - t0

@@ -162,19 +162,24 @@ def write(args, methods: dict, invocations: list, seeds: list[int], tuned: list[
             "eval_points": "test accuracy at 0 and after ~1/4, 1/2, 3/4, 1 of the budget",
             "acc0": "measured once for the base weights and reused for methods that start "
                     "from them (all but prefix_zo, whose random prefix changes the model)",
-            "peak_rss": "ru_maxrss of each run's own process (load + train + eval)",
+            "peak_rss": "each run's own process's peak RSS (load + train + eval): VmHWM, "
+                        "zo2.tracking.peak_rss_mb",
             "lr_choice": f"{', '.join(tuned)}: as tuned for this default; the others: their "
                          "preset's lr, or with --probe the lowest dev loss of a short probe "
                          "(see each method's probe)",
             "n_dev": n_dev,
             "wall_limit": "each invocation's limit (--max-minutes / --stop-at) shared "
                           "equally by its runs left; a run whose share runs out stops at a "
-                          "whole step, is evaluated there and is marked cut_short",
+                          "whole step, is evaluated there and is marked cut_short; so is "
+                          "a run the divergence guard stopped (diverged_runs: its step "
+                          "and the guard's message)",
             "invocations": invocations,
             "machine_note": "2 shared CPU cores: wall times are noisy",
         },
         "targets": targets(methods),
         "cut_short_runs": cut,
+        "diverged_runs": {f"{n}/{s}": r["diverged"] for n, m in methods.items()
+                          for s, r in m["runs"].items() if "diverged" in r},
         "missing_runs": [e for e in expected if e not in done],
         "methods": methods,
     }

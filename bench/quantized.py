@@ -18,8 +18,24 @@ of each ZO part's model tensors (``q4_model_bytes_over_bf16``). ``q4_bytes_over_
 offloaded bytes up per step of a short offloaded run of each (offloading quantized
 blocks is not supported yet: recorded as such when it is refused).
 
+Each ZO part's peak RSS is also split at the end of the model's load
+(``zo2.tracking.reset_peak_rss``): ``<part>_load_peak_rss_mb`` (the load: the checkpoint's
+mapped file pages are resident while it is read, a quantizer's transients) and
+``<part>_train_peak_rss_mb`` (training, evaluations and saves), with
+``q4_train_rss_over_bf16``. ``q4_rss_floor_over_bf16``: the best ratio that shrinking the
+model's tensors alone could give, the bf16 run's peak with its model tensors swapped for
+nf4's, ``(bf16_peak - bf16_model + q4_bf16_model) / bf16_peak``.
+
+``--shape smollm2-1.7b``: the same parts on a random-weight model of SmolLM2-1.7B's
+public shape (the embedded config with 2048 x 24 layers, an MLP of 8192; built once, saved
+in bf16 with the embedded tokenizer), where the weights, not the runtime, are most of the
+memory; its accuracies mean nothing (random weights), its memory is the point. Use it
+with few ``--steps``, a small ``--batch-size`` and ``--name quantized-1.7b``.
+
     python -m bench.quantized [--steps 150] [--n-test 500] [--parts q4,q4_bf16,bf16,adam]
         [--merge-from bench/results/quantized-q4.json ...]
+    python -m bench.quantized --shape smollm2-1.7b --parts q4_bf16,bf16 --steps 3
+        --batch-size 4 --n-dev 16 --n-test 16 --eval-every 3 --no-bytes --name quantized-1.7b
 
 Writes bench/results/quantized.json; last line: the figures as ``key=value``. The parts
 can run in separate invocations: ``--merge-from`` takes the figures of earlier records
@@ -46,14 +62,33 @@ PARTS = {
     "bf16": ["model.dtype=bfloat16"],
 }
 BYTES_STEPS = 5  # steps of the offloaded runs that measure bytes up per step
+SHAPES = {"smollm2-1.7b": {"hidden_size": 2048, "intermediate_size": 8192,
+                           "num_hidden_layers": 24, "num_attention_heads": 32,
+                           "num_key_value_heads": 32}}  # SmolLM2-1.7B's config.json
 
 
 def _command(out: Path, args, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "zo2.launch.train", f"output_dir={out}", "progress=false",
-            "model=smollm2-135m", "model.device=cpu", "task=tweets",
+            "model=smollm2-135m", f"model.name={args.model}", "model.device=cpu", "task=tweets",
             f"task.n_train={args.n_train}", f"task.n_test={args.n_test}",
             f"task.n_dev={args.n_dev}", f"steps={args.steps}", f"eval_every={args.eval_every}",
-            "checkpoint.every=0", "logging=none", "seed=0", *extra]
+            f"optim.batch_size={args.batch_size}", "checkpoint.every=0", "logging=none",
+            "seed=0", *extra]
+
+
+def build_shape(shape: str, folder: Path) -> Path:
+    """A random-weight model of ``shape`` (:data:`SHAPES`: the embedded model's config
+    with these fields), saved in bf16 with the embedded tokenizer into ``folder``."""
+    import torch
+    from transformers import AutoConfig
+
+    from zo2.models import embedded_tokenizer, random_model, weights_folder
+
+    config = AutoConfig.from_pretrained(weights_folder("smollm2-135m"))
+    config.update(SHAPES[shape])
+    random_model(config, seed=0).to(torch.bfloat16).save_pretrained(folder)
+    embedded_tokenizer().save_pretrained(folder)
+    return folder
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -70,6 +105,8 @@ def run_zo(part: str, args, out: Path) -> dict:
     return {f"{part}_zero_shot": summary["zero_shot_test"],
             f"{part}_tuned": summary["tuned_test"], f"{part}_best_step": summary["best_step"],
             f"{part}_peak_rss_mb": summary["peak_rss_mb"],
+            f"{part}_load_peak_rss_mb": summary.get("load_peak_rss_mb"),
+            f"{part}_train_peak_rss_mb": summary.get("train_peak_rss_mb"),
             f"{part}_s_per_step": summary["minutes"] * 60 / args.steps}
 
 
@@ -88,14 +125,14 @@ def bytes_up(part: str, args, out: Path) -> float | str:
     return statistics.median(ups) if ups else "no offload_up_mb in metrics.jsonl"
 
 
-def model_mb(part: str) -> float:
+def model_mb(part: str, model: str) -> float:
     """MiB of the model's tensors as loaded for ``part`` (its state dict, each storage
     once: the tied embedding and LM head count once): what the weights themselves take,
     beside the process's peak RSS (runtime, activations and transients included)."""
     from zo2.models import load_model
 
     changes = dict(item.split("=", 1) for item in PARTS[part])
-    model, _ = load_model("smollm2-135m", dtype=changes.get("model.dtype", "float32"),
+    model, _ = load_model(model, dtype=changes.get("model.dtype", "float32"),
                           quantization=changes.get("model.quantization", "none"))
     storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
                 for t in model.state_dict().values()}
@@ -122,7 +159,10 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-dev", type=int, default=64)
     parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--parts", default="q4,q4_bf16,bf16,adam")
+    parser.add_argument("--shape", choices=list(SHAPES), default=None,
+                        help="a random-weight model of this public shape, not the embedded one")
     parser.add_argument("--bytes", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure offloaded bytes up per step")
     parser.add_argument("--model-bytes", action=argparse.BooleanOptionalAction, default=True,
@@ -137,6 +177,8 @@ def main() -> None:
         print(json.dumps(run_adam(args)))
         return
     figures: dict = {"steps": args.steps, "n_test": args.n_test}
+    if args.shape:
+        figures["shape"] = args.shape
     for path in args.merge_from:
         earlier = json.loads(path.read_text())["figures"]
         if (earlier.get("steps"), earlier.get("n_test")) != (args.steps, args.n_test):
@@ -144,7 +186,11 @@ def main() -> None:
                              f"{earlier.get('n_test')}, this run's {args.steps} / {args.n_test}")
         figures.update(earlier)
     parts = [p for p in args.parts.split(",") if p]
+    if args.shape and "adam" in parts:
+        raise SystemExit("--shape: the adam part runs on the embedded model only")
     with tempfile.TemporaryDirectory(prefix="zo2-bench-quantized-") as tmp:
+        args.model = (str(build_shape(args.shape, Path(tmp) / args.shape)) if args.shape
+                      else "smollm2-135m")
         for part in parts:
             if part == "adam":
                 child = [sys.executable, "-m", "bench.quantized", "--child", "adam",
@@ -160,16 +206,23 @@ def main() -> None:
             for part in ("q4", "bf16"):
                 figures[f"{part}_bytes_up_mb_per_step"] = bytes_up(part, args,
                                                                    Path(tmp) / f"{part}-off")
-    if args.model_bytes:
-        for part in PARTS:
-            figures[f"{part}_model_mb"] = model_mb(part)
-        figures["q4_model_bytes_over_bf16"] = figures["q4_bf16_model_mb"] / figures["bf16_model_mb"]
+        if args.model_bytes:
+            for part in PARTS:
+                figures[f"{part}_model_mb"] = model_mb(part, args.model)
+            figures["q4_model_bytes_over_bf16"] = (figures["q4_bf16_model_mb"]
+                                                   / figures["bf16_model_mb"])
     bf16 = figures.get("bf16_peak_rss_mb")
     if bf16:  # the target's ratio: q4 in bf16 compute, like the bf16 run
         if "q4_bf16_peak_rss_mb" in figures:
             figures["q4_rss_over_bf16"] = figures["q4_bf16_peak_rss_mb"] / bf16
         if "q4_peak_rss_mb" in figures:  # float32 compute: activations and logits fp32
             figures["q4_fp32_rss_over_bf16"] = figures["q4_peak_rss_mb"] / bf16
+        if "bf16_model_mb" in figures:  # only the model's tensors shrunk, nothing else
+            figures["q4_rss_floor_over_bf16"] = (bf16 - figures["bf16_model_mb"]
+                                                 + figures["q4_bf16_model_mb"]) / bf16
+    q4t, bft = figures.get("q4_bf16_train_peak_rss_mb"), figures.get("bf16_train_peak_rss_mb")
+    if q4t and bft:
+        figures["q4_train_rss_over_bf16"] = q4t / bft
     for part in ("q4", "q4_bf16"):  # the accuracy target: within 3 points of bf16
         if f"{part}_tuned" in figures and "bf16_tuned" in figures:
             figures[f"{part}_minus_bf16_points"] = 100 * (figures[f"{part}_tuned"]

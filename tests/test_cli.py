@@ -27,6 +27,10 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4
+    # the process's peak is the larger of the load's and the training's (None: no reset)
+    load, train = summary["load_peak_rss_mb"], summary["train_peak_rss_mb"]
+    if load is not None:
+        assert load <= summary["peak_rss_mb"] <= max(load, train)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     events = [r["event"] for r in records]
     assert events.count("step") == 4 and events.count("eval") == 3 and events[-1] == "summary"

@@ -142,14 +142,15 @@ def test_bf16_load_is_the_exact_cast_and_reads_straight_into_bf16(tmp_path, monk
 
 
 PEAK = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import torch
     from zo2.models import load_model
+    from zo2.tracking import peak_rss_mb  # VmHWM: not the pytest parent's peak
     load_model(sys.argv[1], dtype="bfloat16")  # warm-up: every import and code path
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mb()
     model, _ = load_model(sys.argv[2], dtype="bfloat16")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"delta": (peak - before) * 1024,
+    peak = peak_rss_mb()
+    print(json.dumps({"delta": (peak - before) * 2**20,
                       "fp32": 4 * sum(p.numel() for p in model.parameters())}))
 """)
 

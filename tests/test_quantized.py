@@ -7,6 +7,8 @@ trains over a frozen 4-bit base (QLoRA-style)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_batch, make_model
@@ -247,3 +249,29 @@ def test_settings_that_cannot_work_are_one_clear_error(tmp_path):
         ZOEngine(quantized(tmp_path), OptimConfig(), Objective("label_words",
                  candidates=LABELS), offload=OffloadConfig(enabled=True,
                                                            disk_dir=str(tmp_path / "disk")))
+
+
+def _in_mapped_checkpoint(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s memory lies in a mapped ``.safetensors`` file (Linux maps)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and ".safetensors" in " ".join(fields[5:]):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= ptr < end:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's maps")
+def test_a_quantized_load_keeps_no_float_tensor_in_the_checkpoints_mapping():
+    # safetensors returns a tensor read in its stored dtype as a view of the mapped file;
+    # a quantized model's few float tensors then kept the whole checkpoint mapped
+    # (zo2.host_memory). Its float tensors own their memory; the tied head stays tied.
+    from zo2.models import load_model
+
+    model, _ = load_model("tiny-llama", quantization="nf4")
+    floats = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    assert floats and not any(_in_mapped_checkpoint(t) for t in floats)
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head.data_ptr() == embed.data_ptr()

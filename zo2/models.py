@@ -15,6 +15,7 @@ Folder models are read straight into the requested dtype (no fp32 copy on the wa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ import torch
 from zo2 import choices, embedded
 from zo2.embedded import EMBEDDED_NAME, cache_root
 from zo2.errors import ConfigError, ModelError
+from zo2.host_memory import own_float_tensors, transients_returned
 from zo2.offload.lazy_weights import empty_model
 from zo2.quantized import bnb_config, check_supported, portable
 
@@ -81,15 +83,19 @@ def load_model(
     if name.startswith("tiny-") and not Path(name).exists():
         model, tokenizer = _build_tiny(name, cache_root(cache_dir))
         if quantize:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, transients_returned():
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 model, _ = _load_folder(Path(tmp), dtype=DTYPES[dtype], **quantize)
                 model.config._name_or_path = name
+                own_float_tensors(model)
     else:
         folder = weights_folder(name, cache_dir, hub_cache=hub_cache)
-        model, tokenizer = _load_folder(folder, empty=empty, dtype=DTYPES[dtype],
-                                        trust_remote_code=trust_remote_code, **quantize)
+        with transients_returned() if quantize else contextlib.nullcontext():
+            model, tokenizer = _load_folder(folder, empty=empty, dtype=DTYPES[dtype],
+                                            trust_remote_code=trust_remote_code, **quantize)
+            if quantize:  # its float tensors would keep the whole checkpoint mapped
+                own_float_tensors(model)
     return _finish(model, DTYPES[dtype], name), _prepare_tokenizer(tokenizer)
 
 

@@ -193,6 +193,49 @@ def progress_bar(steps: int, initial: int = 0):
     return tqdm(total=steps, initial=initial, desc="zo2", unit="step", dynamic_ncols=True)
 
 
+_closed_phases_kib = 0  # the largest peak of the phases reset_peak_rss closed (KiB)
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process since it started, in MiB (Linux reports
+    KiB), the phases :func:`reset_peak_rss` closed included."""
+    return max(_closed_phases_kib, _phase_peak_kib()) / 1024
+
+
+def phase_peak_rss_mb() -> float:
+    """Peak resident set size since the last :func:`reset_peak_rss` (else since the
+    process started), in MiB."""
+    return _phase_peak_kib() / 1024
+
+
+def reset_peak_rss() -> float | None:
+    """Close a phase of the run: return its peak RSS in MiB and restart the kernel's
+    high-water mark at the current RSS (Linux: ``5`` written to ``/proc/self/clear_refs``),
+    so that :func:`phase_peak_rss_mb` then measures the next phase alone (a model's load,
+    for one, holds its checkpoint's mapped file pages, which training never does).
+    :func:`peak_rss_mb` still reports the whole process. None where the kernel refuses
+    (the high-water mark then keeps counting from the start)."""
+    global _closed_phases_kib
+    peak = _phase_peak_kib()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    _closed_phases_kib = max(_closed_phases_kib, peak)
+    return peak / 1024
+
+
+def _phase_peak_kib() -> int:
+    """The kernel's high-water mark of this process's RSS, in KiB: Linux's ``VmHWM``, not
+    ``ru_maxrss``, which also keeps the peak of the process that started this one (a
+    fork copies the parent's mark and ``exec`` keeps it), so a child of a large parent
+    reported the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

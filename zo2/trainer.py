@@ -75,8 +75,10 @@ from zo2.tracking import (
     MetricsLogger,
     describe_scores,
     peak_rss_mb,
+    phase_peak_rss_mb,
     plot_curves,
     progress_bar,
+    reset_peak_rss,
     score_of,
 )
 
@@ -169,6 +171,9 @@ class Trainer:
         saved = (RunCheckpoints.read_run_state(self.resumed_from, to_dict(cfg))
                  if self.resumed_from else None)
         self.pipe, self.tokenizer, self.engine = self._build_engine(engine_factory)
+        # The load's peak (a checkpoint's mapped file pages, a quantizer's transients) is
+        # reported apart from the training's: the summary's load/train_peak_rss_mb.
+        self.load_peak_rss_mb = reset_peak_rss()
         self.data = self.pipe.train
         self.best: dict = {}
         self.zero_shot: dict = {}
@@ -462,7 +467,9 @@ class Trainer:
             "tuned_test": score_of(tuned, self.metric), "tested": tested,
             "skipped_steps": engine.skipped_steps,
             "minutes": (time.perf_counter() - self.started) / 60,
-            "peak_rss_mb": peak_rss_mb(), "checkpoint": str(out / "best"),
+            "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": self.load_peak_rss_mb,
+            "train_peak_rss_mb": phase_peak_rss_mb() if self.load_peak_rss_mb is not None else None,
+            "checkpoint": str(out / "best"),
             "final": str(out / "final"),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "seedlog": str(seedlog),
