@@ -25,13 +25,15 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from zo2.choices import ADAPTERS as KINDS
 from zo2.errors import ConfigError
+
+V = TypeVar("V")
 
 
 @dataclass
@@ -170,9 +172,10 @@ def is_peft_folder(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def from_peft_format(model: nn.Module, tensors: dict[str, torch.Tensor],
-                     adapter: str = "default") -> dict[str, torch.Tensor]:
-    """Rename the tensors of peft's ``adapter_model.safetensors`` to ``model``'s names.
+def from_peft_format(model: nn.Module, tensors: dict[str, V],
+                     adapter: str = "default") -> dict[str, V]:
+    """Rename the tensors of peft's ``adapter_model.safetensors`` to ``model``'s names
+    (the values, tensors or what describes them, are passed through).
 
     peft saves adapter weights without the adapter's name (``...lora_A.weight``) and a
     prefix as ``prompt_embeddings``; the model's own names carry it

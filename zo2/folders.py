@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zo2.adapters import from_peft_format, is_peft_folder
@@ -130,36 +131,45 @@ def load_weights(engine: ZOEngine, path: str | Path) -> None:
 
     Raises CheckpointError, before any weight is changed, when the folder holds
     tensors this model does not have, misses some, or has other shapes (a
-    checkpoint of another model). Tied weights saved once are fine.
+    checkpoint of another model): the files' headers say, before a tensor is read.
+    Tied weights saved once are fine.
+
+    The tensors are then read one at a time, each from a mapping of its file opened for
+    it alone: the load adds at most one tensor to the process's memory. Reading the
+    whole folder first (``load_file``) held a second copy of the model, and a file kept
+    open keeps every page read from it resident until it closes.
     """
     path = Path(path)
     files = [f for f in sorted(path.glob("*.safetensors"))
              if f.name not in STATE_TENSOR_FILES]  # moments and curvatures are not weights
     if not files:
         raise CheckpointError(f"no .safetensors weights in {path}")
-    loaded: dict[str, torch.Tensor] = {}
+    stored: dict[str, tuple[Path, str, tuple[int, ...]]] = {}  # name -> (file, key, shape)
     for file in files:
-        try:
-            loaded.update(load_file(file))
+        try:  # safetensors checks the header against the file's length when it opens it
+            with safe_open(file, "pt") as f:
+                stored.update({k: (file, k, tuple(f.get_slice(k).get_shape()))
+                               for k in f.keys()})
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read {file}: {err}") from None
     adapter_only = is_peft_folder(path)
     if adapter_only:
-        loaded = from_peft_format(engine.model, loaded)
+        stored = from_peft_format(engine.model, stored)
     own = engine.model.state_dict(keep_vars=True)
-    unexpected = sorted(loaded.keys() - own.keys())
-    loaded_ids = {id(own[k]) for k in loaded.keys() & own.keys()}
-    missing = sorted(k for k in own.keys() - loaded.keys() if id(own[k]) not in loaded_ids)
+    unexpected = sorted(stored.keys() - own.keys())
+    loaded_ids = {id(own[k]) for k in stored.keys() & own.keys()}
+    missing = sorted(k for k in own.keys() - stored.keys() if id(own[k]) not in loaded_ids)
     if adapter_only:  # the frozen base weights are the model's own
         trained = {id(p.param) for p in engine.params}
         missing = [k for k in missing if id(own[k]) in trained]
-    wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in loaded.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = [f"{k} {shape} != {tuple(own[k].shape)}" for k, (_, _, shape) in stored.items()
+             if k in own and shape != tuple(own[k].shape)]
     if unexpected or missing or wrong:
         raise CheckpointError(
             f"{path} is a checkpoint of another model: unexpected {unexpected[:3]}, "
             f"missing {missing[:3]}, shape mismatch {wrong[:3]}")
     engine.pending.set(None)
-    for name, tensor in loaded.items():
-        engine.store.assign(own[name], tensor)
+    for name, (file, key, _) in stored.items():
+        with safe_open(file, "pt") as f:
+            engine.store.assign(own[name], f.get_tensor(key))
     engine.store.invalidate()
