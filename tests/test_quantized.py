@@ -275,3 +275,23 @@ def test_a_quantized_load_keeps_no_float_tensor_in_the_checkpoints_mapping():
     assert floats and not any(_in_mapped_checkpoint(t) for t in floats)
     head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     assert head.data_ptr() == embed.data_ptr()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_the_unmapped_quantizing_load_equals_transformers_own(tmp_path, fmt):
+    # zo2 feeds transformers the checkpoint as pread slices (zo2.host_memory
+    # .unmapped_checkpoint), so no page of the float file stays resident; the model is
+    # the one transformers' own mapped read gives, bit for bit
+    from zo2.models import load_model
+
+    own = quantized(tmp_path, fmt)
+    load_model("tiny-llama")[1].save_pretrained(tmp_path / "base-llama")  # a tokenizer
+    ours, _ = load_model(str(tmp_path / "base-llama"), quantization=fmt)
+    want, got = own.state_dict(), ours.state_dict()
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=batch["input_ids"]).logits,
+                           own(input_ids=batch["input_ids"]).logits)

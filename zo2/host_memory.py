@@ -19,13 +19,21 @@ load):
   :func:`own_float_tensors` copies them into memory of their own (their bytes once), so
   the mapping closes. Unquantized models are left alone: their tensors are the whole
   file, and a view costs no more than a copy.
+* While transformers quantizes, it reads the checkpoint through that mapping, and every
+  page it has read stays resident until the load ends: the whole float checkpoint (3.3
+  GB at the 1.7B shape) on top of the quantized model. :func:`unmapped_checkpoint`
+  opens the files with safetensors' ``pread`` backend instead, which reads each tensor
+  into memory of its own, freed once it is quantized; the model is loaded from those
+  lazy slices (the same objects transformers makes of a mapped file).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,3 +84,25 @@ def own_float_tensors(model: nn.Module) -> nn.Module:
                 else:
                     table[name] = copies[key]
     return model
+
+
+@contextlib.contextmanager
+def unmapped_checkpoint(folder: Path) -> Iterator[dict | None]:
+    """Within: the tensors of ``folder``'s safetensors checkpoint (its index's files, or
+    ``model.safetensors``) as lazy slices read with ``pread``, nothing mapped; None for a
+    folder without one (``.bin`` weights: transformers' own reading then)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    else:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(folder / name), framework="pt",
+                                               device="cpu", backend="pread"))
+                 for name in names]
+        yield {key: f.get_slice(key) for f in files for key in f.keys()}

@@ -30,7 +30,7 @@ import torch
 from zo2 import choices, embedded
 from zo2.embedded import EMBEDDED_NAME, cache_root
 from zo2.errors import ConfigError, ModelError
-from zo2.host_memory import own_float_tensors, transients_returned
+from zo2.host_memory import own_float_tensors, transients_returned, unmapped_checkpoint
 from zo2.offload.lazy_weights import empty_model
 from zo2.quantized import bnb_config, check_supported, portable
 
@@ -310,6 +310,8 @@ def _load_folder(path: Path, empty: bool = False, dtype: torch.dtype = torch.flo
     try:
         if empty:
             model = _empty_remote_model(config) if trust_remote_code else empty_model(config)
+        elif quantize and not trust_remote_code:
+            model = _load_quantizing(path, config, dtype, quantize)
         else:  # dtype=: each tensor is cast as it is read, never a whole fp32 model first
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                          **remote, **quantize)
@@ -324,6 +326,27 @@ def _load_folder(path: Path, empty: bool = False, dtype: torch.dtype = torch.flo
             raise _remote_code_error(path) from exc
         raise ModelError(f"{path}: no usable tokenizer in the folder: {exc}") from exc
     return model, tokenizer
+
+
+def _load_quantizing(path: Path, config: Any, dtype: torch.dtype,
+                     quantize: dict) -> torch.nn.Module:
+    """A float checkpoint quantized as it loads, each tensor read into memory of its own
+    and freed once quantized (:func:`zo2.host_memory.unmapped_checkpoint`): transformers'
+    own read keeps every page of the mapped checkpoint resident until the load ends."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM, GenerationConfig
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    with unmapped_checkpoint(path) as tensors:
+        if tensors is None or model_class is None:
+            return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                        **quantize)
+        # transformers takes a state dict with no model name, from the class itself
+        model = model_class.from_pretrained(None, config=config, state_dict=tensors,
+                                            dtype=dtype, **quantize)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.config._name_or_path = str(path)
+    return model
 
 
 def tiny_config(family: str, *, vocab: int, layers: int = 2, hidden: int = 64,
