@@ -164,12 +164,9 @@ def test_transients_returned_unmaps_freed_blocks():
     assert m["heap"] > 100, m  # the same pattern from the heap keeps them
 
 
-LOAD = r"""
-import json, sys, tempfile
-import torch
+PHASE = r"""
+import json, sys
 sys.path.insert(0, sys.argv[1])
-from conftest import make_model
-from zo2 import Objective, OptimConfig, ZOEngine
 from zo2.tracking import phase_peak_rss_mb, reset_peak_rss
 
 def rss():
@@ -177,21 +174,31 @@ def rss():
         if line.startswith("VmRSS"):
             return int(line.split()[1]) * 1024
 
-model = make_model("llama", layers=8, hidden=512, vocab=8192)
-engine = ZOEngine(model, OptimConfig(lr=1e-4), Objective("label_words", torch.tensor([5, 9])))
-with tempfile.TemporaryDirectory() as folder:
-    engine.save(folder)
-    engine.load_weights(folder)  # every import and code path once
+def extra_of(load):
+    # load() once (every import and code path), then again: the second one's peak RSS
+    # over the RSS before it, and what it returned
+    load()
     if reset_peak_rss() is None:
         print(json.dumps(None))
         raise SystemExit
     before = rss()
-    engine.load_weights(folder)
-    extra = phase_peak_rss_mb() * 2**20 - before
-tensors = model.state_dict()
-print(json.dumps({"extra": extra, "largest": max(t.nbytes for t in tensors.values()),
-                  "model": sum(p.nbytes for p in model.parameters())}))
+    result = load()
+    return phase_peak_rss_mb() * 2**20 - before, result
 """
+
+
+def phase_probe(body: str) -> dict:
+    """Run ``body`` after :data:`PHASE` in a child (malloc pinned); its last line's JSON.
+    Skips where the kernel does not let a process reset its peak RSS (clear_refs)."""
+    tests = str(Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", PHASE + body, tests], capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, **PINNED_MALLOC, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    if m is None:
+        pytest.skip("this kernel does not let a process reset its peak RSS (clear_refs)")
+    return m
 
 
 def test_loading_weights_adds_one_tensor_not_a_second_model():
@@ -201,47 +208,21 @@ def test_loading_weights_adds_one_tensor_not_a_second_model():
     a second copy of the model. The bound is the midpoint of the two (largest tensor 16
     MiB, model 88 MiB; measured 15.9 MiB, and 87.9 MiB before): either side may take the
     noise up to half their distance."""
-    tests = str(Path(__file__).resolve().parent)
-    out = subprocess.run([sys.executable, "-c", LOAD, tests], check=True,
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **PINNED_MALLOC}).stdout
-    m = json.loads(out.strip().splitlines()[-1])
-    if m is None:
-        pytest.skip("this kernel does not let a process reset its peak RSS (clear_refs)")
-    assert m["model"] >= 4 * m["largest"], m  # the two cases are far apart
-    assert m["extra"] <= (m["largest"] + m["model"]) / 2, m
-
-
-QUANTIZED_LOAD = r"""
-import json, sys, tempfile
-sys.path.insert(0, sys.argv[1])
+    m = phase_probe(r"""
+import tempfile, torch
 from conftest import make_model
-from zo2.models import load_model
-from zo2.tracking import phase_peak_rss_mb, reset_peak_rss
-
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) * 1024
+from zo2 import Objective, OptimConfig, ZOEngine
 
 model = make_model("llama", layers=8, hidden=512, vocab=8192)
-_, tokenizer = load_model("tiny-llama")
+engine = ZOEngine(model, OptimConfig(lr=1e-4), Objective("label_words", torch.tensor([5, 9])))
 with tempfile.TemporaryDirectory() as folder:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    load_model(folder, quantization="nf4")  # every import and code path once
-    if reset_peak_rss() is None:
-        print(json.dumps(None))
-        raise SystemExit
-    before = rss()
-    q, _ = load_model(folder, quantization="nf4")
-    extra = phase_peak_rss_mb() * 2**20 - before
-storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in q.state_dict().values()}
-print(json.dumps({"extra": extra, "quantized": sum(storages.values()),
-                  "float_file": sum(p.nbytes for p in model.parameters()),
-                  "largest": max(p.nbytes for p in model.parameters())}))
-"""
+    engine.save(folder)
+    extra, _ = extra_of(lambda: engine.load_weights(folder))
+print(json.dumps({"extra": extra, "largest": max(p.nbytes for p in model.parameters()),
+                  "model": sum(p.nbytes for p in model.parameters())}))
+""")
+    assert m["model"] >= 4 * m["largest"], m  # the two cases are far apart
+    assert m["extra"] <= (m["largest"] + m["model"]) / 2, m
 
 
 def test_a_quantizing_load_does_not_hold_the_float_checkpoint():
@@ -251,13 +232,22 @@ def test_a_quantizing_load_does_not_hold_the_float_checkpoint():
     to the end of the load: ``Q + F`` at least. The bound is their midpoint (``Q`` 25
     MiB, ``L`` 16 MiB, ``F`` 88 MiB here, the bound ``Q`` + 60 MiB; measured ``Q`` + 32 to
     46 MiB over six runs, and ``Q`` + 96 to 102 MiB before)."""
-    tests = str(Path(__file__).resolve().parent)
-    proc = subprocess.run([sys.executable, "-c", QUANTIZED_LOAD, tests], capture_output=True,
-                          text=True, timeout=300,
-                          env={**os.environ, **PINNED_MALLOC, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    m = json.loads(proc.stdout.strip().splitlines()[-1])
-    if m is None:
-        pytest.skip("this kernel does not let a process reset its peak RSS (clear_refs)")
+    m = phase_probe(r"""
+import tempfile
+from conftest import make_model
+from zo2.models import load_model
+
+model = make_model("llama", layers=8, hidden=512, vocab=8192)
+_, tokenizer = load_model("tiny-llama")
+with tempfile.TemporaryDirectory() as folder:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    extra, (q, _) = extra_of(lambda: load_model(folder, quantization="nf4"))
+storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in q.state_dict().values()}
+print(json.dumps({"extra": extra, "quantized": sum(storages.values()),
+                  "float_file": sum(p.nbytes for p in model.parameters()),
+                  "largest": max(p.nbytes for p in model.parameters())}))
+""")
     assert m["float_file"] >= 4 * m["largest"], m  # the two cases are far apart
     assert m["extra"] <= m["quantized"] + (2 * m["largest"] + m["float_file"]) / 2, m
