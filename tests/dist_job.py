@@ -111,6 +111,17 @@ def run(out: Path, spec: dict) -> None:
                             slicing=spec.get("slicing", "off"),
                             timeout_s=spec.get("timeout_s", 60), check_every=2)
     mesh = Mesh(config, torch.device("cpu"))
+    try:
+        _run(out, spec, mesh)
+    except ZO2Error:
+        # as zo2.trainer.Trainer does on a failure: leave the process group at once (a
+        # peer may be dead), so that no gloo thread is left to the interpreter's exit,
+        # which once aborted a rank (SIGABRT) after it had reported its error
+        mesh.close(wait=False)
+        raise
+
+
+def _run(out: Path, spec: dict, mesh: Mesh) -> None:
     engine, model = build(spec, mesh)
     record = {"losses": [], "grads": [], "bytes": []}
     for t in range(spec.get("steps", 10)):
