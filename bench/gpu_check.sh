@@ -18,9 +18,16 @@
 #   3. bench/gpu_sync.py: host syncs per step, resident and offloaded (zo2's part: 0);
 #   4. bench/gpu_offload.py: ZO2's memory table (OPT 1.3b..30b, 1 x 2048, fp16), tokens/s
 #      offloaded and resident, the PCIe bound, step_s / max(pcie_bound_s, resident_step_s),
-#      and a run at the token count where compute and transfer balance; in the time left.
+#      and a run at the token count where compute and transfer balance; in the time left
+#      (60% of it when stage 5 runs);
+#   5. bench/gpu_offload.py --quantization nf4 (issue 18's GPU row): the same sizes with
+#      4-bit decoder layers, in the rest of the time; where bitsandbytes imports. The GPU
+#      machine lacks it: bring its wheel (`pip download --no-deps --only-binary=:all:
+#      --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl
+#      bitsandbytes==0.50.2`, .whl/ git-ignored and carried) and it is installed from
+#      .whl/ into a temporary folder, no network.
 # Writes bench/results/gpu-<gpu name>.json (all stages); the exit status is 1 if a
-# stage failed.
+# stage failed (stage 5 skipped for want of bitsandbytes is not a failure).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -129,14 +136,32 @@ SHIM=()
 [[ $DRY == 1 ]] && SHIM=(--shim)  # the no-pytest runner, also where pytest exists
 stage tests 200 "$PY" bench/gpu_tests.py tests/test_gpu.py --json "$WORK/tests.json" "${SHIM[@]}"
 stage sync 90 "$PY" bench/gpu_sync.py --json "$WORK/sync.json" "${FLAG[@]}"
+# bitsandbytes for stage 5: as installed, else from a carried wheel
+if ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1 && compgen -G "$ROOT/.whl/bitsandbytes-*.whl" >/dev/null; then
+    say "installing bitsandbytes from $ROOT/.whl (no network)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" \
+        "$ROOT"/.whl/bitsandbytes-*.whl && export PYTHONPATH="$WORK/site:$PYTHONPATH"
+fi
+QUANT=0
+"$PY" -c "import bitsandbytes" >/dev/null 2>&1 && QUANT=1
 LEFT=$((BUDGET - ($(date +%s) - START) - 20))
 [[ $LEFT -lt 60 ]] && LEFT=60
+[[ $QUANT == 1 ]] && LEFT=$((LEFT * 6 / 10))
 stage offload $((LEFT + 30)) "$PY" bench/gpu_offload.py --budget-s "$LEFT" --results "$WORK" \
     "${FLAG[@]}"
+if [[ $QUANT == 1 ]]; then
+    LEFT=$((BUDGET - ($(date +%s) - START) - 20))
+    [[ $LEFT -lt 60 ]] && LEFT=60
+    stage quantized $((LEFT + 30)) "$PY" bench/gpu_offload.py --quantization nf4 --no-balance \
+        --budget-s "$LEFT" --results "$WORK" "${FLAG[@]}"
+else
+    say "quantized: skipped (bitsandbytes does not import; see the header)"
+    RC[quantized]=skipped
+fi
 
 # ---- the result file ------------------------------------------------------------------
 "$PY" - "$WORK" "$OUT/gpu-$SLUG.json" "$GPU" "$(($(date +%s) - START))" \
-    "${RC[tests]}" "${RC[sync]}" "${RC[offload]}" <<'EOF'
+    "${RC[tests]}" "${RC[sync]}" "${RC[offload]}" "${RC[quantized]}" <<'EOF'
 import glob, json, platform, sys, time
 from pathlib import Path
 
@@ -144,9 +169,10 @@ import torch
 
 work, path, gpu, elapsed = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 codes = dict(zip(("tests", "sync", "offload"), map(int, sys.argv[5:8])))
+quantized = None if sys.argv[8] == "skipped" else int(sys.argv[8])
 
-def load(pattern):
-    files = sorted(glob.glob(str(work / pattern)))
+def load(pattern, but=None):
+    files = sorted(f for f in glob.glob(str(work / pattern)) if not (but and f.endswith(but)))
     return json.loads(Path(files[0]).read_text()) if files else None
 
 def tail(name):
@@ -156,19 +182,26 @@ def tail(name):
 record = {
     "gpu": gpu, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "elapsed_s": elapsed,
     "python": platform.python_version(), "torch": torch.__version__,
-    "cuda": torch.version.cuda, "ok": all(c == 0 for c in codes.values()),
+    "cuda": torch.version.cuda,
+    "ok": all(c == 0 for c in codes.values()) and quantized in (None, 0),
     "stages": {
         "tests": {"exit": codes["tests"], "report": load("tests.json"), "log": tail("tests")},
         "sync": {"exit": codes["sync"], "report": load("sync.json"), "log": tail("sync")},
-        "offload": {"exit": codes["offload"], "report": load("gpu_offload-*.json"),
+        "offload": {"exit": codes["offload"],
+                    "report": load("gpu_offload-*.json", but="-nf4.json"),
                     "log": tail("offload")},
+        "quantized": {"exit": quantized, "skipped": quantized is None and
+                      "bitsandbytes does not import", "report": load("gpu_offload-*-nf4.json"),
+                      "log": tail("quantized")},
     },
 }
 path.write_text(json.dumps(record, indent=1, default=str) + "\n")
 print(f"gpu_check ok={record['ok']} " + " ".join(f"{k}={v}" for k, v in codes.items())
+      + f" quantized={'skipped' if quantized is None else quantized}"
       + f" elapsed_s={elapsed} results={path}")
 EOF
 for name in tests sync offload; do
     [[ ${RC[$name]} == 0 ]] || exit 1
 done
+[[ ${RC[quantized]} == 0 || ${RC[quantized]} == skipped ]] || exit 1
 exit 0

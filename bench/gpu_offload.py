@@ -49,12 +49,27 @@ skipped, and recorded as skipped, when it would not finish in time; a run past t
 budget stops after its second step. Runs that fail (out of memory, ...) are recorded
 with their error and the next size runs.
 
+4-bit (``--quantization nf4|fp4``, issue 18's GPU row): the same sizes with every linear
+layer of the decoder layers quantized by bitsandbytes (``Linear4bit``, no double
+quantization, fp16 compute), as zo2's ``model.quantization=nf4`` loads them; embeddings,
+norms, biases and LM head in fp32: the scales a 4-bit layer trains are fp32
+(bitsandbytes' ``absmax``) and an offloaded block holds one float dtype, so zo2 refuses
+to offload a 4-bit layer beside fp16 norms (a known limit). The model cannot stay on ``meta`` (bitsandbytes quantizes
+real values): each layer's weights are generated on the GPU, quantized there, and (for
+the offloaded run) moved to the host before the engine is built; the host then holds the
+4-bit model (about 0.28x the fp16 bytes). The engine trains what zo2 trains on a
+quantized base: the 4-bit layers' scales (``absmax``) and the float parameters. Bytes
+per step are the blocks' float lane plus their codes lane. Results go to
+``gpu_offload-<gpu>-<format>.json``: compare its ``peak_gb`` / ``step_s`` /
+``bytes_per_step_gb`` with the fp16 file's.
+
 Targets: ``peak_gb_offload <= zo2_paper_gb`` (1.3b 3.75, 2.7b 4.14, 6.7b 4.99, 13b 6.18,
 30b 8.86 GB) and ``step_over_bound`` near 1.0 (``offload_over_resident_throughput`` is
 reported too; >= 0.9 is out of reach at 1 x 2048 tokens, see above).
 
     python -m bench.gpu_offload [--sizes 1.3b,6.7b,13b,30b] [--steps 6] [--budget-s 480]
     python -m bench.gpu_offload --dry-run      # same code path on the CPU, tiny shapes
+    python -m bench.gpu_offload --quantization nf4 [--dry-run]   # the 4-bit row
 
 Writes ``<--results>/gpu_offload-<gpu name>.json`` (default ``bench/results``;
 ``gpu_offload-dry-run-cpu.json`` with ``--dry-run``). Last line: ``gpu=... h2d_gbps=...
@@ -103,6 +118,7 @@ SHAPES = {  # hidden, layers, heads, ffn of the public OPT models
 PAPER_GB = {"1.3b": 3.75, "2.7b": 4.14, "6.7b": 4.99, "13b": 6.18, "30b": 8.86}
 TARGETS = {"peak_gb_offload": "<= zo2_paper_gb",
            "step_over_bound": "step_s / max(pcie_bound_s, resident_step_s): 1.0 is the limit"}
+Q4_BYTES = 0.5 + 4 / 64  # a 4-bit weight: half a byte of code, an fp32 absmax per 64
 GUESS_S_PER_GB = {"offload": 1.5, "resident": 0.5}  # before any run of the mode finished
 
 
@@ -172,6 +188,40 @@ def materialize_manual(model: nn.Module, weights: RandomWeights, to_cpu: bool) -
         value = weights(name)
         torch.utils.swap_tensors(param, nn.Parameter(value.cpu() if to_cpu else value,
                                                      requires_grad=False))
+
+
+def materialize_quantized(model: nn.Module, weights: RandomWeights, fmt: str,
+                          compute: torch.dtype, dev: torch.device, to_cpu: bool,
+                          layers_prefix: str) -> int:
+    """Give every parameter its random value, the linear layers under ``layers_prefix``
+    quantized to ``fmt`` (bitsandbytes ``Linear4bit`` computing in ``compute``, quantized
+    on ``dev``); moved to the CPU when ``to_cpu``. Returns the number of layers
+    quantized."""
+    import bitsandbytes as bnb
+
+    quantized = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}".lstrip(".")
+            if not (isinstance(child, nn.Linear) and name.startswith(layers_prefix)):
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                      bias=child.bias is not None, compute_dtype=compute,
+                                      compress_statistics=False, quant_type=fmt, device="meta")
+            layer.weight = bnb.nn.Params4bit(weights(f"{name}.weight"), requires_grad=False,
+                                             compress_statistics=False,
+                                             quant_type=fmt).to(dev)  # quantizes
+            if child.bias is not None:
+                layer.bias = nn.Parameter(weights(f"{name}.bias"), requires_grad=False)
+            setattr(parent, child_name, layer.to("cpu") if to_cpu else layer)
+            quantized += 1
+    left = {n for n, p in model.named_parameters() if p.is_meta}
+    for name, param in list(model.named_parameters()):
+        if name in left:
+            value = weights(name)
+            torch.utils.swap_tensors(param, nn.Parameter(value.cpu() if to_cpu else value,
+                                                         requires_grad=False))
+    return quantized
 
 
 # ---- device helpers (stubs on the CPU) ----------------------------------------------------
@@ -252,6 +302,9 @@ def run(size: str, mode: str, args, dev: torch.device, dtype: torch.dtype,
     model = meta_model(config, dtype)
     weights = RandomWeights(model, dev, dtype)
     layer_bytes, other_bytes = weights.bytes_by_layer("model.decoder.layers.")
+    if args.quantization != "none":  # the layers' linear weights dominate their bytes
+        size = torch.empty((), dtype=dtype).element_size()
+        layer_bytes = [math.ceil(b * Q4_BYTES / size) for b in layer_bytes]
     model_bytes = sum(layer_bytes) + other_bytes
     largest = max(layer_bytes + [other_bytes // 2])
     act = 6 * 2 * batch_size * args.seq * max(4 * config.hidden_size, config.ffn_dim) * 2
@@ -273,7 +326,12 @@ def run(size: str, mode: str, args, dev: torch.device, dtype: torch.dtype,
         if mode == "offload" else None
     objective = Objective("label_words", candidates=torch.tensor(LABELS))
     optim = OptimConfig(lr=1e-7, eps=1e-3)
-    if args.materialize == "weights":
+    if args.quantization != "none":
+        record["quantized_layers"] = materialize_quantized(
+            model, weights, args.quantization, torch.float16, dev,
+            to_cpu=mode == "offload" and dev.type == "cuda", layers_prefix="model.decoder.layers.")
+        engine = ZOEngine(model, optim, objective, offload=offload, device=dev)
+    elif args.materialize == "weights":
         engine = ZOEngine(model, optim, objective, offload=offload, device=dev, weights=weights)
     else:
         materialize_manual(model, weights, to_cpu=mode == "offload" and dev.type == "cuda")
@@ -284,6 +342,8 @@ def run(size: str, mode: str, args, dev: torch.device, dtype: torch.dtype,
     if mode == "offload":
         record["bytes_per_step_gb"] = sum(  # every block crosses once up and once down
             b.numel * b.host.element_size() for b in engine.residency.blocks) / 1e9
+        record["codes_up_per_step_gb"] = sum(  # a 4-bit block's codes: up only, never back
+            b.codes_numel for b in engine.residency.blocks) / 1e9
         record["device_gb_before_steps"] = engine.residency.device_bytes() / 1e9
     free_memory(dev)  # generation temporaries
     if dev.type == "cuda":
@@ -348,8 +408,9 @@ def summarize(size: str, off: dict, res: dict, h2d: float | None, d2h: float | N
         out["offload_over_resident_throughput"] = out["tok_s_offload"] / out["tok_s_resident"]
     moved = off.get("bytes_per_step_gb")
     if moved is not None and h2d and d2h:
-        out["pcie_bound_s"] = max(moved / h2d, moved / d2h)
-        out["pcie_serial_s"] = moved / h2d + moved / d2h
+        up = moved + off.get("codes_up_per_step_gb", 0.0)
+        out["pcie_bound_s"] = max(up / h2d, moved / d2h)
+        out["pcie_serial_s"] = up / h2d + moved / d2h
     bounds = {k: v for k, v in (("pcie", out["pcie_bound_s"]), ("resident", res.get("step_s")))
               if v}
     if bounds and out["step_s_offload"]:
@@ -429,6 +490,8 @@ def main() -> None:
                         help="the same code path on the CPU: sizes tiny, seq 32")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="folder of the result file")
+    parser.add_argument("--quantization", choices=("none", "nf4", "fp4"), default="none",
+                        help="4-bit decoder layers (bitsandbytes), issue 18's GPU row")
     parser.add_argument("--no-balance", action="store_true",
                         help="skip the run at the compute/transfer balance point")
     args = parser.parse_args()
@@ -443,8 +506,13 @@ def main() -> None:
             sys.exit("no GPU: run with --dry-run to check the script on the CPU")
         dev = torch.device("cuda", torch.cuda.current_device())
         gpu = torch.cuda.get_device_name(dev)
+    if args.quantization != "none":
+        import bitsandbytes  # noqa: F401  (fail now, not in every run)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-    dtype = torch.float16
+    # 4-bit: the float parameters in fp32 (the 4-bit layers compute in fp16). An offloaded
+    # block holds one float dtype, and the scales a 4-bit layer trains are fp32
+    # (bitsandbytes' absmax): zo2 refuses to offload fp16 norms beside them
+    dtype = torch.float16 if args.quantization == "none" else torch.float32
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:
@@ -456,7 +524,7 @@ def main() -> None:
     print(f"device={gpu} h2d_gbps={h2d} d2h_gbps={d2h} materialize={args.materialize}",
           flush=True)
     history: dict[str, list[tuple[float, float]]] = {"offload": [], "resident": []}
-    configs = table_from_configs(SHAPES, args.ring, dtype)  # every size, on meta: instant
+    configs = table_from_configs(SHAPES, args.ring, torch.float16)  # every size, on meta
     table: dict[str, dict] = {}
     balance = None
     for size in sizes:
@@ -497,7 +565,7 @@ def main() -> None:
                         "balance_step_over_bound": short(balance["step_over_bound"], "none")})
     figures["elapsed_s"] = time.perf_counter() - START
     figures["skipped"] = skipped
-    name = f"gpu_offload-{slug}"
+    name = f"gpu_offload-{slug}" + ("" if args.quantization == "none" else f"-{args.quantization}")
     report(name, figures, folder=args.results)
     path = args.results / f"{name}.json"
     record = json.loads(path.read_text())
@@ -505,7 +573,8 @@ def main() -> None:
                    "settings": {"batch": 1, "seq": args.seq, "steps": args.steps,
                                 "ring": args.ring, "layers_only": True, "dtype": str(dtype),
                                 "budget_s": args.budget_s, "materialize": args.materialize,
-                                "lr": 1e-7, "eps": 1e-3, "objective": "label_words"},
+                                "lr": 1e-7, "eps": 1e-3, "objective": "label_words",
+                                "quantization": args.quantization},
                    "table_from_configs": configs, "sizes": table, "balance": balance})
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
