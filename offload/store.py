@@ -194,7 +194,14 @@ def group_units(model: nn.Module, units: Sequence[Unit], offload: Sequence[bool]
             block.add(named[id(param)][0], param, trainable.get(id(param)))
         dtypes = {e.param.dtype for e in block.entries}
         if len(dtypes) != 1:
-            raise ConfigError(f"offload: unit {block.name} mixes dtypes {sorted(map(str, dtypes))}")
+            scales = any(e.trainable is not None and e.trainable.floor is not None
+                         for e in block.entries)
+            raise ConfigError(
+                f"offload: unit {block.name} mixes dtypes {sorted(map(str, dtypes))}; an "
+                "offloaded block holds one float dtype" + (
+                    ", and a quantized layer's scales are float32 (bitsandbytes' absmax): "
+                    "offload a quantized model with model.dtype=float32, or leave "
+                    "offload.enabled=false" if scales else ""))
         block.compute_dtype = dtypes.pop()
     return list(blocks.values()), resident
 

@@ -32,17 +32,18 @@ LABELS = torch.tensor([5, 9])
 SCALES = ("*.absmax", "*.SCB")  # the trainable globs of the scales alone
 
 
-def quantized(tmp_path, fmt: str = "nf4", family: str = "llama", double: bool = False):
+def quantized(tmp_path, fmt: str = "nf4", family: str = "llama", double: bool = False,
+              dtype: torch.dtype = torch.float32):
     """A tiny random model saved and loaded back quantized (deterministic: the same
     codes and scales every time)."""
     folder = tmp_path / f"base-{family}"
     if not folder.exists():
         make_model(family, layers=2).save_pretrained(folder)
-    config = bnb_config(fmt, torch.float32)
+    config = bnb_config(fmt, dtype)
     if double:
         config.bnb_4bit_use_double_quant = True
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
-                                                 device_map="cpu", dtype=torch.float32)
+                                                 device_map="cpu", dtype=dtype)
     portable(model)  # as zo2.models.load_model does: no CPU-specific repacking
     model.config.use_cache = False
     return model.eval().requires_grad_(False)
@@ -180,6 +181,17 @@ def test_offloaded_quantized_blocks_equal_resident_and_move_codes_once(tmp_path,
         assert figures["offload_up_mb"] * 2**20 == up
         assert figures["offload_down_mb"] * 2**20 == down
         assert down < sum(b.numel for b in blocks) * 4  # the frozen norms stay on the host
+
+
+def test_offloading_a_quantized_model_in_bf16_is_refused_with_the_remedy(tmp_path):
+    """A 4-bit layer's scales are float32 (bitsandbytes reads absmax as fp32) and an
+    offloaded block holds one float dtype: beside bfloat16 norms, offloading is refused
+    with one message naming the cause and what works (model.dtype=float32)."""
+    model = quantized(tmp_path, dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"mixes dtypes.*scales are float32.*"
+                                          r"model\.dtype=float32"):
+        ZOEngine(model, OptimConfig(lr=1e-3), Objective("label_words", candidates=LABELS),
+                 offload=OffloadConfig(enabled=True))
 
 
 def test_the_exported_checkpoint_loads_back_quantized_with_the_same_logits(tmp_path):
