@@ -137,7 +137,8 @@ SHIM=()
 stage tests 200 "$PY" bench/gpu_tests.py tests/test_gpu.py --json "$WORK/tests.json" "${SHIM[@]}"
 stage sync 90 "$PY" bench/gpu_sync.py --json "$WORK/sync.json" "${FLAG[@]}"
 # bitsandbytes for stage 5: as installed, else from a carried wheel
-if ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1 && compgen -G "$ROOT/.whl/bitsandbytes-*.whl" >/dev/null; then
+if ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1 \
+    && compgen -G "$ROOT/.whl/bitsandbytes-*.whl" >/dev/null; then
     say "installing bitsandbytes from $ROOT/.whl (no network)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" \
         "$ROOT"/.whl/bitsandbytes-*.whl && export PYTHONPATH="$WORK/site:$PYTHONPATH"

@@ -52,9 +52,10 @@ with their error and the next size runs.
 4-bit (``--quantization nf4|fp4``, issue 18's GPU row): the same sizes with every linear
 layer of the decoder layers quantized by bitsandbytes (``Linear4bit``, no double
 quantization, fp16 compute), as zo2's ``model.quantization=nf4`` loads them; embeddings,
-norms, biases and LM head in fp32: the scales a 4-bit layer trains are fp32
-(bitsandbytes' ``absmax``) and an offloaded block holds one float dtype, so zo2 refuses
-to offload a 4-bit layer beside fp16 norms (a known limit). The model cannot stay on ``meta`` (bitsandbytes quantizes
+norms, biases and LM head stay fp16. A decoder layer's block is then held widened
+(float32: its fp32 ``absmax`` scales beside fp16 norms and biases; see
+:mod:`zo2.offload.store`), so its float lane crosses the bus in float32, small beside
+the codes. The model cannot stay on ``meta`` (bitsandbytes quantizes
 real values): each layer's weights are generated on the GPU, quantized there, and (for
 the offloaded run) moved to the host before the engine is built; the host then holds the
 4-bit model (about 0.28x the fp16 bytes). The engine trains what zo2 trains on a
@@ -328,7 +329,7 @@ def run(size: str, mode: str, args, dev: torch.device, dtype: torch.dtype,
     optim = OptimConfig(lr=1e-7, eps=1e-3)
     if args.quantization != "none":
         record["quantized_layers"] = materialize_quantized(
-            model, weights, args.quantization, torch.float16, dev,
+            model, weights, args.quantization, dtype, dev,
             to_cpu=mode == "offload" and dev.type == "cuda", layers_prefix="model.decoder.layers.")
         engine = ZOEngine(model, optim, objective, offload=offload, device=dev)
     elif args.materialize == "weights":
@@ -509,10 +510,7 @@ def main() -> None:
     if args.quantization != "none":
         import bitsandbytes  # noqa: F401  (fail now, not in every run)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-    # 4-bit: the float parameters in fp32 (the 4-bit layers compute in fp16). An offloaded
-    # block holds one float dtype, and the scales a 4-bit layer trains are fp32
-    # (bitsandbytes' absmax): zo2 refuses to offload fp16 norms beside them
-    dtype = torch.float16 if args.quantization == "none" else torch.float32
+    dtype = torch.float16
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:

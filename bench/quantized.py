@@ -15,8 +15,9 @@ batch 16, seed 0), each in its own process so that its peak RSS is its own:
 Test accuracy of ``best/`` (picked by dev accuracy) on ``--n-test`` balanced held-out
 tweets, zero-shot and tuned; peak RSS; seconds per step; ``<part>_model_mb``: the bytes
 of each ZO part's model tensors (``q4_model_bytes_over_bf16``). ``q4_bytes_over_bf16``: the
-offloaded bytes up per step of a short offloaded run of each (offloading quantized
-blocks is not supported yet: recorded as such when it is refused).
+offloaded bytes up per step of a short offloaded run of q4 and bf16;
+``q4_bf16_bytes_over_bf16`` the same for q4_bf16, whose blocks are held widened (float32
+scales beside bf16 norms, :mod:`zo2.offload.store`). A refused run is recorded as such.
 
 Each ZO part's peak RSS is also split at the end of the model's load
 (``zo2.tracking.reset_peak_rss``): ``<part>_load_peak_rss_mb`` (the load: the checkpoint's
@@ -203,7 +204,7 @@ def main() -> None:
             else:
                 figures.update(run_zo(part, args, Path(tmp) / part))
         if args.bytes:
-            for part in ("q4", "bf16"):
+            for part in ("q4", "q4_bf16", "bf16"):  # q4_bf16: blocks held widened
                 figures[f"{part}_bytes_up_mb_per_step"] = bytes_up(part, args,
                                                                    Path(tmp) / f"{part}-off")
         if args.model_bytes:
@@ -230,6 +231,9 @@ def main() -> None:
     q4b, bfb = figures.get("q4_bytes_up_mb_per_step"), figures.get("bf16_bytes_up_mb_per_step")
     if isinstance(q4b, float) and isinstance(bfb, float):
         figures["q4_bytes_over_bf16"] = q4b / bfb
+    q4h = figures.get("q4_bf16_bytes_up_mb_per_step")
+    if isinstance(q4h, float) and isinstance(bfb, float):
+        figures["q4_bf16_bytes_over_bf16"] = q4h / bfb
     report(args.name, figures, args.out)
 
 

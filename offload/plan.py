@@ -70,3 +70,25 @@ def check_same_blocks(blocks: Sequence[Block], slicing: SliceGroup) -> None:
         raise ConfigError(f"offload slicing: the {slicing.size} ranks of this node cut the "
                           "model into different blocks (another model, trainable set or "
                           "offload setting on some rank); every rank must run the same config")
+
+
+def check_widened(blocks: Sequence[Block], host: torch.dtype | None,
+                  wire: torch.dtype | None, rounding: str) -> None:
+    """ConfigError for what a widened block (:mod:`zo2.offload.store`: 16-bit parameters
+    held in float32 beside float32 ones) cannot do exactly: a host copy or wire narrower
+    than float32 (it would round the float32 parameters, a 4-bit layer's scales), and
+    stochastic rounding of the 16-bit parameters' updates (resident, it draws its own
+    random bits per parameter; here each update is rounded to nearest)."""
+    widened = [b.name for b in blocks if b.narrowed]
+    if not widened:
+        return
+    for key, dtype in (("host_dtype", host), ("wire_dtype", wire)):
+        if dtype is not None and dtype != torch.float32:
+            raise ConfigError(f"offload.{key}: {widened[0]} holds float32 parameters beside "
+                              f"16-bit ones (a quantized layer's scales?), which {dtype} "
+                              f"would round: leave offload.{key} unset")
+    if rounding != "nearest":
+        raise ConfigError(f"optim.rounding={rounding}: {widened[0]} holds 16-bit parameters "
+                          "widened to float32 beside float32 ones, whose updates are rounded "
+                          "to nearest; use optim.rounding=nearest with offloading, or keep "
+                          "the model resident")

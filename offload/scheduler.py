@@ -53,7 +53,7 @@ from zo2 import noise
 from zo2.config import OffloadConfig
 from zo2.offload.device import Device
 from zo2.offload.lazy_weights import SafetensorsWeights, load_into
-from zo2.offload.plan import check_same_blocks, plan_blocks, plan_dtypes
+from zo2.offload.plan import check_same_blocks, check_widened, plan_blocks, plan_dtypes
 from zo2.offload.store import Block, PinnedArena, check_host_memory, host_blocks, populate
 from zo2.offload.telemetry import gpu_metrics, storage_bytes
 from zo2.offload.transfers import Slot, Transfers
@@ -109,6 +109,7 @@ class Offloader:
         # a wire narrower than the host copy, or a stateful rule: the update is applied
         # to the host master (zo2.offload.plan), which is uploaded, never written back
         host, wire, self.master_on_host = plan_dtypes(self.blocks, config, pending.stateful)
+        check_widened(self.blocks, host, wire, pending.rounding)
         self._holders: dict[torch.dtype, torch.Tensor] = {}
         self._populate(host, config, weights, local_ranks)
         if weights is not None:
@@ -198,8 +199,8 @@ class Offloader:
         self._advance(block)
         slot = self._load(block)
         slot.users += 1
-        for e in block.entries:
-            e.param.data = block.view(slot.work, e)
+        for e in block.entries:  # a widened block's narrower parameters: cast copies
+            e.param.data = block.value(slot.work, e)
         for e in block.codes:
             e.param.data = block.code_view(slot.codes, e)
         self._prefetch()
@@ -391,6 +392,10 @@ class Offloader:
                                 rounding=self.pending.rounding, round_seed=update.round_seed)
         for a, b, floor in floors:
             flat[a:b].clamp_(min=floor)
+        for e in block.narrowed:  # a widened block: each value rounded to its parameter's
+            if e.trainable is not None and id(e) in inside:  # dtype, as resident (nearest)
+                a, b = inside[id(e)]
+                flat[a - base: b - base] = flat[a - base: b - base].to(e.dtype)
 
     def _update_on_host(self, block: Block) -> None:
         """Apply the pending update to the fp32 host master (compressed-wire mode)."""

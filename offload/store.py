@@ -11,6 +11,13 @@ block. The flat buffer is page-locked host memory when there is a GPU, or a
 memory-mapped safetensors file on disk (:mod:`zo2.offload.disk`) for blocks beyond
 the host-memory budget.
 
+A unit whose float parameters differ in dtype (a 4-bit layer's float32 scales beside
+bfloat16 norms) is held *widened*: its flat buffer is float32, which holds every 16-bit
+value exactly. Such a parameter keeps its own dtype on the device (a cast copy of its
+slice, made when the unit is acquired), and an update to it is rounded to its dtype in
+the buffer right after it is applied: the same value a resident parameter gets, whose
+update is computed in float32 and rounded to nearest once.
+
 A quantized layer's integer codes (:mod:`zo2.quantized`) are not part of that buffer:
 they form a second, frozen lane of the block, one flat byte buffer (:attr:`Block.codes`)
 uploaded with the block and never written back, while the layer's float scales are
@@ -52,6 +59,7 @@ class Entry:
     offset: int
     shape: torch.Size
     trainable: TrainableParam | None  # None: frozen, carried but never updated
+    dtype: torch.dtype = torch.float32  # the parameter's own (a widened block's: narrower)
 
     @property
     def numel(self) -> int:
@@ -83,7 +91,8 @@ class Block:
             self.codes.append(Entry(name, param, self.codes_numel, param.shape, None))
             self.codes_numel += _aligned(param.numel())
             return
-        self.entries.append(Entry(name, param, self.numel, param.shape, trainable))
+        self.entries.append(Entry(name, param, self.numel, param.shape, trainable,
+                                  param.dtype))
         self.numel += _aligned(param.numel())
         self.hi = self.numel
 
@@ -102,6 +111,18 @@ class Block:
     def view(self, flat: torch.Tensor, entry: Entry) -> torch.Tensor:
         """``entry``'s slice of a flat buffer laid out like this block."""
         return flat[entry.offset: entry.offset + entry.numel].view(entry.shape)
+
+    def value(self, flat: torch.Tensor, entry: Entry) -> torch.Tensor:
+        """``entry``'s slice of ``flat``: a view, or for a parameter this (widened) block
+        holds wider than its own dtype, a copy cast to that dtype. (A wider host master,
+        ``offload.host_dtype=float32``, stays a view: its precision is the point.)"""
+        view = self.view(flat, entry)
+        return view.to(entry.dtype) if entry.dtype != self.compute_dtype else view
+
+    @property
+    def narrowed(self) -> list[Entry]:
+        """The entries whose parameter is narrower than the flat buffer (widened)."""
+        return [e for e in self.entries if e.dtype != self.compute_dtype]
 
     @property
     def trainable(self) -> list[Entry]:
@@ -192,17 +213,7 @@ def group_units(model: nn.Module, units: Sequence[Unit], offload: Sequence[bool]
         ordered = sorted(params.values(), key=lambda p: id(p) not in trainable)  # stable
         for param in ordered:
             block.add(named[id(param)][0], param, trainable.get(id(param)))
-        dtypes = {e.param.dtype for e in block.entries}
-        if len(dtypes) != 1:
-            scales = any(e.trainable is not None and e.trainable.floor is not None
-                         for e in block.entries)
-            raise ConfigError(
-                f"offload: unit {block.name} mixes dtypes {sorted(map(str, dtypes))}; an "
-                "offloaded block holds one float dtype" + (
-                    ", and a quantized layer's scales are float32 (bitsandbytes' absmax): "
-                    "offload a quantized model with model.dtype=float32, or leave "
-                    "offload.enabled=false" if scales else ""))
-        block.compute_dtype = dtypes.pop()
+        block.compute_dtype = _block_dtype(block)
     return list(blocks.values()), resident
 
 
@@ -319,6 +330,22 @@ def populate(blocks: Sequence[Block], host_dtype: torch.dtype | None, disk_dir: 
             block.codes_host = codes
         for entry in block.entries + block.codes:
             assign(entry.param, placeholder(entry.param.dtype).expand(entry.shape))
+
+
+WIDENS = (torch.float16, torch.bfloat16, torch.float32)  # float32 holds each exactly
+
+
+def _block_dtype(block: Block) -> torch.dtype:
+    """The dtype of ``block``'s flat buffer: its parameters' one dtype, or float32 for
+    a mix of 16- and 32-bit floats (a widened block)."""
+    dtypes = {e.param.dtype for e in block.entries}
+    if len(dtypes) <= 1:
+        return dtypes.pop() if dtypes else torch.float32
+    if not dtypes <= set(WIDENS):
+        raise ConfigError(f"offload: unit {block.name} mixes dtypes "
+                          f"{sorted(map(str, dtypes))}; a block holds one float dtype, "
+                          "widened to float32 only from 16- and 32-bit floats")
+    return torch.float32
 
 
 def check_host_memory(local_ranks: int, pinned_bytes: int, available: int | None = None,

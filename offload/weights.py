@@ -73,11 +73,11 @@ class OffloadedWeights:
                 continue
             if b.codes:  # a quantized block: its own tensors (transformers' save of a
                 # quantized model refuses tensors sharing a buffer); a 4-bit block is small
-                out.update({id(e.param): b.view(flat, e).clone() for e in b.entries})
+                out.update({id(e.param): b.value(flat, e).clone() for e in b.entries})
                 out.update({id(e.param): b.code_view(b.codes_host, e).clone()
                             for e in b.codes})
             else:
-                out.update({id(e.param): b.view(flat, e) for e in b.entries})
+                out.update({id(e.param): b.value(flat, e) for e in b.entries})
         return out
 
     def assign(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
@@ -130,7 +130,7 @@ class OffloadedWeights:
         for block in self.blocks:
             whole = self._whole(block)
             for e in block.entries:
-                e.param.data = block.view(whole, e).to(e.param.dtype, copy=True)
+                e.param.data = block.view(whole, e).to(e.dtype, copy=True)
             for e in block.codes:
                 e.param.data = block.code_view(block.codes_host, e).clone()
         self.copies.free_ring()

@@ -72,7 +72,8 @@ def build(spec: dict, mesh: Mesh) -> tuple[ZOEngine, torch.nn.Module]:
     offload = OffloadConfig(**spec["offload"]) if spec.get("offload") else None
     model = make_model(spec.get("family", "llama"), layers=spec.get("layers", 3))
     if spec.get("quantization"):  # loaded back quantized by bitsandbytes (zo2.quantized)
-        model = quantized(model, spec["quantization"])
+        model = quantized(model, spec["quantization"],
+                          getattr(torch, spec.get("dtype", "float32")))
     optim = OptimConfig(**{"lr": 1e-3, "q": spec.get("q", 1), **spec.get("optim", {})})
     cls = ZOEngine
     if spec.get("emulate_dp", 1) > 1:
@@ -82,8 +83,9 @@ def build(spec: dict, mesh: Mesh) -> tuple[ZOEngine, torch.nn.Module]:
     return engine, model
 
 
-def quantized(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
-    """``model`` saved and loaded back quantized (the same codes on every rank)."""
+def quantized(model: torch.nn.Module, fmt: str, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` saved and loaded back quantized (the same codes on every rank), its
+    float parameters (and the 4-bit layers' compute) in ``dtype``."""
     import tempfile
 
     from safetensors.torch import save_file
@@ -97,7 +99,7 @@ def quantized(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
         save_file({k: v.clone() for k, v in model.state_dict().items()},
                   f"{tmp}/model.safetensors", metadata={"format": "pt"})
         q = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb_config(
-            fmt, torch.float32), device_map="cpu", dtype=torch.float32)
+            fmt, dtype), device_map="cpu", dtype=dtype)
     q.config.use_cache = False
     return portable(q).eval().requires_grad_(False)
 

@@ -80,6 +80,10 @@ TWO = [
     # a 4-bit model: each rank uploads its slice of the float lane and the codes whole
     {"name": "slice-q4", "pertp": 2, "offload": {"enabled": True, "ring": 2},
      "slicing": "on", "quantization": "nf4", "resume_at": 4},
+    # in bf16: blocks held widened (fp32 scales beside bf16 norms), each rank's slice
+    # of the float32 lane, the norms' updates rounded to bf16
+    {"name": "slice-q4-bf16", "dp": 2, "offload": {"enabled": True, "ring": 1},
+     "slicing": "on", "quantization": "nf4", "dtype": "bfloat16", "resume_at": 4},
 ]
 FOUR = [
     {"name": "ddp4", "dp": 4},
@@ -218,6 +222,8 @@ def test_hizoo_perturbation_and_data_parallel_equal_single_process_exactly(runs,
 def test_a_quantized_model_sliced_and_resumed_equals_single_process_exactly(runs, tmp_path):
     pytest.importorskip("bitsandbytes")
     assert_same_run(result(runs, "slice-q4"), single(tmp_path, quantization="nf4"))
+    resident = single(tmp_path, dp=2, quantization="nf4", dtype="bfloat16")
+    assert_same_run(result(runs, "slice-q4-bf16"), resident)
 
 
 def test_pertp4_with_two_directions_equals_single_process_exactly(runs, tmp_path):

@@ -183,15 +183,44 @@ def test_offloaded_quantized_blocks_equal_resident_and_move_codes_once(tmp_path,
         assert down < sum(b.numel for b in blocks) * 4  # the frozen norms stay on the host
 
 
-def test_offloading_a_quantized_model_in_bf16_is_refused_with_the_remedy(tmp_path):
-    """A 4-bit layer's scales are float32 (bitsandbytes reads absmax as fp32) and an
-    offloaded block holds one float dtype: beside bfloat16 norms, offloading is refused
-    with one message naming the cause and what works (model.dtype=float32)."""
-    model = quantized(tmp_path, dtype=torch.bfloat16)
-    with pytest.raises(ConfigError, match=r"mixes dtypes.*scales are float32.*"
-                                          r"model\.dtype=float32"):
-        ZOEngine(model, OptimConfig(lr=1e-3), Objective("label_words", candidates=LABELS),
-                 offload=OffloadConfig(enabled=True))
+@pytest.mark.parametrize("method", ["zo-sgd", "zo-adam"])
+def test_a_quantized_model_in_bf16_offloads_widened_and_equals_resident(tmp_path, method):
+    """A 4-bit layer's scales are float32 (bitsandbytes reads absmax as fp32) beside
+    bfloat16 norms: the block is held widened (float32), each norm keeps bfloat16 on the
+    device, and its updates are rounded to bfloat16 as resident ones are. Everything
+    trained (scales and norms), offloaded equals resident bit for bit."""
+    runs = []
+    for offload in (None, OffloadConfig(enabled=True, ring=1)):
+        engine = ZOEngine(quantized(tmp_path, dtype=torch.bfloat16),
+                          OptimConfig(lr=1e-2, method=method),
+                          Objective("label_words", candidates=LABELS), seed=3,
+                          total_steps=8, offload=offload)
+        losses = [engine.step(make_batch(seed=i)).losses for i in range(4)]
+        runs.append((losses, engine.export_state_dict(), engine))
+    (la, wa, resident), (lb, wb, offloaded) = runs
+    assert la == lb
+    assert wa.keys() == wb.keys()
+    assert all(wa[k].dtype == wb[k].dtype and torch.equal(wa[k], wb[k]) for k in wa)
+    norms = [k for k in wa if k.endswith("layernorm.weight") and ".layers." in k]
+    assert norms and all(wb[k].dtype == torch.bfloat16 for k in norms)
+    start = dict(quantized(tmp_path, dtype=torch.bfloat16).state_dict())
+    assert any(not torch.equal(wb[k], start[k]) for k in norms)  # the norms were trained
+    blocks = offloaded.residency.blocks
+    assert blocks and all(b.host.dtype == torch.float32 and b.narrowed for b in blocks)
+    assert {e.dtype for b in blocks for e in b.narrowed} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rounding": "stochastic"}, r"optim\.rounding=stochastic.*widened"),
+    ({"host_dtype": "bfloat16"}, r"offload\.host_dtype.*float32 parameters")])
+def test_a_widened_block_refuses_what_it_cannot_do_exactly(tmp_path, change, match):
+    """Stochastic rounding (resident draws its own bits) and a 16-bit host copy (it
+    would round the float32 scales) are refused with the cause, before any step."""
+    optim = OptimConfig(lr=1e-3, rounding=change.get("rounding", "nearest"))
+    offload = OffloadConfig(enabled=True, host_dtype=change.get("host_dtype"))
+    with pytest.raises(ConfigError, match=match):
+        ZOEngine(quantized(tmp_path, dtype=torch.bfloat16), optim,
+                 Objective("label_words", candidates=LABELS), offload=offload)
 
 
 def test_the_exported_checkpoint_loads_back_quantized_with_the_same_logits(tmp_path):
