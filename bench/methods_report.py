@@ -101,8 +101,10 @@ def targets(methods: dict) -> dict:
 
 
 def plot(methods: dict, budget: int, n_test: int, target: Path) -> None:
-    """Test accuracy against forward passes: the mean over seeds per method, a +-1 sd
-    band where two or more seeds reached the point."""
+    """Test accuracy against forward passes: per method a line through the means over
+    the most seeds (the points every counted seed reached), a +-1 sd band where two or
+    more seeds reached a point, and hollow markers for points fewer seeds reached (runs
+    cut short by time: their last points, or the whole-budget seeds' end beyond them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,13 +113,19 @@ def plot(methods: dict, budget: int, n_test: int, target: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, m in methods.items():
         agg = m["aggregate"]
-        xs = [p["forward_passes"] for p in agg["points"]]
-        ys = [p["mean"] for p in agg["points"]]
+        most = max(p["n_seeds"] for p in agg["points"])
+        full = [p for p in agg["points"] if p["n_seeds"] == most]
+        fewer = [p for p in agg["points"] if p["n_seeds"] < most]
         sd = f" +-{agg['final_sd']:.3f}" if agg["final_sd"] is not None else ""
-        (line,) = ax.plot(xs, ys, marker="o", ms=3,
-                          label=f"{name} ({agg['final_mean']:.3f}{sd}, "
-                                f"{agg['n_seeds']} seed{'s' * (agg['n_seeds'] > 1)})")
-        band = [p for p in agg["points"] if p["sd"] is not None]
+        finals = len(agg["final_over_seeds"])
+        (line,) = ax.plot([p["forward_passes"] for p in full], [p["mean"] for p in full],
+                          marker="o", ms=3,
+                          label=f"{name} (final {agg['final_mean']:.3f}{sd} over {finals} "
+                                f"of {agg['n_seeds']} seed{'s' * (agg['n_seeds'] > 1)})")
+        if fewer:
+            ax.scatter([p["forward_passes"] for p in fewer], [p["mean"] for p in fewer],
+                       s=18, facecolors="none", edgecolors=line.get_color())
+        band = [p for p in full if p["sd"] is not None]
         if band:
             ax.fill_between([p["forward_passes"] for p in band],
                             [p["mean"] - p["sd"] for p in band],
@@ -126,7 +134,8 @@ def plot(methods: dict, budget: int, n_test: int, target: Path) -> None:
     ax.set_xlabel("forward passes of batch 16 (first order: 3 per step)")
     ax.set_ylabel(f"test accuracy ({n_test} balanced examples)")
     ax.set_title(f"SmolLM2-135M, tweet sentiment: budget {budget} forward passes\n"
-                 "mean over seeds, band +-1 sample sd", fontsize=10)
+                 "mean over seeds, band +-1 sample sd; hollow: fewer seeds (cut short)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
