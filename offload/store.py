@@ -59,7 +59,7 @@ class Entry:
     offset: int
     shape: torch.Size
     trainable: TrainableParam | None  # None: frozen, carried but never updated
-    dtype: torch.dtype = torch.float32  # the parameter's own (a widened block's: narrower)
+    dtype: torch.dtype  # the parameter's own (in a widened block: narrower than the lane)
 
     @property
     def numel(self) -> int:
@@ -88,7 +88,8 @@ class Block:
             if param.element_size() != 1 or trainable is not None:
                 raise ConfigError(f"offload: {name} ({param.dtype}) is neither a float "
                                   "parameter nor a frozen 1-byte code tensor")
-            self.codes.append(Entry(name, param, self.codes_numel, param.shape, None))
+            self.codes.append(Entry(name, param, self.codes_numel, param.shape, None,
+                                    param.dtype))
             self.codes_numel += _aligned(param.numel())
             return
         self.entries.append(Entry(name, param, self.numel, param.shape, trainable,
