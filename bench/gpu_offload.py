@@ -55,10 +55,10 @@ quantization, fp16 compute), as zo2's ``model.quantization=nf4`` loads them; emb
 norms, biases and LM head stay fp16. A decoder layer's block is then held widened
 (float32: its fp32 ``absmax`` scales beside fp16 norms and biases; see
 :mod:`zo2.offload.store`), so its float lane crosses the bus in float32, small beside
-the codes. The model cannot stay on ``meta`` (bitsandbytes quantizes
-real values): each layer's weights are generated on the GPU, quantized there, and (for
-the offloaded run) moved to the host before the engine is built; the host then holds the
-4-bit model (about 0.28x the fp16 bytes). The engine trains what zo2 trains on a
+the codes. The model cannot stay on ``meta`` (bitsandbytes quantizes real values):
+each layer's weights are generated on the GPU, quantized there, and (for the offloaded
+run) moved to the host before the engine is built; the host then holds the 4-bit model
+(about 0.28x the fp16 bytes). The engine trains what zo2 trains on a
 quantized base: the 4-bit layers' scales (``absmax``) and the float parameters. Bytes
 per step are the blocks' float lane plus their codes lane. Results go to
 ``gpu_offload-<gpu>-<format>.json``: compare its ``peak_gb`` / ``step_s`` /
@@ -216,9 +216,8 @@ def materialize_quantized(model: nn.Module, weights: RandomWeights, fmt: str,
                 layer.bias = nn.Parameter(weights(f"{name}.bias"), requires_grad=False)
             setattr(parent, child_name, layer.to("cpu") if to_cpu else layer)
             quantized += 1
-    left = {n for n, p in model.named_parameters() if p.is_meta}
     for name, param in list(model.named_parameters()):
-        if name in left:
+        if param.is_meta:  # the rest: embeddings, norms, head (the 4-bit layers' are not)
             value = weights(name)
             torch.utils.swap_tensors(param, nn.Parameter(value.cpu() if to_cpu else value,
                                                          requires_grad=False))
