@@ -20,6 +20,14 @@ and FZOO ``q + 1`` (FZOO q=8: 9); a first-order step (one forward + one backward
 counted as 3 forward-equivalents (backward ~ 2 forwards). A method runs the whole steps
 that fit the budget (FZOO: 44 steps, 396 forwards of 400).
 
+``--minutes M``: equal wall time. Each run gets M minutes of its own (its process's
+setup and its test evaluations included) instead of a share of the invocation's limit;
+``--budget`` is then the plan that fills them (its lr schedule's horizon, set from the
+method's seconds per forward pass alone on this machine): a run that reaches it early
+ends there, one still short at its time stops there (``cut_short``). The figures give
+each method's accuracy at its time over seeds, and ``default_mean`` / ``default_sd``:
+the default's (configs/train.yaml's ``optim``).
+
 ``--seeds 0,1,2``: each method once per seed: ``zo2-train``'s ``seed``, which seeds the
 perturbation directions (``step_seed(seed, step, j)``), the training data order
 (``BatchIterator``: reshuffled each epoch with ``Random(seed + epoch)``) and an adapter's
@@ -194,6 +202,17 @@ def setup(method: str, budget: int, n_train: int, n_test: int,
                   steps, per_step, zo_info(method, cfg, trainer.engine, lr))
 
 
+def default_method() -> str:
+    """The :data:`METHODS` entry that is ``zo2-train``'s default: configs/train.yaml's
+    ``optim`` preset as shipped (no changes, no adapter)."""
+    import yaml
+
+    defaults = yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())["defaults"]
+    preset = next(d["optim"] for d in defaults if isinstance(d, dict) and "optim" in d)
+    return next(n for n, m in METHODS.items()
+                if m.preset == preset and not m.changes and m.peft is None)
+
+
 def base_lr(method: str) -> float:
     from zo2.config import compose
 
@@ -353,7 +372,10 @@ def main() -> None:
     parser.add_argument("--probe-budget", type=int, default=16,
                         help="forward passes of each probe run")
     parser.add_argument("--max-minutes", type=float, default=42.0,
-                        help="wall limit of the whole run, shared equally by the runs left")
+                        help="wall limit of the whole run, shared equally by the runs left "
+                             "(not with --minutes)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="equal wall time: each run's own limit (see the docstring)")
     parser.add_argument("--stop-at", default=None,
                         help="HH:MM (UTC, today): the wall limit ends then at the latest")
     args = parser.parse_args()
@@ -369,7 +391,8 @@ def main() -> None:
     started = time.perf_counter()
     path = args.out / f"{args.name}.json"
     old = methods_report.load(path)
-    methods_report.check_same_protocol(old, args.budget, args.n_test, args.n_train)
+    methods_report.check_same_protocol(old, args.budget, args.n_test, args.n_train,
+                                       args.minutes)
     methods: dict[str, dict] = old.get("methods", {})
     invocation = {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                  time.gmtime()), "runs": []}
@@ -390,6 +413,8 @@ def main() -> None:
         prior = {"lr": best["lr"], "rounds": rounds, "chosen": "lowest dev loss of all rounds"}
     for i, (name, seed) in enumerate(jobs):
         deadline = time.time() + (end - time.time()) / (len(jobs) - i)
+        if args.minutes is not None:  # its own limit, from the moment its process starts
+            deadline = min(time.time() + 60 * args.minutes, _stop_at(args.stop_at))
         if args.probe and not METHODS[name].tuned and name not in probed:
             # once per method, on the first seed; its time comes out of this run's share
             probed[name] = _child(["--probe-method", name, "--probe-budget",
@@ -408,6 +433,8 @@ def main() -> None:
             info["probe"] = probed[name]
         elif args.probe_from is not None:
             info["probe"] = prior
+        if args.minutes is not None:
+            r["minutes"] = args.minutes
         methods_report.merge(methods, name, seed, r, info)
         invocation["runs"].append(f"{name}/{seed}")
         print(f"{name} seed {seed}: acc {r['final_test_accuracy']:.4f} peak "
@@ -418,7 +445,8 @@ def main() -> None:
         invocation["total_wall_s"] = time.perf_counter() - started
         methods_report.write(args, methods, invocations, seeds, [n for n, m in METHODS.items()
                                                                  if m.tuned],
-                             FO_FORWARDS_PER_STEP, N_DEV)  # after every run: partial kept
+                             FO_FORWARDS_PER_STEP, N_DEV, default_method())
+        # after every run: partial kept
 
 
 if __name__ == "__main__":
