@@ -67,7 +67,7 @@ def first_order(cfg, lr: float, budget: int) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return {"step": step, "evaluate": lambda split: pipe.evaluate(evaluator, split),
             "steps": budget // FO_FORWARDS_PER_STEP, "per_step": FO_FORWARDS_PER_STEP,
